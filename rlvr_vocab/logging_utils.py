@@ -1,0 +1,110 @@
+"""Experiment tracking (wandb / none), the run's metrics.jsonl, and secret-free saved configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
+
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+
+
+def scrub_secrets(obj: Any) -> Any:
+    """Replace the values of secret-looking keys with '***' (nested dicts and lists).
+
+    Example:
+        >>> scrub_secrets({"logging": {"wandb_api_key": "abc", "project": "p"}, "hf_token": "x"})
+        {'logging': {'wandb_api_key': '***', 'project': 'p'}, 'hf_token': '***'}
+    """
+    if isinstance(obj, dict):
+        return {k: "***" if SECRET_KEY.search(str(k)) and v else scrub_secrets(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub_secrets(v) for v in obj]
+    return obj
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The fully resolved config as plain data, secrets scrubbed (what is saved and sent to trackers)."""
+    return scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
+
+
+def save_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
+    path = output_dir / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg))))
+    return path
+
+
+def start_tracker(cfg: DictConfig, output_dir: Path) -> str:
+    """Start the configured tracker; returns the value for GRPOConfig.report_to."""
+    backend = cfg.logging.backend
+    if backend == "none":
+        return "none"
+    if backend == "wandb":
+        import wandb
+
+        os.environ.setdefault("WANDB_LOG_MODEL", "false")  # never upload checkpoints implicitly
+        wandb.init(
+            project=cfg.logging.project,
+            entity=cfg.logging.entity,
+            group=cfg.logging.group,
+            tags=list(cfg.logging.tags),
+            name=cfg.exp_name,
+            mode=cfg.logging.mode,
+            dir=str(output_dir),
+            config=resolved_config(cfg),
+            resume="allow",
+            id=_stable_run_id(output_dir),
+        )
+        return "wandb"
+    return backend  # tensorboard / trackio: the HF integrations start themselves
+
+
+def _stable_run_id(output_dir: Path) -> str:
+    """One wandb run per output dir, so a resumed (requeued) job continues the same run."""
+    id_file = output_dir / ".wandb_run_id"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return run_id
+
+
+def finish_tracker(cfg: DictConfig) -> None:
+    if cfg.logging.backend == "wandb":
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Append every logged metrics dict (with its step) to <output_dir>/metrics.jsonl and echo the reward."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if "reward" in logs:
+            logger.info(
+                f"step {state.global_step}/{state.max_steps} reward {logs['reward']:.3f} "
+                f"(std {logs.get('reward_std', float('nan')):.3f}) "
+                f"len {logs.get('completions/mean_length', float('nan')):.1f}"
+            )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))

@@ -1,0 +1,146 @@
+"""train(cfg): config -> model/tokenizer -> data -> rewards -> trainer -> train -> save."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loguru import logger
+from omegaconf import DictConfig, OmegaConf
+
+from rlvr_vocab.config import ConfigError, grpo_config_kwargs, validate
+
+
+def _corpus_texts(cfg: DictConfig, train_dataset) -> list[str] | None:
+    """Texts whose token counts rank the sources for model.reasoning.init=frequent."""
+    if cfg.model.reasoning.init != "frequent":
+        return None
+    path = cfg.model.reasoning.frequency_corpus
+    if path is None:
+        return list(train_dataset["problem"])
+    if not Path(path).is_file():
+        raise ConfigError(f"model.reasoning.frequency_corpus={path!r} does not exist.")
+    return Path(path).read_text().splitlines()
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run GRPO as configured; returns the final metrics. ``cfg.output_dir`` must be set."""
+    from rlvr_vocab import resume
+    from rlvr_vocab.data import load_datasets
+    from rlvr_vocab.logging_utils import (
+        MetricsFileCallback,
+        finish_tracker,
+        save_resolved_config,
+        start_tracker,
+    )
+    from rlvr_vocab.models import load_model_and_tokenizer, resolve_bf16
+    from rlvr_vocab.rewards.registry import get_reward_funcs
+
+    # ---- config: every check that needs no model or data runs first
+    validate(cfg)
+    if not cfg.output_dir:
+        raise ConfigError("output_dir is not set (grpo_train.py sets it to the Hydra run dir).")
+    bf16 = resolve_bf16(cfg.training.bf16)
+    reward_funcs, reward_weights = get_reward_funcs(cfg.reward)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(cfg, output_dir)
+    checkpoint = resume.latest_complete_checkpoint(output_dir)
+    if checkpoint:
+        logger.info(f"Resuming from {checkpoint}")
+
+    # ---- data (before the model: data errors surface before an expensive load)
+    train_dataset, eval_dataset = load_datasets(cfg)
+
+    # ---- model and tokenizer (+ reasoning vocabulary)
+    from rlvr_vocab.reasoning_vocab import extend_model
+    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, bf16=bf16, seed=cfg.seed)
+    vocab = None
+    if cfg.model.reasoning_vocab_size > 0:
+        vocab = extend_model(
+            model, tokenizer, cfg.model.reasoning_vocab_size, cfg.model.reasoning, _corpus_texts(cfg, train_dataset)
+        )
+
+    # ---- trainer
+    report_to = start_tracker(cfg, output_dir)
+    try:
+        kwargs = grpo_config_kwargs(cfg)
+        if cfg.logging.backend == "wandb" and cfg.logging.log_completions:
+            kwargs["log_completions"] = True
+        if eval_dataset is None or kwargs.get("eval_strategy", "no") == "no":
+            eval_dataset = None
+        kwargs["bf16"] = bf16  # null resolved to what this machine supports
+        args = RLVRGRPOConfig(
+            output_dir=str(output_dir),
+            report_to=report_to,
+            reward_weights=reward_weights,
+            use_cpu=not _has_accelerator(),
+            **kwargs,
+        )
+        trainer = RLVRGRPOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl"), resume.PreemptionCallback()],
+            reasoning_vocab=vocab,
+        )
+        if vocab is not None and cfg.model.reasoning.keep_initial_checkpoint and not checkpoint:
+            trainer.save_initial_checkpoint()
+
+        # ---- train
+        with resume.signal_handlers():
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+
+        # ---- save: the final model, its tokenizer, the reasoning map and trainer_state.json in the run dir
+        if trainer.state.global_step < trainer.state.max_steps:  # stopped by a signal: its checkpoint is saved
+            logger.warning(f"Stopped at step {trainer.state.global_step}; rerun the same command to resume")
+            return {"global_step": trainer.state.global_step, "preempted": True}
+        trainer.save_model(str(output_dir))
+        trainer.save_state()
+        metrics = dict(result.metrics)
+        metrics["global_step"] = trainer.state.global_step
+        logger.info(f"Finished at step {trainer.state.global_step}; outputs in {output_dir}")
+        return metrics
+    finally:
+        finish_tracker(cfg)
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main() -> None:
+    """Console script ``rlvr-train``: the same Hydra app as grpo_train.py."""
+    import hydra
+
+    import rlvr_vocab.config  # noqa: F401  (registers the schema)
+
+    config_dir = os.environ.get("RLVR_CONFIG_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
+    hydra.main(config_path=config_dir, config_name="config", version_base="1.3")(hydra_entry)()
+
+
+def hydra_entry(cfg: DictConfig) -> None:
+    """What grpo_train.py and rlvr-train run: the Hydra run dir becomes the output dir."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if not cfg.output_dir:
+        cfg.output_dir = hydra_cfg.runtime.output_dir
+    if cfg.logging.backend == "wandb" and cfg.logging.group is None and hydra_cfg.mode == RunMode.MULTIRUN:
+        cfg.logging.group = f"{cfg.exp_name}-{Path(hydra_cfg.sweep.dir).name}"  # one wandb group per sweep
+    try:
+        train(cfg)
+    except ConfigError as err:
+        logger.error(str(err))
+        sys.exit(2)
+

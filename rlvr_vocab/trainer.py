@@ -1,0 +1,222 @@
+"""The GRPOTrainer subclass: reasoning-vocabulary masking in sampling and log-probs, decoding, checkpoints.
+
+With ``model.reasoning_vocab_size=0`` this is TRL's GRPOTrainer unchanged (plus the fast sampler when
+``training.generation_backend=fast``). With N > 0:
+  * sampling: ``model.generate`` carries a ReasoningMaskProcessor (reasoning_vocab.attach_generation_mask);
+  * log-probs: a chunked LM head applies the same mask, from the same token ids, to the training forward;
+  * rewards and logs see completions with every reasoning id decoded as its source token;
+  * every checkpoint and the final model hold ``reasoning_vocab.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers.utils import ModelOutput
+from trl import GRPOConfig, GRPOTrainer
+
+from rlvr_vocab.reasoning_vocab import ReasoningVocab
+
+
+@dataclass
+class RLVRGRPOConfig(GRPOConfig):
+    """GRPOConfig plus this project's switches (so every ``training.*`` key is a field of one config)."""
+
+    generation_backend: str = field(
+        default="fast", metadata={"help": "fast: static-cache sampler; trl: TRL's plain generate()."}
+    )
+    logprob_chunk_size: int = field(
+        default=1024, metadata={"help": "Completion tokens per chunk in the reasoning-vocab log-prob pass."}
+    )
+
+
+# ---------------------------------------------------------------------------------- masked log-probs
+def _masked_chunk(hidden, weight, bias, labels, inside, standard_size: int, temperature: float, entropy: bool):
+    logits = F.linear(hidden, weight, bias).float() / temperature
+    std, rsn = logits[:, :standard_size], logits[:, standard_size:]
+    lse_std, lse_rsn = std.logsumexp(-1), rsn.logsumexp(-1)
+    lse = torch.where(inside, torch.logaddexp(lse_std, lse_rsn), lse_std)
+    label_logit = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    # A reasoning label outside the span has probability 0 (it cannot have been sampled there).
+    label_logit = torch.where(inside | (labels < standard_size), label_logit, float("-inf"))
+    logps = label_logit - lse
+    if not entropy:
+        return logps, None
+    expected = ((std - lse[:, None]).exp() * std).sum(-1)
+    expected = expected + torch.where(inside, ((rsn - lse[:, None]).exp() * rsn).sum(-1), 0.0)
+    return logps, lse - expected
+
+
+def masked_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    inside: torch.Tensor,
+    standard_size: int,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob (and entropy) of each label under the span-masked, temperature-scaled softmax.
+
+    ``hidden``: [T, d] for the T scored positions; ``inside``: [T] bool, may the next token be a reasoning
+    id. Chunked over T with activation checkpointing, so at most ``chunk_size x V`` fp32 logits exist at
+    once, in the forward and in the backward.
+    """
+    outs, ents = [], []
+    for s in range(0, hidden.size(0), chunk_size):
+        args = (hidden[s : s + chunk_size], weight, bias, labels[s : s + chunk_size], inside[s : s + chunk_size])
+        fn = functools.partial(_masked_chunk, standard_size=standard_size, temperature=temperature, entropy=entropy)
+        if torch.is_grad_enabled():
+            logp, ent = checkpoint(fn, *args, use_reentrant=False)
+        else:
+            logp, ent = fn(*args)
+        outs.append(logp)
+        ents.append(ent)
+    if not outs:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if entropy else None)
+    return torch.cat(outs), (torch.cat(ents) if entropy else None)
+
+
+@dataclass
+class ReasoningHeadOutput(ModelOutput):
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+def add_reasoning_lm_head(model, vocab: ReasoningVocab, temperature: float, chunk_size: int) -> None:
+    """Patch ``model.forward``: called with ``reasoning_labels=...`` it returns masked per-token log-probs.
+
+    The call still goes through the (possibly DDP/FSDP-wrapped) model, so gradient hooks fire as usual;
+    without ``reasoning_labels`` the original forward runs (generation is unchanged).
+    """
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, reasoning_labels=None, compute_entropy=False, **kwargs):
+        if reasoning_labels is None:
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        input_ids = kwargs["input_ids"]
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = reasoning_labels[:, 1:]
+        inside = vocab.span_state(input_ids)[:, :-1]  # state after token t decides token t+1
+        keep = labels != -100
+        head = self.get_output_embeddings()
+        logps, ent = masked_token_logprobs(
+            hidden[keep].to(head.weight.dtype),
+            head.weight,
+            head.bias,
+            labels[keep],
+            inside[keep],
+            vocab.standard_size,
+            temperature,
+            chunk_size,
+            compute_entropy,
+        )
+        full = hidden.new_zeros(keep.shape, dtype=torch.float32)
+        log_probs = full.masked_scatter(keep, logps)
+        entropy = full.masked_scatter(keep, ent) if ent is not None else None
+        return ReasoningHeadOutput(log_probs=log_probs, entropy=entropy)
+
+    model.forward = types.MethodType(forward, model)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class RLVRGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer with the reasoning vocabulary wired through sampling, log-probs and checkpoints."""
+
+    def __init__(self, *args, reasoning_vocab: ReasoningVocab | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reasoning_vocab = reasoning_vocab
+        if reasoning_vocab is not None:
+            for target in (self.model, self.ref_model):
+                if target is None:
+                    continue
+                base = target.get_base_model() if hasattr(target, "get_base_model") else target
+                add_reasoning_lm_head(base, reasoning_vocab, self.temperature, self.args.logprob_chunk_size)
+
+    # ------------------------------------------------------------------ log-probs
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal,
+    ):
+        if self.reasoning_vocab is None:
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size=batch_size,
+                compute_entropy=compute_entropy,
+                compute_aux_loss=compute_aux_loss,
+                **multimodal,
+            )
+        if any(v is not None for v in multimodal.values()) or compute_aux_loss:
+            raise NotImplementedError("The reasoning vocabulary supports text-only, dense causal LMs.")
+        batch_size = batch_size or input_ids.size(0)
+        all_logps, all_entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids = input_ids[start : start + batch_size]
+            mask = attention_mask[start : start + batch_size]
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, :-logits_to_keep] = -100
+            with self.accelerator.autocast():
+                out = model(input_ids=ids, attention_mask=mask, reasoning_labels=labels, compute_entropy=compute_entropy)
+            all_logps.append(out.log_probs[:, -logits_to_keep:])
+            if compute_entropy:
+                all_entropies.append(out.entropy[:, -logits_to_keep:])
+        entropies = torch.cat(all_entropies) if compute_entropy else None
+        return torch.cat(all_logps), entropies, None
+
+    # ------------------------------------------------------------------ decoding + metrics
+    def _generate(self, prompts: list):
+        result = super()._generate(prompts)
+        vocab = self.reasoning_vocab
+        if vocab is None:
+            return result
+        prompt_ids, completion_ids, tool_mask, completions, *rest = result
+        mode = "train" if self.model.training else "eval"
+        n_tokens = sum(len(c) for c in completion_ids)
+        n_reasoning, n_inside = 0, 0
+        for p_ids, c_ids, i in zip(prompt_ids, completion_ids, range(len(completions)), strict=True):
+            if not c_ids:
+                continue
+            ids = torch.tensor(p_ids + list(c_ids))
+            inside = vocab.span_state(ids.unsqueeze(0))[0, len(p_ids) - 1 : -1]
+            n_inside += int(inside.sum())
+            n_reasoning += sum(1 for t in c_ids if t >= vocab.standard_size)
+            if any(t >= vocab.standard_size for t in c_ids):  # re-decode: source tokens, not dropped ids
+                text = vocab.decode(self.processing_class, c_ids)
+                completions[i] = [{"role": "assistant", "content": text}] if isinstance(completions[i], list) else text
+        self._metrics[mode]["reasoning/token_fraction"].append(n_reasoning / max(n_tokens, 1))
+        self._metrics[mode]["reasoning/inside_span_fraction"].append(n_inside / max(n_tokens, 1))
+        self._metrics[mode]["reasoning/inside_span_length"].append(n_inside / max(len(completion_ids), 1))
+        return (prompt_ids, completion_ids, tool_mask, completions, *rest)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.reasoning_vocab is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            self.reasoning_vocab.save(folder)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.reasoning_vocab is not None and self.args.should_save:
+            self.reasoning_vocab.save(output_dir or self.args.output_dir)
