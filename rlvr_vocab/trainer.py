@@ -184,6 +184,23 @@ class RLVRGRPOTrainer(GRPOTrainer):
         entropies = torch.cat(all_entropies) if compute_entropy else None
         return torch.cat(all_logps), entropies, None
 
+    # ------------------------------------------------------------------ generation
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        fast = (
+            self.args.generation_backend == "fast"
+            and not self.use_vllm
+            and not self.use_transformers_continuous_batching
+            and images is None
+            and not multimodal_fields
+        )
+        if not fast:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
+            )
+        from rlvr_vocab.sampling import generate_completions
+
+        return generate_completions(self, prompt_ids)
+
     # ------------------------------------------------------------------ decoding + metrics
     def _generate(self, prompts: list):
         result = super()._generate(prompts)
