@@ -227,11 +227,42 @@ class RLVRGRPOTrainer(GRPOTrainer):
         return (prompt_ids, completion_ids, tool_mask, completions, *rest)
 
     # ------------------------------------------------------------------ checkpoints
+    INITIAL_CHECKPOINT = "checkpoint-0"
+
+    def save_initial_checkpoint(self) -> Path:
+        """Save the untrained policy as checkpoint-0 (a baseline for evals and drift plots; never rotated)."""
+        folder = Path(self.args.output_dir) / self.INITIAL_CHECKPOINT
+        self.save_model(str(folder))
+        return folder
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.reasoning_vocab is not None and self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            self.reasoning_vocab.save(folder)
+        # Rotation is done here rather than by transformers, so that checkpoint-0 never counts or goes.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        # (save_model, called by the checkpoint, already wrote reasoning_vocab.json into it)
+        if self.args.should_save and limit:
+            self._rotate_checkpoints_keeping_initial(Path(self._get_output_dir(trial=trial)), limit)
+
+    def _rotate_checkpoints_keeping_initial(self, run_dir: Path, limit: int) -> None:
+        import shutil
+
+        from transformers.trainer_utils import sort_checkpoints
+
+        rotating = [c for c in sort_checkpoints(str(run_dir)) if Path(c).name != self.INITIAL_CHECKPOINT]
+        protected = {rotating[-1]} if rotating else set()
+        if self.state.best_model_checkpoint:
+            protected.add(str(Path(self.state.best_model_checkpoint)))
+        excess = len(rotating) - max(limit, len(protected))
+        for folder in rotating:
+            if excess <= 0:
+                break
+            if folder not in protected:
+                shutil.rmtree(folder, ignore_errors=True)
+                excess -= 1
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)

@@ -1,0 +1,52 @@
+"""Compose the real conf/ with tiny overrides; each test gets its own output folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
+# One conversion cache per checkout (the GGUF is de-quantised once, ~30 s, then reused by every test).
+CACHE_DIR = REPO / ".cache"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+sys.path.insert(0, str(REPO))
+
+import rlvr_vocab.config  # noqa: E402,F401  (registers the schema)
+
+
+def compose_config(*overrides: str):
+    """The composed config as grpo_train.py would see it (without running Hydra's app)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """compose_config with output_dir in tmp_path and the shared conversion cache."""
+
+    def _make(*overrides: str):
+        return compose_config(f"output_dir={tmp_path / 'run'}", f"paths.cache_dir={CACHE_DIR}", *overrides)
+
+    return _make
+
+
+@pytest.fixture
+def gsm8k_dir():
+    if not (GSM8K_DIR / "test.jsonl").is_file():
+        pytest.skip(f"GSM8K files not found at {GSM8K_DIR} (../shared/data/gsm8k beside the repo)")
+    return GSM8K_DIR

@@ -1,0 +1,118 @@
+"""Every config composes; unknown keys fail fast; every training key reaches GRPOConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, compose_config
+from omegaconf import OmegaConf
+
+from rlvr_vocab.config import ConfigError, TrainingConfig, grpo_config_kwargs, validate
+
+GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml")) for g in ("model", "dataset", "training", "reward", "logging", "experiment")}
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_every_group_option_composes_and_validates(group):
+    assert GROUPS[group], f"conf/{group} is empty"
+    for option in GROUPS[group]:
+        cfg = compose_config(f"{group}={option}")
+        validate(cfg)
+
+
+def test_experiments_exist():
+    assert {"quickstart", "debug", "baseline", "reasoning"} <= set(GROUPS["experiment"])
+
+
+def test_debug_overlay_shrinks_everything():
+    cfg = compose_config("debug=default")
+    assert cfg.model.source == "tiny" and cfg.training.max_steps == 2
+    assert cfg.training.num_generations == 2 and cfg.training.max_completion_length == 8
+    assert cfg.logging.backend == "none" and cfg.paths.output_root == "outputs/debug"
+
+
+def test_schema_training_keys_are_grpo_config_fields():
+    from rlvr_vocab.trainer import RLVRGRPOConfig
+
+    grpo_fields = {f.name for f in dataclasses.fields(RLVRGRPOConfig)}
+    ours = {f.name for f in dataclasses.fields(TrainingConfig)} - {"extra"}
+    assert ours - grpo_fields == set()
+
+
+def test_training_and_generation_keys_reach_grpo_config():
+    from rlvr_vocab.trainer import RLVRGRPOConfig
+
+    cfg = compose_config(
+        "training.learning_rate=3e-6",
+        "training.num_generations=4",
+        "training.max_completion_length=32",
+        "training.save_steps=7",
+        "model.generation_kwargs.temperature=0.7",
+        "+model.generation_kwargs.top_k=5",
+        "+model.generation_kwargs.no_repeat_ngram_size=3",
+        "+training.extra.top_entropy_quantile=0.5",
+        "seed=3",
+    )
+    kwargs = grpo_config_kwargs(cfg)
+    args = RLVRGRPOConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, **{k: v for k, v in kwargs.items() if k != "bf16"})
+    assert args.learning_rate == 3e-6 and args.num_generations == 4 and args.max_completion_length == 32
+    assert args.save_steps == 7 and args.seed == 3 and args.top_entropy_quantile == 0.5
+    assert args.temperature == 0.7 and args.top_k == 5
+    assert args.generation_kwargs == {"no_repeat_ngram_size": 3}
+    # every schema key arrived with the composed value
+    for key, value in OmegaConf.to_container(cfg.training).items():
+        if key != "extra" and key != "bf16":
+            assert getattr(args, key) == value, key
+
+
+def test_unknown_extra_training_key_is_rejected_with_suggestion():
+    cfg = compose_config("+training.extra.top_entropy_quantil=0.5")
+    with pytest.raises(ConfigError, match="training.extra.top_entropy_quantil.*top_entropy_quantile"):
+        validate(cfg)
+
+
+def test_conflicting_max_new_tokens_is_rejected():
+    cfg = compose_config("+model.generation_kwargs.max_new_tokens=99", "training.max_completion_length=32")
+    with pytest.raises(ConfigError, match="max_new_tokens.*training.max_completion_length"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("training.num_generations=3", "num_generations"),
+        ("model.reasoning_vocab_size=-1", "model.reasoning_vocab_size"),
+        ("dataset.answer_format=latex", "dataset.answer_format"),
+        ("reward.weights=[1.0,2.0,3.0]", "reward.weights"),
+        ("training.generation_backend=vllm", "training.generation_backend"),
+    ],
+)
+def test_cross_key_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_config(override))
+
+
+def test_typo_exits_fast_naming_the_key(tmp_path):
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "grpo_train.py", "training.learning_rat=3e-6", f"hydra.run.dir={tmp_path}/run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "learning_rat" in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "config.yaml").exists()  # failed before doing any work
+    assert time.time() - start < 60
+
+
+def test_bad_value_type_is_rejected():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_config("training.max_steps=ten")
