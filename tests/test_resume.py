@@ -230,14 +230,6 @@ def test_sharded_weights_need_every_shard(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def _grpo_train_ready() -> bool:
-    # TODO(remove once the core lands): the entry point exists before all of its modules do.
-    import importlib.util
-
-    return (REPO / "grpo_train.py").is_file() and importlib.util.find_spec("rlvr_vocab.rewards.registry") is not None
-
-
-@pytest.mark.skipif(not _grpo_train_ready(), reason="grpo_train.py experiment=debug is not available")
 def test_sigterm_then_rerun_resumes_grpo_train(tmp_path):
     max_steps = 6
     cmd = [
@@ -270,7 +262,6 @@ def test_sigterm_then_rerun_resumes_grpo_train(tmp_path):
     assert state["global_step"] == max_steps
     assert _logged_steps(state) == list(range(1, max_steps + 1))
     metrics = tmp_path / "metrics.jsonl"
-    if metrics.exists():  # the core's per-step metrics log: one line per step across both processes
-        steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line.strip()]
-        steps = [s for s in steps if s is not None]
-        assert sorted(set(steps)) == steps == list(range(1, max_steps + 1)), steps
+    if metrics.exists():  # the core's per-step metrics log: one training row per step across both processes
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        assert [row["step"] for row in rows if "loss" in row] == list(range(1, max_steps + 1))
