@@ -57,12 +57,7 @@ class _CookbookReward:
         if not all(self.tags) or len(set(self.tags)) != 4:
             raise ValueError(f"{type(self).__name__}: the four tags must be distinct and non-empty, got {self.tags}.")
         self.reasoning_start_in_prompt = reasoning_start_in_prompt
-        rs, re_, ss, se = (re.escape(t) for t in self.tags)
-        # The notebooks' regex, verbatim: MULTILINE makes ^ and $ match at any line boundary.
-        self.match_format = re.compile(
-            rf"^[\s]{{0,}}{rs}.+?{re_}.*?{ss}(.+?){se}[\s]{{0,}}$", flags=re.MULTILINE | re.DOTALL
-        )
-        self.match_number = re.compile(rf"{ss}.*?(-?\d[\d.,]*)", flags=re.MULTILINE | re.DOTALL)
+        self.match_number = re.compile(rf"{re.escape(solution_start)}.*?(-?\d[\d.,]*)", flags=re.DOTALL)
 
     @property
     def answer_template(self) -> str:
@@ -75,9 +70,51 @@ class _CookbookReward:
         return self.tags[0] + text if self.reasoning_start_in_prompt else text
 
     def solution(self, text: str) -> str | None:
-        """The text between the solution tags of a well-formed completion, or None."""
-        m = self.match_format.search(text)
-        return m.group(1) if m else None
+        r"""The text between the solution tags of a well-formed completion, or None.
+
+        Same result as the notebooks' ``re.search`` with
+        ``^[\s]{0,}RS.+?RE.*?SS(.+?)SE[\s]{0,}$`` (MULTILINE | DOTALL), in linear time: that regex
+        backtracks quadratically (37 s on 100k newlines). The first reasoning tag that starts a line
+        (after whitespace) decides; then the first end tag, solution tag, and the first closing tag
+        followed only by whitespace up to a line end.
+        """
+        rs, re_, ss, se = self.tags
+        q = text.find(rs)
+        while q >= 0 and not _starts_line(text, q):
+            q = text.find(rs, q + 1)
+        if q < 0:
+            return None
+        e = text.find(re_, q + len(rs) + 1)  # .+? : at least one character of reasoning
+        if e < 0:
+            return None
+        s = text.find(ss, e + len(re_))
+        if s < 0:
+            return None
+        start = s + len(ss)
+        end = text.find(se, start + 1)  # (.+?) : a non-empty solution
+        while end >= 0:
+            if _ends_line(text, end + len(se)):
+                return text[start:end]
+            end = text.find(se, end + 1)
+        return None
+
+
+def _starts_line(text: str, i: int) -> bool:
+    """Only non-newline whitespace between the previous line break (or the start) and ``i``."""
+    while i > 0 and text[i - 1] != "\n":
+        if not text[i - 1].isspace():
+            return False
+        i -= 1
+    return True
+
+
+def _ends_line(text: str, i: int) -> bool:
+    """Only non-newline whitespace between ``i`` and the next line break (or the end)."""
+    while i < len(text) and text[i] != "\n":
+        if not text[i].isspace():
+            return False
+        i += 1
+    return True
 
 
 class CookbookFormatExact(_CookbookReward):

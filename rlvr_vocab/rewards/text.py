@@ -134,9 +134,12 @@ def last_number(text: str) -> Fraction | None:
     Example:
         >>> last_number("3 + 4 = 7, so 1,000 - 3-5 = 992.5")
         Fraction(1985, 2)
+        >>> last_number(r"\\boxed{10,\\!080}")
+        Fraction(10080, 1)
         >>> last_number("none") is None
         True
     """
+    text = text.replace("{,}", ",").replace(",\\!", ",")  # LaTeX thousands separators: 10{,}000, 10,\!000
     matches = list(_NUMBER_RE.finditer(text))
     return to_number(matches[-1].group(0)) if matches else None
 
