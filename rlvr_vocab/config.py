@@ -77,7 +77,7 @@ class ArithmeticConfig:
     """The project's own generated word/number problems (dataset=arithmetic)."""
 
     num_train: int = 2000  # generated training problems
-    num_eval: int = 200  # generated held-out problems
+    num_eval: int = 40  # generated held-out problems (at most half of the distinct ones)
     operations: list[str] = field(default_factory=lambda: ["+"])  # any of + - *
     min_operand: int = 0  # smallest operand
     max_operand: int = 9  # largest operand (9: single digits; 99: two digits)

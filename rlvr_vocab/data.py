@@ -78,7 +78,8 @@ _NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana"]
 _ITEMS = ["apple", "marble", "pencil", "sticker", "coin", "book"]
 
 
-def _arithmetic_problem(rng: random.Random, gen: DictConfig) -> dict[str, str]:
+def _draw(rng: random.Random, gen: DictConfig) -> tuple[str, tuple[int, ...]]:
+    """One (operation, operands) pair; subtraction keeps a non-negative result unless allowed."""
     op = rng.choice(list(gen.operations))
     operands = [rng.randint(gen.min_operand, gen.max_operand) for _ in range(gen.num_operands)]
     if op == "-" and not gen.allow_negative and operands[0] < sum(operands[1:]):
@@ -86,9 +87,14 @@ def _arithmetic_problem(rng: random.Random, gen: DictConfig) -> dict[str, str]:
             operands.reverse()  # a - b with a >= b: the result stays in [0, max_operand]
         else:
             operands[0] = sum(operands[1:]) + rng.randint(0, gen.max_operand - gen.min_operand)
+    return op, tuple(operands)
+
+
+def _render(key: tuple[str, tuple[int, ...]], rng: random.Random, gen: DictConfig) -> dict[str, str]:
+    op, operands = key
     expression = f" {op} ".join(str(x) for x in operands)
     value = eval(expression)  # noqa: S307 -- built from integers and one of + - * above
-    if gen.word_problems and gen.num_operands == 2 and rng.random() < 0.5:
+    if gen.word_problems and len(operands) == 2 and rng.random() < 0.5:
         problem = _WORD_TEMPLATES[op].format(
             name=rng.choice(_NAMES), item=rng.choice(_ITEMS), a=operands[0], b=operands[1]
         )
@@ -98,7 +104,7 @@ def _arithmetic_problem(rng: random.Random, gen: DictConfig) -> dict[str, str]:
 
 
 def generate_arithmetic(gen: DictConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded train/held-out arithmetic problems; no held-out problem text appears in training.
+    """Seeded train/held-out arithmetic problems; no held-out calculation appears in training.
 
     Example:
         >>> from omegaconf import OmegaConf
@@ -110,26 +116,31 @@ def generate_arithmetic(gen: DictConfig, seed: int) -> tuple[list[dict], list[di
     for op in gen.operations:
         if op not in _WORD_TEMPLATES:
             raise ConfigError(f"dataset.generator.operations has {op!r}: choose from + - *.")
-    if gen.min_operand > gen.max_operand:
-        raise ConfigError("dataset.generator.min_operand must be <= dataset.generator.max_operand.")
+    if gen.min_operand > gen.max_operand or gen.num_operands < 2:
+        raise ConfigError("dataset.generator needs min_operand <= max_operand and num_operands >= 2.")
+    k = gen.max_operand - gen.min_operand + 1
+    sub_space = k * (k + 1) // 2 if gen.num_operands == 2 and not gen.allow_negative else k**gen.num_operands
+    space = sum(sub_space if op == "-" else k**gen.num_operands for op in set(gen.operations))
+    if gen.num_eval > space // 2:
+        raise ConfigError(
+            f"dataset.generator.num_eval={gen.num_eval} leaves too few of the ~{space} distinct problems for "
+            f"training: lower dataset.generator.num_eval (at most {space // 2}) or raise dataset.generator.max_operand."
+        )
     rng = random.Random(seed)
-    held_out: dict[str, dict] = {}
-    attempts = 0
-    while len(held_out) < gen.num_eval and attempts < 50 * (gen.num_eval + 1):
-        row = _arithmetic_problem(rng, gen)
-        held_out.setdefault(row["problem"], row)
-        attempts += 1
+    held_out: dict[tuple, dict] = {}
+    for _ in range(1000 * (gen.num_eval + 1)):
+        if len(held_out) == gen.num_eval:
+            break
+        key = _draw(rng, gen)
+        if key not in held_out:
+            held_out[key] = _render(key, rng, gen)
+    else:
+        raise ConfigError(f"dataset.generator.num_eval={gen.num_eval}: not enough distinct problems; lower it.")
     train = []
-    while len(train) < gen.num_train:  # repeats are fine in training; held-out problems are not
-        row = _arithmetic_problem(rng, gen)
-        if row["problem"] not in held_out:
-            train.append(row)
-        attempts += 1
-        if attempts > 100 * (gen.num_train + gen.num_eval + 1):
-            raise ConfigError(
-                "dataset.generator: too few distinct problems for num_eval held-out ones plus training; "
-                "raise dataset.generator.max_operand or lower dataset.generator.num_eval."
-            )
+    while len(train) < gen.num_train:  # repeats are fine in training; held-out calculations are not
+        key = _draw(rng, gen)
+        if key not in held_out:
+            train.append(_render(key, rng, gen))
     return train, list(held_out.values())
 
 

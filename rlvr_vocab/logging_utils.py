@@ -71,9 +71,9 @@ def _stable_run_id(output_dir: Path) -> str:
     id_file = output_dir / ".wandb_run_id"
     if id_file.is_file():
         return id_file.read_text().strip()
-    import wandb
+    import uuid
 
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return run_id
 

@@ -1,0 +1,102 @@
+"""End-to-end GRPO on the tiny model: parameters change, outputs are written, the map is in every checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlvr_vocab.models import load_model_and_tokenizer
+from rlvr_vocab.rewards.registry import REWARD_REGISTRY
+from rlvr_vocab.train import train
+
+
+def digit_fraction(completions, **kwargs):
+    """Test reward with signal on a random model: the share of digits in the completion."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+
+@pytest.fixture(autouse=True)
+def _digit_reward(monkeypatch):
+    monkeypatch.setitem(REWARD_REGISTRY, "digit_fraction", digit_fraction)
+
+
+TINY_RUN = [
+    "experiment=debug",
+    "reward.funcs=[digit_fraction]",
+    "reward.weights=[1.0]",
+    "training.max_steps=3",
+    "training.save_steps=1",
+    "training.max_completion_length=12",
+    "training.learning_rate=5e-3",
+]
+
+
+def initial_state(cfg):
+    model, _ = load_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, bf16=False, seed=cfg.seed)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_grpo_end_to_end_changes_parameters_and_writes_outputs(make_cfg):
+    cfg = make_cfg(*TINY_RUN)
+    before = initial_state(cfg)
+    metrics = train(cfg)
+    out = Path(cfg.output_dir)
+    assert metrics["global_step"] == 3
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "tokenizer.json", "config.json"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    after = load_file(out / "model.safetensors")
+    changed = [k for k in after if k in before and not torch.equal(after[k], before[k])]
+    assert changed, "no parameter changed during GRPO"
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in logged if "reward" in r]
+    assert len(rewards) == 3 and any(r > 0 for r in rewards)
+    assert "lr: 0.005" in (out / "config.yaml").read_text() or "learning_rate: 0.005" in (out / "config.yaml").read_text()
+
+
+def test_reasoning_run_saves_the_map_in_every_checkpoint_and_keeps_checkpoint_0(make_cfg):
+    cfg = make_cfg(
+        *TINY_RUN,
+        "model.reasoning_vocab_size=24",
+        "model.reasoning.keep_initial_checkpoint=true",
+        "training.save_total_limit=1",
+        "dataset.system_prompt='Think inside <think> </think>, then answer.'",
+    )
+    metrics = train(cfg)
+    out = Path(cfg.output_dir)
+    assert metrics["global_step"] == 3
+    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-0", "checkpoint-3"]  # rotation kept the untrained baseline
+    for folder in [out / c for c in checkpoints] + [out]:
+        vocab = json.loads((folder / "reasoning_vocab.json").read_text())
+        assert vocab["size"] == 24 and len(vocab["source_ids"]) == 24
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("reasoning/token_fraction" in r for r in logged if "reward" in r)
+
+    from rlvr_vocab import load_checkpoint
+
+    model, tok = load_checkpoint(out)
+    assert model.get_input_embeddings().weight.shape[0] == vocab["standard_size"] + 24
+
+
+def test_wandb_offline_run_logs_config_and_metrics(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # a secret that must not land in saved configs
+    cfg = make_cfg(*TINY_RUN, "logging=wandb", "logging.mode=offline", "training.max_steps=1", "exp_name=wb")
+    train(cfg)
+    out = Path(cfg.output_dir)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_files = list(runs[0].rglob("*"))
+    assert any(p.suffix == ".wandb" for p in run_files)
+    saved = (out / "config.yaml").read_text()
+    assert "x" * 40 not in saved
+    for p in run_files:
+        if p.is_file() and p.stat().st_size < 5_000_000:
+            assert b"x" * 40 not in p.read_bytes(), p
