@@ -1,8 +1,8 @@
 """Build the command a Slurm batch job runs: plain ``python grpo_train.py`` or ``srun`` + ``accelerate launch``.
 
-slurm/_common.sh calls the CLI and runs what it prints:
+slurm/_common.sh runs this file as a script (standard library only: no torch import) and runs what it prints:
 
-    python -m rlvr_vocab.launch -- experiment=baseline training.max_steps=100
+    python rlvr_vocab/launch.py --format=shell -- experiment=baseline training.max_steps=100
 
 * The Hydra run dir is ``outputs/<exp_name>/slurm-<job id>`` unless ``hydra.run.dir=`` is given, so a
   requeued job (same id) resumes from its own checkpoints.
@@ -157,11 +157,12 @@ def _hostnames(env: Mapping[str, str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--format", choices=["nul", "shell"], default="nul", help="nul: for bash mapfile -d ''")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for training (default: this one)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (put them after --)")
     args = parser.parse_args(argv)
     env = os.environ
     nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-    command = build_command(args.overrides, env, _hostnames(env) if nodes > 1 else ())
+    command = build_command(args.overrides, env, _hostnames(env) if nodes > 1 else (), python=args.python)
     if args.format == "shell":
         print(shlex.join(command))
     else:

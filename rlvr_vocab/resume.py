@@ -169,7 +169,7 @@ def is_complete_checkpoint(path: str | os.PathLike, require_marker: bool = False
 
 
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest complete ``checkpoint-N`` directory in ``output_dir``, or None (fresh run).
+    """The newest complete ``checkpoint-N`` directory (N >= 1) in ``output_dir``, or None (fresh run).
 
     Once any checkpoint in ``output_dir`` carries a completion marker (written by PreemptionCallback), the
     marker is required: a checkpoint saved by this code but killed before its marker is skipped. Older runs
@@ -178,8 +178,9 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
+    # Step 0 (the untrained model some runs keep, weights only) has nothing to resume: a fresh start is the same.
     candidates = sorted(
-        (step, path) for path in output_dir.iterdir() if (step := checkpoint_step(path)) is not None and path.is_dir()
+        (step, path) for path in output_dir.iterdir() if (step := checkpoint_step(path)) and path.is_dir()
     )
     require_marker = any((path / COMPLETE_MARKER).exists() for _, path in candidates)
     for _, path in reversed(candidates):

@@ -5,7 +5,7 @@
 # What a job does:
 #   1. sources the site file (conf/local/slurm.env, gitignored; template: slurm/site.env.example)
 #   2. picks the Python: RLVR_PYTHON, else the submitting shell's venv/conda env, else ./.venv
-#   3. builds the command with `python -m rlvr_vocab.launch` (plain python on one GPU; srun + accelerate
+#   3. builds the command with rlvr_vocab/launch.py (plain python on one GPU; srun + accelerate
 #      launch over several GPUs/nodes) and runs it in the background
 #   4. on SIGUSR1 (sent by Slurm 120 s before the time limit: --signal=B:USR1@120) or SIGTERM, forwards
 #      the signal to training, which saves a checkpoint at the end of its step and exits 75
@@ -92,13 +92,13 @@ run_training() {
     cd "$RLVR_ROOT"
     export PYTHONUNBUFFERED=1
 
+    # launch.py runs as a plain script: no package import (torch), so this takes milliseconds.
     local -a cmd
-    local built
-    built=$("$python" -m rlvr_vocab.launch --format=nul -- "$@" | base64 -w0) && [ -n "$built" ] \
-        || { _log "python -m rlvr_vocab.launch failed (python: $python)"; return 1; }
+    local built shown
+    built=$("$python" rlvr_vocab/launch.py --python "$python" --format=nul -- "$@" | base64 -w0) && [ -n "$built" ] \
+        || { _log "rlvr_vocab/launch.py failed (python: $python)"; return 1; }
     mapfile -d '' -t cmd < <(base64 -d <<<"$built")  # NUL-separated argv: any override survives intact
-    local shown
-    shown=$("$python" -m rlvr_vocab.launch --format=shell -- "$@")
+    shown=$("$python" rlvr_vocab/launch.py --python "$python" --format=shell -- "$@")
     if [ -n "${RLVR_DRY_RUN:-}" ]; then
         echo "$shown"
         return 0

@@ -167,8 +167,10 @@ def test_incomplete_newest_checkpoints_are_skipped_and_nothing_is_deleted(tmp_pa
     (tmp_path / "checkpoint-5" / resume.COMPLETE_MARKER).unlink()
     state = json.loads((tmp_path / "checkpoint-5" / "trainer_state.json").read_text())
     (tmp_path / "checkpoint-5" / "trainer_state.json").write_text(json.dumps({**state, "global_step": 5}))
-    # not checkpoints at all
+    # not checkpoints at all, or nothing to resume (the untrained model, weights only)
     (tmp_path / "checkpoint-final").mkdir()
+    (tmp_path / "checkpoint-0").mkdir()
+    shutil.copy(tmp_path / "checkpoint-2" / "model.safetensors", tmp_path / "checkpoint-0")
     (tmp_path / "checkpoint-9").write_text("a file, not a directory")
 
     before = _files(tmp_path)
