@@ -161,57 +161,69 @@ def repair_latex_shorthand(text: str) -> str:
     The result typesets identically (a single token is a whole argument in TeX); it exists because
     math-verify's answer parser reads ``\frac43`` in a completion as nothing parseable. Only single
     characters and symbol control words (``\pi``) are braced; anything unusual is left as it is.
+    Linear time: braces are matched once, then only insertions are made.
 
     Example:
         >>> repair_latex_shorthand(r"\frac43 + \dfrac 12 - \sqrt3 + \frac{\sqrt2}3 + \frac\pi2 + \sqrt[3]2")
-        '\\frac{4}{3} + \\dfrac{1}{2} - \\sqrt{3} + \\frac{\\sqrt{2}}{3} + \\frac{\\pi}{2} + \\sqrt[3]{2}'
+        '\\frac{4}{3} + \\dfrac {1}{2} - \\sqrt{3} + \\frac{\\sqrt{2}}{3} + \\frac{\\pi}{2} + \\sqrt[3]{2}'
         >>> repair_latex_shorthand(r"\frac{1}{2}")
         '\\frac{1}{2}'
     """
-    if "\\" not in text:
+    if "\\" not in text or _COMMAND_RE.search(text) is None:
         return text
-    try:
-        return _repair(text)
-    except RecursionError:  # absurdly nested input: leave it to the parser as it is
-        return text
-
-
-def _repair(text: str) -> str:
-    out: list[str] = []
-    pos = 0
-    while (m := _COMMAND_RE.search(text, pos)) is not None:
-        out.append(text[pos : m.end()])
+    closing = _brace_pairs(text)
+    inserts: list[tuple[int, int, str]] = []  # (position, 0 for "}" / 1 for "{", text): "}{" at a shared position
+    for m in _COMMAND_RE.finditer(text):
         i = m.end()
         if m.group(1) == "sqrt":  # optional [index]
             j = _skip_spaces(text, i)
             if j < len(text) and text[j] == "[":
-                close = text.find("]", j)
+                close = text.find("]", j, j + 200)  # bounded look-ahead keeps the pass linear
                 if close < 0:
-                    pos = i
                     continue
-                out.append(text[i : close + 1])
                 i = close + 1
         for _ in range(_SHORTHAND_ARITY[m.group(1)]):
             j = _skip_spaces(text, i)
             if j >= len(text):
                 break
             if text[j] == "{":
-                end = _matching_brace(text, j + 1)
-                if end is None:
+                if j not in closing:
                     break
-                out.append("{" + _repair(text[j + 1 : end]) + "}")
-                i = end + 1
-            elif text[j].isalnum():
-                out.append("{" + text[j] + "}")
-                i = j + 1
-            elif text[j] == "\\" and (w := re.match(r"\\([a-zA-Z]+)", text[j:])) and w.group(1) in _SYMBOL_WORDS:
-                out.append("{" + w.group(0) + "}")
-                i = j + len(w.group(0))
+                i = closing[j] + 1
+                continue
+            if text[j].isalnum():
+                token_end = j + 1
+            elif text[j] == "\\" and (w := _CONTROL_WORD_RE.match(text, j)) and w.group(1) in _SYMBOL_WORDS:
+                token_end = w.end()
             else:
                 break
-        pos = i
+            inserts += [(j, 1, "{"), (token_end, 0, "}")]
+            i = token_end
+    if not inserts:
+        return text
+    out, pos = [], 0
+    for at, _, brace in sorted(inserts):
+        out.append(text[pos:at])
+        out.append(brace)
+        pos = at
     out.append(text[pos:])
     return "".join(out)
+
+
+_CONTROL_WORD_RE = re.compile(r"\\([a-zA-Z]+)")
+
+
+def _brace_pairs(text: str) -> dict[int, int]:
+    """Index of each ``{`` -> index of its ``}`` (unescaped braces; unclosed ones are left out)."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    for i, ch in enumerate(text):
+        if ch in "{}" and (i == 0 or text[i - 1] != "\\"):
+            if ch == "{":
+                stack.append(i)
+            elif stack:
+                pairs[stack.pop()] = i
+    return pairs
 
 
 def _skip_spaces(text: str, i: int) -> int:
