@@ -360,6 +360,22 @@ def test_accuracy_off_the_main_thread_uses_a_worker_process():
     accuracy._worker.close()
 
 
+def test_worker_deadline_kills_and_restarts():
+    from rlvr_vocab.rewards.accuracy import _ScoringWorker
+
+    worker = _ScoringWorker(parsing_timeout=1, verify_timeout=1, repair=True)
+    try:
+        assert worker.score([("$7$", r"\boxed{7}")]) == [(1.0, "7")]
+        first = worker._proc
+        worker.deadline_s = 0.0  # nothing answers in time: killed, scored 0.0, never raises
+        assert worker.score([("$7$", r"\boxed{7}")]) == [(0.0, "[timeout]")]
+        assert worker._proc is None and not first.is_alive()
+        worker.deadline_s = 60.0
+        assert worker.score([("$7$", r"\boxed{8}")]) == [(0.0, "8")]  # a fresh child
+    finally:
+        worker.close()
+
+
 # --------------------------------------------------------------------------------- graded and format
 def test_last_number():
     completions = ["3 + 4 = 7", "7 apples", "It is 7.", r"\boxed{7} (not 8)", r"7 \boxed{8}", "8", "no number",
