@@ -85,6 +85,18 @@ def test_reasoning_run_saves_the_map_in_every_checkpoint_and_keeps_checkpoint_0(
     model, tok = load_checkpoint(out)
     assert model.get_input_embeddings().weight.shape[0] == vocab["standard_size"] + 24
 
+    # rlvr-viz: usage, drift and a rendered sample from the run dir
+    from rlvr_vocab.cli.viz import drift, visualize
+    from rlvr_vocab.reasoning_vocab import ReasoningVocab
+
+    written = visualize(out, max_new_tokens=16, open_span=True)
+    assert sorted(p.name for p in written) == ["drift.png", "sample.png", "usage.png"]
+    assert all(p.stat().st_size > 5000 for p in written)
+    assert (out / "viz" / "sample.txt").read_text().startswith("<think>")
+    rv = ReasoningVocab.load(out)
+    initial = drift(out / "checkpoint-0", rv)["embedding"]
+    torch.testing.assert_close(initial, torch.ones_like(initial))  # untrained rows are exact copies
+
 
 def test_wandb_offline_run_logs_config_and_metrics(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # a secret that must not land in saved configs
