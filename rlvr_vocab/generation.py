@@ -1,0 +1,303 @@
+"""Load a trained policy and generate from it: what rlvr-eval and rlvr-infer share.
+
+``load_policy`` accepts whatever a run leaves behind: a hub id or local model folder, a run's
+``checkpoint-N`` or final folder, a folder holding a reasoning vocabulary (``reasoning_vocab.json``:
+its rows and the masked ``generate`` come back), or a LoRA adapter folder (``adapter_config.json``: the
+configured ``model=`` is loaded as the base, the adapter is put on top and merged).
+
+``generate`` runs batched, left-padded ``model.generate`` over chat prompts, greedy or sampled, and
+returns the decoded completions (reasoning ids read as their source tokens) with their token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+from omegaconf import DictConfig, OmegaConf
+
+from rlvr_vocab.config import ConfigError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # read from model.generation_kwargs
+
+
+# ------------------------------------------------------------------------------------------ discovery
+def is_model_dir(path: str | Path) -> bool:
+    """A folder holding a full model (config.json) or a LoRA adapter (adapter_config.json)."""
+    path = Path(path)
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``checkpoint-N`` under ``run_dir`` that holds a model, by step."""
+    found = []
+    for child in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
+        match = CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and is_model_dir(child):
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def trained_step(path: str | Path) -> int | None:
+    """The optimizer step a model folder was saved at: N of ``checkpoint-N``, else ``trainer_state.json``."""
+    path = Path(path)
+    match = CHECKPOINT_RE.match(path.name)
+    if match:
+        return int(match.group(1))
+    state = path / "trainer_state.json"
+    if state.is_file():
+        return json.loads(state.read_text()).get("global_step")
+    return None
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype() -> torch.dtype:
+    from rlvr_vocab.models import bf16_supported
+
+    return torch.bfloat16 if bf16_supported() else torch.float32
+
+
+def _add_rows_from_map(model, tokenizer, vocab) -> None:
+    """Give a freshly loaded base model the reasoning rows of a saved map (before its adapter is loaded).
+
+    The adapter holds the trained rows (trainable tokens or full embedding copies), so only the shape, the
+    tags and the masked ``generate`` matter here; the rows start as copies of their sources as in training.
+    """
+    from rlvr_vocab.reasoning_vocab import attach_generation_mask, extend_model
+
+    reasoning_cfg = OmegaConf.create(
+        {"init": "first_n", "repeat_policy": "cycle", "think_open": vocab.think_open, "think_close": vocab.think_close}
+    )
+    built = extend_model(model, tokenizer, vocab.size, reasoning_cfg)
+    if built.standard_size != vocab.standard_size:
+        raise ConfigError(
+            f"The adapter's reasoning_vocab.json starts reasoning ids at {vocab.standard_size} but the base model "
+            f"has {built.standard_size} rows: pass the model= the adapter was trained on."
+        )
+    with torch.no_grad():  # rows as the run started them (matters only for rows the adapter does not hold)
+        for i, source in enumerate(vocab.source_ids):
+            model.get_input_embeddings().weight[vocab.standard_size + i] = model.get_input_embeddings().weight[source]
+            out = model.get_output_embeddings()
+            if out is not None and out.weight is not model.get_input_embeddings().weight:
+                out.weight[vocab.standard_size + i] = out.weight[source]
+    attach_generation_mask(model, vocab)
+
+
+def _load_adapter(cfg: DictConfig, path: Path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from rlvr_vocab.models import load_model_and_tokenizer, prepare_tokenizer, resolve_bf16
+    from rlvr_vocab.reasoning_vocab import ReasoningVocab
+
+    adapter = json.loads((path / "adapter_config.json").read_text())
+    base_id = adapter.get("base_model_name_or_path") or ""
+    if cfg.model.source == "hub" and base_id and base_id != cfg.model.name_or_path:
+        logger.warning(
+            f"{path} was trained on {base_id!r} but model.name_or_path={cfg.model.name_or_path!r} is loaded as the base"
+        )
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, bf16=resolve_bf16(None), seed=cfg.seed)
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), cfg.model)
+    vocab = ReasoningVocab.load(path)
+    if vocab is not None:
+        _add_rows_from_map(model, tokenizer, vocab)
+    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    model.reasoning_vocab = vocab
+    return model, tokenizer
+
+
+def load_policy(cfg: DictConfig, path: str | Path | None = None):
+    """(model, tokenizer) on this machine's device, in eval mode.
+
+    Args:
+        cfg: the composed config; ``model=`` is what loads when ``path`` is None, and the base of an adapter.
+        path: a hub id, a model or checkpoint folder, or a LoRA adapter folder (None: the configured model).
+    """
+    from rlvr_vocab.models import load_model_and_tokenizer, prepare_tokenizer, resolve_bf16
+    from rlvr_vocab.reasoning_vocab import extend_model, load_checkpoint
+
+    if path is None:
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, cfg.paths.cache_dir, bf16=resolve_bf16(None), seed=cfg.seed
+        )
+        model.reasoning_vocab = None
+        if cfg.model.reasoning_vocab_size > 0:  # the untrained extension (what checkpoint-0 holds)
+            model.reasoning_vocab = extend_model(model, tokenizer, cfg.model.reasoning_vocab_size, cfg.model.reasoning)
+    elif (Path(path) / "adapter_config.json").is_file():
+        model, tokenizer = _load_adapter(cfg, Path(path))
+    else:
+        if Path(path).exists() and not is_model_dir(path):
+            raise ConfigError(
+                f"eval.model_path={str(path)!r} holds neither a model (config.json) nor a LoRA adapter "
+                "(adapter_config.json) nor checkpoint-N folders."
+            )
+        model, tokenizer = load_checkpoint(path, dtype=_dtype())
+        tokenizer = prepare_tokenizer(tokenizer, cfg.model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(_device()).eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------ generation
+@dataclass
+class Completion:
+    """One generated completion."""
+
+    text: str  # decoded, special tokens dropped, reasoning ids read as their source tokens
+    num_tokens: int  # generated tokens, the end-of-sequence token included
+    truncated: bool  # stopped by max_new_tokens before an end-of-sequence token
+
+
+def sampling_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
+    """The sampling settings of ``model.generation_kwargs`` (temperature, top_p, top_k, ...) that generate takes."""
+    gen = OmegaConf.to_container(model_cfg.generation_kwargs, resolve=True) or {}
+    kwargs = {k: gen[k] for k in SAMPLING_KEYS if gen.get(k) is not None}
+    if kwargs.get("top_k") == 0:  # 0 means off in our configs; transformers wants None
+        kwargs.pop("top_k")
+    return kwargs
+
+
+def render_prompts(tokenizer, prompts: list) -> list[str]:
+    """Chat prompts (lists of messages) through the chat template with the generation prompt; text as is."""
+    return [
+        p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    do_sample: bool = False,
+    sampling: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    seed: int | None = None,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[list[Completion]]:
+    """``num_samples`` completions per prompt, in prompt order.
+
+    Args:
+        prompts: chat prompts (lists of messages) or already templated strings.
+        do_sample: False: greedy (``num_samples`` must be 1); True: sample with ``sampling`` (temperature, ...).
+        batch_size: sequences per ``generate`` call (prompts x samples); prompts are grouped by length.
+        seed: seeds torch before sampling, so a run is reproducible.
+    """
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    if num_samples > 1 and not do_sample:
+        raise ValueError("greedy decoding gives one completion per prompt: pass do_sample=True for num_samples > 1")
+    if seed is not None:
+        torch.manual_seed(seed)
+    eos_ids = _eos_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_return_sequences=num_samples,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids,
+        **((sampling or {}) if do_sample else {}),
+    )
+    vocab = getattr(model, "reasoning_vocab", None)
+    tokenizer.padding_side = "left"
+    texts = render_prompts(tokenizer, prompts)
+    encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
+    per_call = max(1, batch_size // num_samples)
+    results: list[list[Completion] | None] = [None] * len(texts)
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress)
+    for start in range(0, len(order), per_call):
+        idx = order[start : start + per_call]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+        out = model.generate(**batch, generation_config=config)
+        completions = out[:, batch["input_ids"].size(1) :].tolist()
+        for j, i in enumerate(idx):
+            results[i] = [
+                _decode(tokenizer, vocab, ids, eos_ids) for ids in completions[j * num_samples : (j + 1) * num_samples]
+            ]
+        bar.update(len(idx))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _decode(tokenizer, vocab, ids: list[int], eos_ids: list[int]) -> Completion:
+    end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+    kept = ids if end is None else ids[:end]
+    text = vocab.decode(tokenizer, kept) if vocab is not None else tokenizer.decode(kept, skip_special_tokens=True)
+    return Completion(text=text, num_tokens=len(ids) if end is None else end + 1, truncated=end is None)
+
+
+# ------------------------------------------------------------------------------------------ answers
+def answer_key(answer: str | None) -> str | None:
+    r"""A canonical form of an extracted answer for voting: numbers by value, other text without spaces.
+
+    Example:
+        >>> answer_key("1,000"), answer_key("\\$18.00"), answer_key("\\frac{1}{2}"), answer_key(None)
+        ('1000', '18', '\\frac{1}{2}', None)
+    """
+    from rlvr_vocab.rewards.text import to_number
+
+    if answer is None:
+        return None
+    number = to_number(answer)
+    if number is not None:
+        return str(number.numerator) if number.denominator == 1 else f"{number.numerator}/{number.denominator}"
+    key = re.sub(r"\s+", "", answer).replace("\\!", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return key or None
+
+
+def majority(answers: list[str | None]) -> int | None:
+    """Index of a completion carrying the most frequent answer (ties: the earliest); None if none answered.
+
+    Example:
+        >>> majority(["3", None, "4", "4.0", "3"])  # 3 and 4 tie twice each; 3 came first
+        0
+        >>> majority([None, None]) is None
+        True
+    """
+    keys = [answer_key(a) for a in answers]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(i for i, k in enumerate(keys) if k is not None and counts[k] == best)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021).
+
+    Example:
+        >>> pass_at_k(4, 0, 1), pass_at_k(4, 1, 4), round(pass_at_k(4, 1, 1), 2)
+        (0.0, 1.0, 0.25)
+    """
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
