@@ -281,6 +281,9 @@ def test_normalize_gold_and_parseability():
     assert normalize_gold("1,000") == normalize_gold("1000") == normalize_gold("$1000$") == "$1000$"
     assert normalize_gold("10{,}000") == normalize_gold(r"10,\!000") == "$10000$"
     assert normalize_gold("2, 3") == "$2, 3$"  # a list, not a thousands separator
+    assert normalize_gold("[1,100]") == "$[1,100]$"  # an interval, not 1100: only whole-answer numbers lose commas
+    assert normalize_gold(r"\$1,000.50") == r"$\$1000.50$" and normalize_gold("-1,000") == "$-1000$"
+    assert Accuracy()([r"\boxed{[1, 100]}", r"\boxed{1100}"], answer=["[1,100]"] * 2) == [1.0, 0.0]
     assert normalize_gold(r"\boxed{\frac 12}") == r"$\frac {1}{2}$"
     assert normalize_gold("$5") == r"$\$5$"
     assert normalize_gold("18.") == "$18$"

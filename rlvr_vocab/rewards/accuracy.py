@@ -63,8 +63,11 @@ def _answer_extraction_config() -> list:
 _DELIMITED_RE = re.compile(
     r"\$\$(?P<a>(?:\\.|[^$\\])*)\$\$|\$(?P<b>(?:\\.|[^$\\])*)\$|\\\((?P<c>.*)\\\)|\\\[(?P<d>.*)\\\]", re.DOTALL
 )
-# 1,000  1{,}000  1,\!000  1\,000 (a plain number with thousands separators, not part of a list)
-_THOUSANDS_RE = re.compile(r"(?<![\d.,])(\d{1,3})((?:(?:,|\{,\}|,\\!|\\,)\d{3})+)(?![\d,]|\{,\})")
+# A whole answer that is one number with thousands separators: 1,000  1{,}000  1,\!000  1\,000, optionally
+# with a sign, \$, decimals, \% or a \text{} unit. Only whole answers: "[1,100]" is an interval, not 1100.
+_THOUSANDS_RE = re.compile(
+    r"(?P<pre>(?:\\\$)?\s*-?\s*)(?P<num>\d{1,3}(?:(?:,|\{,\}|,\\!|\\,)\d{3})+)(?P<post>(?:\.\d+)?\s*(?:\\%|\\text\{[^{}]*\})?)"
+)
 
 
 def normalize_gold(answer: Any) -> str:
@@ -94,7 +97,8 @@ def normalize_gold(answer: Any) -> str:
     if "\\boxed" in s:
         s = last_boxed(s) or s
     s = s.replace("\n", " ").strip()
-    s = _THOUSANDS_RE.sub(lambda m: m.group(1) + re.sub(r"\D", "", m.group(2)), s)
+    if (m := _THOUSANDS_RE.fullmatch(s)) is not None:
+        s = m["pre"] + re.sub(r"\D", "", m["num"]) + m["post"]
     s = re.sub(r"(?<=\d)\.$", "", s)
     s = repair_latex_shorthand(s)
     s = re.sub(r"(?<!\\)\$", r"\\$", s)
