@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from conftest import REPO, compose_config
+from hydra.core.global_hydra import GlobalHydra
 from test_rewards import MATH_GOLDS, gsm8k_golds
 
 from rlvr_vocab.cli.check_rewards import check_rewards, format_summary, run, wrong_answer
@@ -127,8 +128,11 @@ def test_console_app_exits_1_when_a_wrong_answer_is_paid(tmp_path, monkeypatch, 
         sys,
         "argv",
         ["rlvr-check-rewards", "dataset=gsm8k", f"dataset.path={gsm8k_dir / 'test.jsonl'}", "+check_rewards.limit=5",
-         f"hydra.run.dir={tmp_path}"],
+         f"hydra.run.dir={tmp_path}", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"],
     )  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:
-        app.main()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            app.main()
+    finally:
+        GlobalHydra.instance().clear()
     assert exit_info.value.code == 1
