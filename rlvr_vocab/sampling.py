@@ -70,9 +70,17 @@ def generate_completions(trainer, prompt_ids: list[list[int]]):
     # Left-pad exactly as TRL's regular path does.
     prompt_tensors = [torch.tensor(ids) for ids in prompt_ids]
     pad_multiple = getattr(trainer, "pad_to_multiple_of", None)
-    padded_ids = pad(prompt_tensors, padding_value=trainer._tokenizer.pad_token_id, padding_side="left", pad_to_multiple_of=pad_multiple)
+    padded_ids = pad(
+        prompt_tensors,
+        padding_value=trainer._tokenizer.pad_token_id,
+        padding_side="left",
+        pad_to_multiple_of=pad_multiple,
+    )
     attention_mask = pad(
-        [torch.ones_like(t) for t in prompt_tensors], padding_value=0, padding_side="left", pad_to_multiple_of=pad_multiple
+        [torch.ones_like(t) for t in prompt_tensors],
+        padding_value=0,
+        padding_side="left",
+        pad_to_multiple_of=pad_multiple,
     )
     inputs = Trainer._prepare_inputs(trainer, {"input_ids": padded_ids, "attention_mask": attention_mask})
     sampler = trainer.__dict__.get("_fast_sampler")
@@ -155,7 +163,9 @@ class StaticKVCache:
         if keys is None:  # allocated by the first (prefill) forward, with its dtype, device and head shapes
             b, h, _, d = key_states.shape
             keys = self.keys[layer_idx] = key_states.new_zeros(b, h, self.max_len, d)
-            values = self.values[layer_idx] = value_states.new_zeros(b, value_states.shape[1], self.max_len, value_states.shape[-1])
+            values = self.values[layer_idx] = value_states.new_zeros(
+                b, value_states.shape[1], self.max_len, value_states.shape[-1]
+            )
         keys.index_copy_(2, self.write_index, key_states)
         values.index_copy_(2, self.write_index, value_states)
         return keys[:, :, : self.window], values[:, :, : self.window]
@@ -219,7 +229,9 @@ class Plan:
             elif op[0] == "reasoning":
                 ops.append((op[0], op[1].standard_size, op[1].open_id, op[1].close_id))
             elif op[0] == "call":
-                consts = tuple(sorted((k, v) for k, v in vars(op[2]).items() if isinstance(v, (bool, int, float, str))))
+                consts = tuple(
+                    sorted((k, v) for k, v in vars(op[2]).items() if isinstance(v, (bool, int, float, str)))
+                )
                 ops.append((op[0], op[1], consts))
             else:
                 ops.append(op)
@@ -401,7 +413,9 @@ class FastSampler:
         # padding rows attend to themselves only (no all-masked rows, so no NaN reaches the cache)
         mask = (causal & (real[:, None, :] | eye))[:, None]
         if model.config._attn_implementation == "eager":
-            mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill_(~mask, torch.finfo(model.dtype).min)
+            mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(model.dtype).min
+            )
         s.cache.write_index = torch.arange(p, device=input_ids.device)
         s.cache.window = p
         out = model(
@@ -543,7 +557,9 @@ class FastSampler:
                 self._decode_step(model, s, plan, window)
         except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly, correctly, and say so once
             s.graphs_failed = True
-            _log_once(f"generation_backend=fast: CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly")
+            _log_once(
+                f"generation_backend=fast: CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly"
+            )
             torch.cuda.synchronize()
             return None
         s.graphs[window] = graph
