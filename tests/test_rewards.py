@@ -379,6 +379,18 @@ def test_worker_deadline_kills_and_restarts():
         worker.close()
 
 
+def test_worker_that_cannot_start_falls_back_to_in_thread_grading(monkeypatch):
+    from rlvr_vocab.rewards.accuracy import _ScoringWorker
+
+    def refuse(self):
+        raise AssertionError("daemonic processes are not allowed to have children")
+
+    monkeypatch.setattr(_ScoringWorker, "_start", refuse)
+    worker = _ScoringWorker(parsing_timeout=1, verify_timeout=1, repair=True)
+    assert worker.score([("$7$", r"\boxed{7}"), ("$7$", r"\boxed{8}")]) == [(1.0, "7"), (0.0, "8")]
+    assert worker._unavailable
+
+
 # --------------------------------------------------------------------------------- graded and format
 def test_last_number():
     completions = ["3 + 4 = 7", "7 apples", "It is 7.", r"\boxed{7} (not 8)", r"7 \boxed{8}", "8", "no number",

@@ -249,7 +249,8 @@ class _ScoringWorker:
     """A child process that grades with math-verify's signal timeouts, for callers off the main thread.
 
     Each item gets a hard deadline (both parses plus up to four comparisons, plus slack); a child that
-    misses it is killed, the item scores 0.0, and the next item starts a fresh child.
+    misses it is killed, the item scores 0.0, and the next item starts a fresh child. Where no child
+    can be started (a daemonic parent), it grades in-thread without timeouts, as TRL does there.
     """
 
     STARTUP_S = 120.0
@@ -259,6 +260,7 @@ class _ScoringWorker:
         self.deadline_s = 2 * (parsing_timeout or 10) + 4 * (verify_timeout or 5) + 5.0
         self._proc = None
         self._conn = None
+        self._unavailable = False
         self._lock = threading.Lock()
 
     def score(self, pairs: list[tuple[str, str]]) -> list[tuple[float | None, str]]:
@@ -266,17 +268,31 @@ class _ScoringWorker:
             return [self._score_one(pair) for pair in pairs]
 
     def _score_one(self, pair: tuple[str, str]) -> tuple[float | None, str]:
+        if self._unavailable:  # e.g. inside a daemonic process, which may not have children
+            return _score_pair(*pair, None, None, self.args[2])
         try:
             if self._proc is None or not self._proc.is_alive():
                 self._start()
+        except Exception:
+            log.warning(
+                "accuracy: cannot start a grading process off the main thread; grading in-thread without "
+                "timeouts, as TRL does",
+                exc_info=True,
+            )
+            self.close()
+            self._unavailable = True
+            return _score_pair(*pair, None, None, self.args[2])
+        try:
             self._conn.send(pair)
             if self._conn.poll(self.deadline_s):
                 return self._conn.recv()
             log.warning("accuracy: grading one completion exceeded %.0f s; scored 0.0", self.deadline_s)
+            outcome = "[timeout]"
         except Exception:
             log.warning("accuracy: grading worker failed; scored 0.0", exc_info=True)
+            outcome = "[error]"
         self.close()
-        return 0.0, "[timeout]"
+        return 0.0, outcome
 
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded (torch) parent
