@@ -64,7 +64,9 @@ class ModelConfig:
     gguf_file: str | None = None  # source=gguf: file name inside that package (or an absolute path)
     tiny: dict[str, Any] = field(default_factory=dict)  # source=tiny: config fields of the random-init model
     chat_template: str | None = None  # Jinja template used when the tokenizer has none (null: a ChatML default)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to from_pretrained (dtype, attn_implementation)
+    model_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # passed to from_pretrained (dtype, attn_implementation)
     generation_kwargs: dict[str, Any] = field(default_factory=dict)  # sampling: temperature, top_p, top_k, ...
     reasoning_vocab_size: int = 0  # N extra reasoning tokens (0 = baseline)
     reasoning: ReasoningVocabConfig = field(default_factory=ReasoningVocabConfig)
@@ -258,7 +260,9 @@ def validate(cfg: DictConfig) -> None:
     """Cross-key checks that run before any model or data is loaded. Raises ConfigError."""
     t, m, d, r = cfg.training, cfg.model, cfg.dataset, cfg.reward
     if t.num_generations < 2:
-        raise ConfigError(f"training.num_generations={t.num_generations}: GRPO needs at least 2 completions per prompt.")
+        raise ConfigError(
+            f"training.num_generations={t.num_generations}: GRPO needs at least 2 completions per prompt."
+        )
     generation_batch = t.per_device_train_batch_size * (t.steps_per_generation or t.gradient_accumulation_steps)
     if generation_batch % t.num_generations:
         raise ConfigError(

@@ -224,4 +224,3 @@ def load_datasets(cfg: DictConfig):
         evaluation = _subsample(to_prompt_rows(raw_eval, ds_cfg, "held-out data"), ds_cfg.max_eval_samples, 0, False)
     logger.info(f"Dataset {ds_cfg.name}: {len(train)} training rows, {len(evaluation or [])} held-out rows")
     return train, evaluation
-

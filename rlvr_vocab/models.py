@@ -88,7 +88,9 @@ def prepare_tokenizer(tokenizer, model_cfg: DictConfig):
         logger.info(f"Tokenizer has no pad token: using eos {tokenizer.eos_token!r}")
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = model_cfg.chat_template or CHATML_TEMPLATE
-        logger.info("Tokenizer has no chat template: using " + ("model.chat_template" if model_cfg.chat_template else "ChatML"))
+        logger.info(
+            "Tokenizer has no chat template: using " + ("model.chat_template" if model_cfg.chat_template else "ChatML")
+        )
     tokenizer.padding_side = "left"
     return tokenizer
 

@@ -181,7 +181,9 @@ def choose_source_ids(
 
 def ensure_think_tags(tokenizer, model, think_open: str, think_close: str) -> tuple[int, int]:
     """Ids of the tags; added as special tokens (and embedding rows) when the tokenizer lacks them."""
-    missing = [t for t in (think_open, think_close) if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    missing = [
+        t for t in (think_open, think_close) if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
+    ]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
         logger.info(f"Added {missing} to the tokenizer as special tokens")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from loguru import logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rlvr_vocab.config import ConfigError, grpo_config_kwargs, validate
 
@@ -143,4 +143,3 @@ def hydra_entry(cfg: DictConfig) -> None:
     except ConfigError as err:
         logger.error(str(err))
         sys.exit(2)
-

@@ -177,7 +177,9 @@ class RLVRGRPOTrainer(GRPOTrainer):
             labels = ids.masked_fill(mask == 0, -100)
             labels[:, :-logits_to_keep] = -100
             with self.accelerator.autocast():
-                out = model(input_ids=ids, attention_mask=mask, reasoning_labels=labels, compute_entropy=compute_entropy)
+                out = model(
+                    input_ids=ids, attention_mask=mask, reasoning_labels=labels, compute_entropy=compute_entropy
+                )
             all_logps.append(out.log_probs[:, -logits_to_keep:])
             if compute_entropy:
                 all_entropies.append(out.entropy[:, -logits_to_keep:])

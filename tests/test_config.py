@@ -13,7 +13,10 @@ from omegaconf import OmegaConf
 
 from rlvr_vocab.config import ConfigError, TrainingConfig, grpo_config_kwargs, validate
 
-GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml")) for g in ("model", "dataset", "training", "reward", "logging", "experiment")}
+GROUPS = {
+    g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
+    for g in ("model", "dataset", "training", "reward", "logging", "experiment")
+}
 
 
 @pytest.mark.parametrize("group", sorted(GROUPS))
@@ -58,7 +61,9 @@ def test_training_and_generation_keys_reach_grpo_config():
         "seed=3",
     )
     kwargs = grpo_config_kwargs(cfg)
-    args = RLVRGRPOConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, **{k: v for k, v in kwargs.items() if k != "bf16"})
+    args = RLVRGRPOConfig(
+        output_dir="/tmp/unused", use_cpu=True, bf16=False, **{k: v for k, v in kwargs.items() if k != "bf16"}
+    )
     assert args.learning_rate == 3e-6 and args.num_generations == 4 and args.max_completion_length == 32
     assert args.save_steps == 7 and args.seed == 3 and args.top_entropy_quantile == 0.5
     assert args.temperature == 0.7 and args.top_k == 5

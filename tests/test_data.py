@@ -32,7 +32,9 @@ def test_gsm8k_gold_extraction_on_the_real_files(gsm8k_dir, make_cfg):
 
 
 def test_system_prompt_and_template_reach_the_prompt(make_cfg):
-    cfg = make_cfg("dataset=arithmetic", "dataset.system_prompt=Think first.", "dataset.prompt_template='Q: {problem}'")
+    cfg = make_cfg(
+        "dataset=arithmetic", "dataset.system_prompt=Think first.", "dataset.prompt_template='Q: {problem}'"
+    )
     train, _ = load_datasets(cfg)
     assert train[0]["prompt"][0] == {"role": "system", "content": "Think first."}
     assert train[0]["prompt"][1]["content"] == "Q: " + train[0]["problem"]

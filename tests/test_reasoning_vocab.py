@@ -202,7 +202,10 @@ def test_generation_logprobs_equal_training_logprobs(tok, tmp_path, temperature)
     vocab = extend_model(model, tok, 12, RCFG)
     trainer = make_trainer(model, tok, vocab, tmp_path, temperature)
     prompt = prepare_tokenizer(tok, OmegaConf.create({"chat_template": None}))(
-        ["<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n<think>", "<|im_start|>user\n2+2<|im_end|>\n<|im_start|>assistant\n"],
+        [
+            "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n<think>",
+            "<|im_start|>user\n2+2<|im_end|>\n<|im_start|>assistant\n",
+        ],
         return_tensors="pt",
         padding=True,
     )
@@ -241,7 +244,9 @@ def test_mask_holds_in_sampling_and_generation_terminates(tok):
     model = tiny_llama(tok, tied=True, seed=5)
     vocab = extend_model(model, tok, 40, RCFG)
     boost_reasoning_rows(model, vocab)
-    prompts = tok(["<|im_start|>assistant\n"] * 16 + ["<|im_start|>assistant\n<think>"] * 16, return_tensors="pt", padding=True)
+    prompts = tok(
+        ["<|im_start|>assistant\n"] * 16 + ["<|im_start|>assistant\n<think>"] * 16, return_tensors="pt", padding=True
+    )
     torch.manual_seed(1)
     seqs = model.generate(**prompts, do_sample=True, max_new_tokens=40, pad_token_id=tok.pad_token_id)
     inside = vocab.span_state(seqs)[:, :-1]

@@ -47,7 +47,9 @@ def plot_usage(run_dir: Path, out: Path) -> Path | None:
     ax.plot(steps, [r["reasoning/token_fraction"] for r in rows], marker="o", label="reasoning-vocab tokens")
     if "reasoning/inside_span_fraction" in rows[0]:
         ax.plot(steps, [r["reasoning/inside_span_fraction"] for r in rows], marker=".", label="tokens inside <think>")
-    ax.set(xlabel="training step", ylabel="fraction of completion tokens", ylim=(0, 1.02), title="Reasoning-vocab usage")
+    ax.set(
+        xlabel="training step", ylabel="fraction of completion tokens", ylim=(0, 1.02), title="Reasoning-vocab usage"
+    )
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -149,22 +151,42 @@ def plot_sample(tokens: list[int], tokenizer, vocab: ReasoningVocab, out: Path, 
     height = 0.9 + 0.22 * len(lines)
     fig = plt.figure(figsize=(0.085 * width + 0.6, height))
     n_reasoning = sum(r for _, r in pieces)
-    fig.text(0.01, 1 - 0.25 / height, f"{len(tokens)} tokens, {n_reasoning} from the reasoning vocabulary (red)",
-             fontsize=9, family="monospace", va="top")
+    fig.text(
+        0.01,
+        1 - 0.25 / height,
+        f"{len(tokens)} tokens, {n_reasoning} from the reasoning vocabulary (red)",
+        fontsize=9,
+        family="monospace",
+        va="top",
+    )
     for i, segments in enumerate(lines):
         y = 1 - (0.55 + 0.22 * i) / height
         for col, part, is_reasoning in segments:
             x = 0.01 + col * 0.085 / (0.085 * width + 0.6)
-            fig.text(x, y, part, fontsize=9, family="monospace", va="top",
-                     color="crimson" if is_reasoning else "black", weight="bold" if is_reasoning else "normal")
+            fig.text(
+                x,
+                y,
+                part,
+                fontsize=9,
+                family="monospace",
+                va="top",
+                color="crimson" if is_reasoning else "black",
+                weight="bold" if is_reasoning else "normal",
+            )
     fig.savefig(out / "sample.png", dpi=120)
     plt.close(fig)
     (out / "sample.txt").write_text(vocab.render(tokenizer, tokens))
     return out / "sample.png"
 
 
-def visualize(run_dir: str | Path, out: str | Path | None = None, prompt: str | None = None,
-              max_new_tokens: int = 64, seed: int = 0, open_span: bool = False) -> list[Path]:
+def visualize(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    prompt: str | None = None,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    open_span: bool = False,
+) -> list[Path]:
     """Write usage.png, drift.png and sample.png for a run dir; returns the files written."""
     run_dir = Path(run_dir)
     vocab = ReasoningVocab.load(run_dir) or next(
