@@ -370,8 +370,8 @@ def test_worker_deadline_kills_and_restarts():
     try:
         assert worker.score([("$7$", r"\boxed{7}")]) == [(1.0, "7")]
         first = worker._proc
-        worker.deadline_s = 0.0  # nothing answers in time: killed, scored 0.0, never raises
-        assert worker.score([("$7$", r"\boxed{7}")]) == [(0.0, "[timeout]")]
+        worker.deadline_s = 0.2  # this one needs ~1 s (math-verify's own timeout): killed, scored 0.0
+        assert worker.score([("$18$", r"\boxed{(1+x)^{1000}}")]) == [(0.0, "[timeout]")]
         assert worker._proc is None and not first.is_alive()
         worker.deadline_s = 60.0
         assert worker.score([("$7$", r"\boxed{8}")]) == [(0.0, "8")]  # a fresh child
