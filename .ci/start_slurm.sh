@@ -33,11 +33,6 @@ cluster_works() {
         && timeout 30 srun -N1 -n1 -t 1 --quiet hostname >/dev/null 2>&1
 }
 
-if command -v sinfo >/dev/null && pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null && cluster_works; then
-    log "Slurm already running: $(sinfo -h -N -o '%N %P %t %c CPUs')"
-    exit 0
-fi
-
 # --- packages ---------------------------------------------------------------------------------
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
     log "installing slurm-wlm and munge"
@@ -56,8 +51,7 @@ fi
 chown munge:munge /etc/munge/munge.key
 chmod 0400 /etc/munge/munge.key
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    pkill_pidfile() { [ -f "$1" ] && kill "$(cat "$1")" 2>/dev/null || true; }
-    pkill_pidfile /run/munge/munged.pid
+    if [ -f /run/munge/munged.pid ]; then kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true; fi  # hung
     log "starting munged"
     runuser -u munge -- /usr/sbin/munged --force
     for _ in $(seq 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.5; done
@@ -66,9 +60,8 @@ fi
 
 # --- slurm.conf ---------------------------------------------------------------------------------
 CPUS=$(nproc)
-# Slurm drains a node that reports less memory than configured: stay below what is free now,
-# rounded down to whole GiB so reruns write the same file.
-MEM_MB=$(awk '/MemAvailable/ {printf "%d", int($2 / 1048576 * 0.9) * 1024}' /proc/meminfo)
+# Slurm drains a node whose memory is below RealMemory: 90% of the total, in whole GiB (stable across reruns).
+MEM_MB=$(awk '/MemTotal/ {printf "%d", int($2 / 1048576 * 0.9) * 1024}' /proc/meminfo)
 install -d -m 0755 /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOGDIR"
 NEW_CONF=$(
     cat <<EOF
@@ -78,6 +71,8 @@ SlurmctldHost=${NODE}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may start again once its old credential expired: 10 s instead of 120 s.
+AuthInfo=cred_expire=10
 # No cgroups: works in containers and VMs without a delegated cgroup tree.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -85,6 +80,8 @@ MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
 SchedulerType=sched/backfill
+# Look for startable jobs every few seconds (defaults: 60 s, backfill 30 s): fast turnaround for tests.
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 StateSaveLocation=/var/spool/slurmctld
@@ -106,12 +103,18 @@ NodeName=${NODE} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM_MB} State=UNKN
 PartitionName=${PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 )
+CONF_CHANGED=0
 if [ ! -f "$CONF" ] || [ "$(cat "$CONF")" != "$NEW_CONF" ]; then
     log "writing $CONF (node $NODE: $CPUS CPUs, ${MEM_MB} MB)"
     printf '%s\n' "$NEW_CONF" >"$CONF"
+    CONF_CHANGED=1
 fi
 
 # --- daemons ------------------------------------------------------------------------------------
+if [ "$CONF_CHANGED" = 0 ] && pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null && cluster_works; then
+    log "Slurm already running: $(sinfo -h -N -o '%N %P %t %c CPUs')"
+    exit 0
+fi
 # Restart whatever runs but does not work (e.g. an older config), start what is missing.
 for d in slurmd slurmctld; do
     if pid=$(pgrep -x "$d"); then
