@@ -181,6 +181,16 @@ class PathsConfig:
     cache_dir: str = "${oc.env:RLVR_CACHE,${oc.env:HOME}/.cache/rlvr_vocab}"  # converted models, generated data
 
 
+# ------------------------------------------------------------------------------------------ tools
+@dataclass
+class CheckRewardsConfig:
+    """rlvr-check-rewards: score boxed gold and wrong answers through the configured rewards."""
+
+    split: str = "train"  # train | eval: which split of the configured dataset to check
+    max_failures: int = 10  # failures printed (all of them go to output_file)
+    limit: int | None = None  # check only the first N rows (null: all)
+
+
 # ------------------------------------------------------------------------------------------- top level
 @dataclass
 class Config:
@@ -196,6 +206,7 @@ class Config:
     # Tool settings (CLIs read these; training ignores them).
     output_file: str | None = None  # CLIs: where to write their JSON result
     eval: dict[str, Any] = field(default_factory=dict)  # rlvr-eval settings
+    check_rewards: CheckRewardsConfig = field(default_factory=CheckRewardsConfig)
 
 
 def register_configs() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def train(cfg: DictConfig) -> dict:
 
     # ---- config: every check that needs no model or data runs first
     validate(cfg)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeout warnings print whole completions
     if not cfg.output_dir:
         raise ConfigError("output_dir is not set (grpo_train.py sets it to the Hydra run dir).")
     bf16 = resolve_bf16(cfg.training.bf16)

@@ -31,6 +31,14 @@ def test_experiments_exist():
     assert {"quickstart", "debug", "baseline", "reasoning"} <= set(GROUPS["experiment"])
 
 
+def test_cookbook_experiment_uses_the_cookbook_system_prompt():
+    from rlvr_vocab.rewards.cookbook import COOKBOOK_SYSTEM_PROMPT
+
+    cfg = compose_config("experiment=cookbook")
+    assert cfg.dataset.system_prompt == COOKBOOK_SYSTEM_PROMPT
+    assert list(cfg.reward.funcs)[0].startswith("cookbook")
+
+
 def test_debug_overlay_shrinks_everything():
     cfg = compose_config("debug=default")
     assert cfg.model.source == "tiny" and cfg.training.max_steps == 2
@@ -55,7 +63,7 @@ def test_training_and_generation_keys_reach_grpo_config():
         "training.max_completion_length=32",
         "training.save_steps=7",
         "model.generation_kwargs.temperature=0.7",
-        "+model.generation_kwargs.top_k=5",
+        "model.generation_kwargs.top_k=5",
         "+model.generation_kwargs.no_repeat_ngram_size=3",
         "+training.extra.top_entropy_quantile=0.5",
         "seed=3",
@@ -70,7 +78,7 @@ def test_training_and_generation_keys_reach_grpo_config():
     assert args.generation_kwargs == {"no_repeat_ngram_size": 3}
     # every schema key arrived with the composed value
     for key, value in OmegaConf.to_container(cfg.training).items():
-        if key != "extra" and key != "bf16":
+        if key not in ("extra", "bf16") and value is not None:  # None: GRPOConfig derives the value
             assert getattr(args, key) == value, key
 
 
