@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--reasoning", type=int, nargs="*", default=[0, VOCAB])
     parser.add_argument("--hf-tokens", type=int, default=64, help="tokens for the transformers baseline (0: skip)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile", choices=["on", "off", "both"], default="on", help="torch.compile the decode step")
     args = parser.parse_args()
 
     sync = torch.cuda.synchronize
@@ -48,11 +49,9 @@ def main() -> None:
     prompts = [r["prompt"] for r in build_dataset(args.batch)]
     for n in args.reasoning:
         model = build_model(tok).eval()
-        sampler = FastSampler()
+        vocab = None
         if n:
-            sampler.reasoning_vocab = extend_model(
-                model, tok, n, OmegaConf.structured(ReasoningVocabConfig(repeat_policy="cycle"))
-            )
+            vocab = extend_model(model, tok, n, OmegaConf.structured(ReasoningVocabConfig(repeat_policy="cycle")))
         inputs = tok(prompts, return_tensors="pt", padding=True).to("cuda")
         common = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)
         if args.hf_tokens:
@@ -63,7 +62,9 @@ def main() -> None:
                 f"{args.batch * L / t:,.0f} tok/s",
                 flush=True,
             )
-        for L in args.tokens:
+        modes = {"on": [True], "off": [False], "both": [False, True]}[args.compile]
+        for L, compiled in [(L, c) for L in args.tokens for c in modes]:
+            sampler = FastSampler(reasoning_vocab=vocab, compile=compiled)
             for r in range(args.repeats):
                 torch.cuda.reset_peak_memory_stats()
                 out, t = timed(
@@ -78,12 +79,13 @@ def main() -> None:
                 s = sampler.session
                 graphs = len(s.graphs) if s is not None else "freed"
                 print(
-                    f"N={n:6d} fast sampler (run {r}) B={args.batch} L={L}: {t:.2f} s, {1000 * t / L:.2f} ms/step, "
+                    f"N={n:6d} fast sampler compile={compiled} (run {r}) B={args.batch} L={L}: {t:.2f} s, {1000 * t / L:.2f} ms/step, "
                     f"{args.batch * L / t:,.0f} tok/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, "
                     f"fast={sampler.last_used_fast_path}, graphs={graphs}, out={tuple(out.shape)}",
                     flush=True,
                 )
-        del model, sampler
+            del sampler
+        del model
         torch.cuda.empty_cache()
 
 

@@ -41,6 +41,7 @@ from loguru import logger
 WINDOW = 128  # cache slots per attention window (and the rounding of the cache length)
 STOP_CHECK_EVERY = 16  # decode steps between host-side "all sequences finished?" checks
 KEEP_BYTES = 4 * 2**30  # keep cache + graphs between calls when the KV cache is at most this large
+COMPILE = True  # torch.compile the decode forward on CUDA (FastSampler(compile=...) overrides it)
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")  # plain softmax attention, no sliding window / sinks / softcap
 DECODE_ATTENTION = "rlvr_static_decode"  # name registered with transformers' AttentionInterface
 
@@ -143,10 +144,12 @@ def unsupported_reason(trainer) -> str | None:
 
 # ------------------------------------------------------------------------------------------- KV cache
 class StaticKVCache:
-    """A fixed-size KV cache written in place at ``write_index``; attention sees the first ``window`` slots.
+    """A fixed-size KV cache written in place at ``write_index``.
 
     Duck-types the part of transformers' ``Cache`` that decoder layers use (``update``). Positions and masks
-    are always passed explicitly, so nothing asks it for its length.
+    are always passed explicitly, so nothing asks it for its length. ``update`` returns the first ``window``
+    slots (the prefill), or, with ``window=None`` (decode), the whole buffers: the decode attention op then
+    reads only the current window (``_WINDOW``), so one compiled/captured forward serves every window.
     """
 
     is_compileable = False
@@ -156,40 +159,65 @@ class StaticKVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.write_index: torch.Tensor | None = None  # cache slots written by the next forward
-        self.window = max_len  # slots [0, window) are returned to attention
+        self.window: int | None = max_len
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None, *args, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if keys is None:  # allocated by the first (prefill) forward, with its dtype, device and head shapes
             b, h, _, d = key_states.shape
             keys = self.keys[layer_idx] = key_states.new_zeros(b, h, self.max_len, d)
-            values = self.values[layer_idx] = value_states.new_zeros(
-                b, value_states.shape[1], self.max_len, value_states.shape[-1]
-            )
+            shape = (b, value_states.shape[1], self.max_len, value_states.shape[-1])
+            values = self.values[layer_idx] = value_states.new_zeros(shape)
         keys.index_copy_(2, self.write_index, key_states)
         values.index_copy_(2, self.write_index, value_states)
+        if self.window is None:
+            return keys, values
         return keys[:, :, : self.window], values[:, :, : self.window]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
 
-def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for the decode step: GQA as two batched matmuls that read K and V once (eager maths).
+_WINDOW = [0]  # cache slots the decode attention reads in the current step (set before each step / capture)
 
-    ``query``: [B, H, q, D]; ``key``/``value``: [B, Hkv, W, D]; ``attention_mask``: bool [B, 1, q, W], True
-    where a query may attend. Returns ([B, q, H, D], None) like transformers' attention functions.
-    """
+
+@torch.library.custom_op("rlvr_vocab::decode_attention", mutates_args=())
+def _decode_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Opaque to torch.compile, so the window is read when the op runs (or is captured), not traced."""
+    w = _WINDOW[0] or key.shape[2]
     b, h, q, d = query.shape
     hkv = key.shape[1]
     g = h // hkv
-    scaling = d**-0.5 if scaling is None else scaling
-    qg = query.reshape(b, hkv, g * q, d)
-    scores = torch.matmul(qg, key.transpose(-1, -2)) * scaling  # [B, Hkv, g*q, W]
-    mask = attention_mask.unsqueeze(2).expand(b, 1, g, q, attention_mask.shape[-1]).reshape(b, 1, g * q, -1)
-    probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # [B, Hkv, g*q, D]
-    return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
+    scores = torch.baddbmm(  # bias + scaling * q @ k^T in one kernel: [B*Hkv, g*q, W]
+        bias.reshape(b * hkv, 1, -1)[:, :, :w],
+        query.reshape(b * hkv, g * q, d),
+        key[:, :, :w].transpose(-1, -2).reshape(b * hkv, d, w),
+        alpha=scaling,
+    )
+    probs = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
+    out = torch.bmm(probs, value[:, :, :w].reshape(b * hkv, w, d))  # [B*Hkv, g*q, D]
+    return out.reshape(b, h, q, d).transpose(1, 2).contiguous()
+
+
+@_decode_attention_op.register_fake
+def _(query, key, value, bias, scaling):
+    b, h, q, d = query.shape
+    return query.new_empty(b, q, h, d)
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for the decode step: GQA as two batched matmuls that read K and V once (eager maths).
+
+    ``query``: [B, H, 1, D]; ``key``/``value``: [B, Hkv, L, D], of which the first ``_WINDOW[0]`` slots are
+    read; ``attention_mask``: an additive bias [B, Hkv, 1, L] in the model's dtype (0 where a query may
+    attend, -inf elsewhere), kept up to date by the sampler. Returns ([B, 1, H, D], None) like transformers'
+    attention functions. The query heads of one KV head are the rows of one matmul (query head h uses KV
+    head h // (H / Hkv), as transformers' ``repeat_kv``).
+    """
+    scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    return _decode_attention_op(query, key, value, attention_mask, scaling), None
 
 
 def _register_decode_attention() -> None:
@@ -319,21 +347,24 @@ class _Session:
     """Everything one batch shape needs across decode steps (and across calls, when kept)."""
 
     def __init__(self, key, model, batch: int, cache_len: int, device):
+        config = model.config
         self.key = key
-        self.cache = StaticKVCache(model.config.num_hidden_layers, cache_len)
+        self.cache = StaticKVCache(config.num_hidden_layers, cache_len)
         self.cache_len = cache_len
         long = dict(dtype=torch.long, device=device)
         self.tok = torch.zeros(batch, **long)  # last sampled token, fed to the next decode step
         self.pos = torch.zeros(batch, **long)  # its position id
         self.write = torch.zeros(1, **long)  # its cache slot
         self.step = torch.zeros(1, **long)  # index of the token being sampled
-        self.key_ok = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)  # slots a query may attend to
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        # additive attention bias per slot: 0 where the decode query may attend, -inf elsewhere
+        self.bias = torch.full((batch, kv_heads, 1, cache_len), float("-inf"), dtype=model.dtype, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.inside = torch.zeros(batch, dtype=torch.bool, device=device)  # reasoning span state
         self.out = torch.zeros(batch, cache_len, **long)  # sampled tokens
         self.logp = torch.zeros(batch, cache_len, dtype=torch.float32, device=device)  # their processed log-probs
         self.thresholds: torch.Tensor | None = None  # per-op step thresholds of this call
-        self.seen: torch.Tensor | None = None  # [B, V] ids seen so far (repetition penalty)
+        self.seen: torch.Tensor | None = None  # [B, V+1] ids seen so far (repetition penalty)
         self.masks: dict = {}  # per-op constant column masks
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -341,13 +372,23 @@ class _Session:
 
 
 class FastSampler:
-    """``custom_generate`` for ``model.generate``: static cache, windowed attention, CUDA-graph decode steps."""
+    """``custom_generate`` for ``model.generate``: static cache, windowed attention, CUDA-graph decode steps.
 
-    def __init__(self, reasoning_vocab=None):
+    Args:
+        reasoning_vocab: apply its span mask even where ``model.generate`` does not add the processor.
+        compile: ``torch.compile`` the decode forward (CUDA only; fuses the many small kernels of a step;
+            None: on where CUDA graphs are used). Compiled once per model and cache shape; falls back to
+            the eager forward, with one log line, if compilation fails.
+    """
+
+    def __init__(self, reasoning_vocab=None, compile: bool | None = None):
         self.reasoning_vocab = reasoning_vocab
+        self.compile = compile
         self.session: _Session | None = None
         self.last_logprobs: torch.Tensor | None = None  # [B, n] processed log-probs of the last call's tokens
         self.last_used_fast_path = False
+        self._compiled: dict[int, object] = {}  # id(model) -> compiled forward
+        self._compile_failed = False
         _register_decode_attention()
 
     # transformers calls decoding_method(model, input_ids, logits_processor=..., stopping_criteria=...,
@@ -413,9 +454,8 @@ class FastSampler:
         # padding rows attend to themselves only (no all-masked rows, so no NaN reaches the cache)
         mask = (causal & (real[:, None, :] | eye))[:, None]
         if model.config._attn_implementation == "eager":
-            mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(model.dtype).min
-            )
+            bias = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device)
+            mask = bias.masked_fill_(~mask, torch.finfo(model.dtype).min)
         s.cache.write_index = torch.arange(p, device=input_ids.device)
         s.cache.window = p
         out = model(
@@ -426,8 +466,10 @@ class FastSampler:
             use_cache=True,
             logits_to_keep=1,
         )
-        s.key_ok.zero_()
-        s.key_ok[:, :p] = real
+        s.bias.fill_(float("-inf"))
+        s.bias[:, :, 0, :p] = torch.zeros((), dtype=s.bias.dtype, device=s.bias.device).masked_fill(
+            ~real[:, None, :], float("-inf")
+        )
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
     def _start(self, s: _Session, plan: Plan, input_ids, position_ids, logits) -> None:
@@ -504,13 +546,28 @@ class FastSampler:
         s.tok.copy_(nxt)
         s.step += 1
 
-    def _decode_step(self, model, s: _Session, plan: Plan, window: int) -> None:
-        s.key_ok.index_fill_(1, s.write, True)
+    # ------------------------------------------------------------------------------------ decoding
+    def _forward(self, model):
+        """The decode forward: compiled (CUDA, once per model) or the model itself."""
+        if not self._use_compile(model):
+            return model
+        compiled = self._compiled.get(id(model))
+        if compiled is None:
+            compiled = self._compiled[id(model)] = torch.compile(model, dynamic=False)
+        return compiled
+
+    def _use_compile(self, model) -> bool:
+        wanted = self.compile if self.compile is not None else COMPILE
+        return wanted and not self._compile_failed and next(model.parameters()).is_cuda
+
+    def _decode_step(self, model, s: _Session, plan: Plan, window: int, forward=None) -> None:
+        s.bias.index_fill_(3, s.write, 0.0)  # the token fed now may be attended to (by itself and later ones)
         s.cache.write_index = s.write
-        s.cache.window = window
-        out = model(
+        s.cache.window = None  # whole buffers; the attention op reads the first _WINDOW[0] slots
+        _WINDOW[0] = window
+        out = (forward or model)(
             input_ids=s.tok[:, None],
-            attention_mask=s.key_ok[:, None, None, :window],
+            attention_mask=s.bias,
             position_ids=s.pos[:, None],
             past_key_values=s.cache,
             use_cache=True,
@@ -522,7 +579,8 @@ class FastSampler:
 
     def _decode(self, model, s: _Session, plan: Plan, prompt_len: int, new_tokens: int) -> int:
         """Tokens 1..new_tokens-1 (token 0 came from the prefill). Returns how many tokens were produced."""
-        use_graphs = s.tok.is_cuda and not s.graphs_failed
+        cuda = s.tok.is_cuda
+        use_graphs = cuda and not s.graphs_failed
         produced = 1
         with _attention_implementation(model.config, DECODE_ATTENTION):
             for t in range(1, new_tokens):
@@ -530,36 +588,48 @@ class FastSampler:
                     break
                 slot = prompt_len + t - 1  # cache slot of the token fed in this step
                 window = min(s.cache_len, (slot // WINDOW + 1) * WINDOW)
-                if use_graphs and t > 1:  # step 1 runs eagerly: it warms up kernels before any capture
+                if use_graphs and t > 1:  # step 1 runs eagerly: it compiles / warms up kernels before capture
                     graph = s.graphs.get(window) or self._capture(model, s, plan, window)
                     if graph is not None:
                         graph.replay()
                         produced += 1
                         continue
                     use_graphs = False
-                if s.tok.is_cuda and t == 1:
-                    stream = torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        self._decode_step(model, s, plan, window)
-                    torch.cuda.current_stream().wait_stream(stream)
+                if cuda and t == 1:
+                    self._warm_step(model, s, plan, window)
                 else:
-                    self._decode_step(model, s, plan, window)
+                    self._decode_step(model, s, plan, window, self._forward(model))
                 produced += 1
         return produced
+
+    def _warm_step(self, model, s: _Session, plan: Plan, window: int) -> None:
+        """The first decode step, on a side stream (as CUDA-graph capture wants); compiles the forward."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            forward = self._forward(model)
+            if forward is not model:
+                try:
+                    self._decode_step(model, s, plan, window, forward)
+                except Exception as err:  # noqa: BLE001 - any compile failure: eager forward, and say so once
+                    self._compile_failed = True
+                    _log_once(f"generation_backend=fast: torch.compile failed ({type(err).__name__}: {err}); eager")
+                    self._decode_step(model, s, plan, window)  # nothing was sampled yet: redo the step
+            else:
+                self._decode_step(model, s, plan, window)
+        torch.cuda.current_stream().wait_stream(stream)
 
     def _capture(self, model, s: _Session, plan: Plan, window: int):
         try:
             if s.pool is None:
                 s.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
+            forward = self._forward(model)
             with torch.cuda.graph(graph, pool=s.pool):
-                self._decode_step(model, s, plan, window)
+                self._decode_step(model, s, plan, window, forward)
         except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly, correctly, and say so once
             s.graphs_failed = True
-            _log_once(
-                f"generation_backend=fast: CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly"
-            )
+            _log_once(f"generation_backend=fast: CUDA graph capture failed ({type(err).__name__}: {err}); eager")
             torch.cuda.synchronize()
             return None
         s.graphs[window] = graph
