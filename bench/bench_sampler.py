@@ -81,7 +81,8 @@ def main() -> None:
                 print(
                     f"N={n:6d} fast sampler compile={compiled} (run {r}) B={args.batch} L={L}: {t:.2f} s, {1000 * t / L:.2f} ms/step, "
                     f"{args.batch * L / t:,.0f} tok/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, "
-                    f"fast={sampler.last_used_fast_path}, graphs={graphs}, out={tuple(out.shape)}",
+                    f"fast={sampler.last_used_fast_path}, graphs={graphs}, compile_failed={sampler._compile_failed}, "
+                    f"out={tuple(out.shape)}",
                     flush=True,
                 )
             del sampler
