@@ -111,7 +111,7 @@ def test_reasoning_checkpoint_restores_rows_and_mask(reasoning_run):
     assert vocab is not None and model.get_input_embeddings().weight.size(0) == vocab.standard_size + 4
     with torch.no_grad():
         model.get_output_embeddings().weight[vocab.standard_size :] *= 50  # make reasoning ids tempting
-    outside = tok(["1+1=", "2+2="], return_tensors="pt")
+    outside = tok(["1+1=", "2+2="], return_tensors="pt").to(model.device)
     ids = model.generate(**outside, max_new_tokens=6, do_sample=True, num_return_sequences=4)
     start = outside.input_ids.size(1)
     inside_before = vocab.span_state(ids)[:, start - 1 : -1]  # may token t be a reasoning id (a <think> opens)

@@ -52,7 +52,7 @@ def digit_share(completions, **kwargs) -> list[float]:
     return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
 
 
-def _trainer(cfg, model, tok, vocab, ref_model=None):
+def _trainer(cfg, model, tok, vocab, ref_model=None, use_cpu: bool = True):
     """The trainer as train.py builds it (rewards, data, GRPOConfig from the composed config)."""
     from rlvr_vocab.data import load_datasets
     from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
@@ -60,8 +60,10 @@ def _trainer(cfg, model, tok, vocab, ref_model=None):
     funcs, weights = [digit_share], [1.0]
     train_ds, _ = load_datasets(cfg)
     kwargs = grpo_config_kwargs(cfg)
-    kwargs["bf16"] = False
-    args = RLVRGRPOConfig(output_dir=cfg.output_dir, report_to="none", reward_weights=weights, use_cpu=True, **kwargs)
+    kwargs["bf16"] = bool(cfg.training.bf16)
+    args = RLVRGRPOConfig(
+        output_dir=cfg.output_dir, report_to="none", reward_weights=weights, use_cpu=use_cpu, **kwargs
+    )
     with trl_reference_model(ref_model):
         return RLVRGRPOTrainer(
             model=model,
@@ -126,14 +128,29 @@ def test_qlora_needs_an_adapter(make_cfg):
 
 
 @pytest.mark.gpu
-def test_qlora_kwargs_on_gpu(make_cfg):
-    pytest.importorskip("bitsandbytes")
+def test_qlora_grpo_on_gpu(make_cfg, tmp_path):
+    """4-bit NF4 base (the tiny model saved and reloaded through from_pretrained), LoRA on top, 2 GRPO steps."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    cfg = make_cfg("model=qwen3_0.6b", *LORA, "model.lora.load_in_4bit=true")
-    q = load_kwargs_for_qlora(cfg.model.lora)["quantization_config"]
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_cfg("model=tiny", "dataset=arithmetic", *LORA, "model.lora.load_in_4bit=true", *GRPO)
+    cfg.training.bf16 = True
+    kwargs = load_kwargs_for_qlora(cfg.model.lora)
+    q = kwargs["quantization_config"]
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    model, tok, vocab = _tiny(cfg)
+    model.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16, **kwargs)
+    assert model.is_loaded_in_4bit
+    model = apply_lora(model, cfg.model.lora, 0)
+    before = _snapshot(model, True)
+    trainer = _trainer(cfg, model, tok, vocab, use_cpu=False)
+    trainer.train()
+    after = _snapshot(model, True)
+    assert any(not torch.equal(before[n], after[n]) for n in before), "no LoRA weight changed"
 
 
 # ------------------------------------------------------------------------------------------- GRPO + LoRA
