@@ -98,7 +98,9 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
         _wait_for(lambda: _job(job_id).get("Restarts") == "1", 120, "the job to requeue itself", log)
         # A requeued job waits for its old credential to expire: AuthInfo=cred_expire (120 s by default;
         # .ci/start_slurm.sh sets 10 s) before it can start again.
-        _wait_for(lambda: _job(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", None), 240, "the end", log)
+        _wait_for(
+            lambda: _job(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", None), 240, "the end", log
+        )
     finally:
         subprocess.run(["scancel", job_id], check=False)
     job_log = log.read_text()
@@ -123,7 +125,43 @@ def test_submitit_sweep_runs_one_job_per_point(tmp_path):
     assert [p.name for p in run_dirs] == ["0_training.learning_rate=1e-06", "1_training.learning_rate=3e-06"]
     for run_dir in run_dirs:
         assert _trainer_state(run_dir)["global_step"] == 2
-    learning_rates = {json.loads((p / "trainer_state.json").read_text())["log_history"][0]["learning_rate"] for p in run_dirs}
+    learning_rates = {
+        json.loads((p / "trainer_state.json").read_text())["log_history"][0]["learning_rate"] for p in run_dirs
+    }
     assert learning_rates == {1e-6, 3e-6}
     job_ids = {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir() if p.name[0].isdigit()}
     assert len(job_ids) == 1  # one Slurm array, one task per point
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_and_resume(tmp_path):
+    """srun + accelerate launch (DDP over gloo on CPU): USR1 reaches both ranks through srun while the
+    launcher ignores it; both stop at the same step, the job requeues, resumes and finishes."""
+    run_dir, log, max_steps = tmp_path / "run", tmp_path / "job.out", 12
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--gpus-per-node=0",
+        "--cpus-per-task=2",
+        f"--output={log}",
+        "slurm/train_baseline.sh",
+    ]
+    cmd += ["debug=default", f"training.max_steps={max_steps}", "training.save_steps=1", f"hydra.run.dir={run_dir}"]
+    env = _job_env(RLVR_NPROC_PER_NODE="2")
+    job_id = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        _wait_for(lambda: (run_dir / "checkpoint-3" / resume.COMPLETE_MARKER).exists(), 240, "checkpoint-3", log)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+        _wait_for(
+            lambda: _job(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", None), 300, "the end", log
+        )
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    job_log = log.read_text()
+    assert "accelerate.commands.launch" in job_log and "--num_processes 2" in job_log
+    stops = re.findall(r"Stopped at step (\d+) after SIGUSR1", job_log)
+    assert len(stops) == 2 and len(set(stops)) == 1, job_log[-3000:]  # both ranks, same step
+    assert f"requeueing job {job_id}" in job_log and "training exited with 0" in job_log
+    state = _trainer_state(run_dir)
+    assert state["global_step"] == max_steps
+    assert _logged_steps(state) == list(range(1, max_steps + 1))
