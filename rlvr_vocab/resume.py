@@ -172,8 +172,10 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest complete ``checkpoint-N`` directory (N >= 1) in ``output_dir``, or None (fresh run).
 
     Once any checkpoint in ``output_dir`` carries a completion marker (written by PreemptionCallback), the
-    marker is required: a checkpoint saved by this code but killed before its marker is skipped. Older runs
-    without markers are judged by their files. Skipped checkpoints are logged, never deleted.
+    marker is required: a checkpoint saved by this code but killed before its marker is skipped. Only when
+    no marked checkpoint is usable (``save_total_limit=1`` deletes the previous one before the new one is
+    marked) does the newest checkpoint that is complete by its files alone win, with a warning; older runs
+    without markers are judged that way too. Skipped checkpoints are logged, never deleted.
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -182,10 +184,20 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     candidates = sorted(
         (step, path) for path in output_dir.iterdir() if (step := checkpoint_step(path)) and path.is_dir()
     )
-    require_marker = any((path / COMPLETE_MARKER).exists() for _, path in candidates)
-    for _, path in reversed(candidates):
-        problem = checkpoint_problem(path, require_marker)
+    newest_first = [path for _, path in reversed(candidates)]
+    if any((path / COMPLETE_MARKER).exists() for path in newest_first):
+        for path in newest_first:
+            problem = checkpoint_problem(path, require_marker=True)
+            if problem is None:
+                return str(path)
+            logger.warning(f"Skipping incomplete checkpoint {path}: {problem}")
+    for path in newest_first:
+        if (path / COMPLETE_MARKER).exists():
+            continue  # its marker already ruled it out
+        problem = checkpoint_problem(path)
         if problem is None:
+            if any((p / COMPLETE_MARKER).exists() for p in newest_first):
+                logger.warning(f"No marked checkpoint is usable; {path} is complete by its files: resuming from it")
             return str(path)
         logger.warning(f"Skipping incomplete checkpoint {path}: {problem}")
     return None

@@ -181,6 +181,13 @@ def test_incomplete_newest_checkpoints_are_skipped_and_nothing_is_deleted(tmp_pa
     assert not resume.is_complete_checkpoint(tmp_path / "checkpoint-5", require_marker=True)  # ...but unmarked
     assert _files(tmp_path) == before
 
+    # save_total_limit=1 deleted every marked checkpoint before the newest got its marker: take the newest
+    # that is complete by its files (checkpoint-5) rather than start over.
+    shutil.rmtree(tmp_path / "checkpoint-1")
+    shutil.move(tmp_path / "checkpoint-2", tmp_path.parent / f"{tmp_path.name}-checkpoint-2")
+    assert resume.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
+    shutil.move(tmp_path.parent / f"{tmp_path.name}-checkpoint-2", tmp_path / "checkpoint-2")
+
     # Resuming from checkpoint-2 rewrites checkpoint-3 in place, marker included.
     trainer = _tiny_trainer(tmp_path, max_steps=3, save_steps=1)
     trainer.train(resume_from_checkpoint=resume.latest_complete_checkpoint(tmp_path))
