@@ -34,11 +34,12 @@ cluster_works() {
 }
 
 # --- packages ---------------------------------------------------------------------------------
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
-    log "installing slurm-wlm and munge"
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
+    || ! command -v pgrep >/dev/null; then
+    log "installing slurm-wlm, munge and procps"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+    apt-get install -y -qq --no-install-recommends slurm-wlm munge procps >/dev/null
 fi
 
 # --- munge --------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ NEW_CONF=$(
     cat <<EOF
 # Written by .ci/start_slurm.sh: single-node cluster for CI and development.
 ClusterName=ci
-SlurmctldHost=${NODE}
+SlurmctldHost=${NODE}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
