@@ -222,6 +222,7 @@ def run_variant(v: Variant, seed: int = 0, tiny: bool = False) -> dict:
         "completion_tokens_per_step": completion_tokens,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0,
         "fast_path_used": bool(fast_used),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
@@ -244,6 +245,7 @@ def summarise(result: dict, warmup: int) -> dict:
         "completion_tokens_per_s": tokens / step,
         "completion_tokens": tokens,
         "peak_gib": result["peak_allocated_gib"],
+        "alloc_retries": result.get("alloc_retries", 0),
         "measured_steps": len(times),
         "fast_path_used": result["fast_path_used"],
     }
@@ -272,6 +274,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the averages")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "bench.json"), help="JSON results")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    parser.add_argument("--micro-batch", type=int, default=None, help="override every variant's micro-batch")
     parser.add_argument("--tiny", action="store_true", help="2-layer model on the CPU, 16 tokens (smoke test)")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -284,6 +287,8 @@ def main() -> None:
         v = VARIANTS[args.run_one]
         if args.steps:
             v.steps = args.steps
+        if args.micro_batch:
+            v.micro_batch = args.micro_batch
         print("RESULT " + json.dumps(run_variant(v, tiny=args.tiny)), flush=True)
         return
 
@@ -291,6 +296,7 @@ def main() -> None:
     for name in args.variants:
         cmd = [sys.executable, __file__, "--run-one", name] + (["--steps", str(args.steps)] if args.steps else [])
         cmd += ["--tiny"] if args.tiny else []
+        cmd += ["--micro-batch", str(args.micro_batch)] if args.micro_batch else []
         print(f"=== {name}: {VARIANTS[name].label}", flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ)
         lines = proc.stdout.splitlines()

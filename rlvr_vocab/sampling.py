@@ -565,7 +565,7 @@ class FastSampler:
         s.cache.write_index = s.write
         s.cache.window = None  # whole buffers; the attention op reads the first _WINDOW[0] slots
         _WINDOW[0] = window
-        out = (forward or model)(
+        out = (forward if forward is not None else model)(
             input_ids=s.tok[:, None],
             attention_mask=s.bias,
             position_ids=s.pos[:, None],
