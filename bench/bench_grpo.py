@@ -18,6 +18,7 @@ whole run, warm-up included.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -62,12 +63,12 @@ VOCAB = QWEN3_06B["vocab_size"]
 VARIANTS = {
     v.name: v
     for v in [
-        Variant("trl-512", "trl", 0, 512, 32, False, 3, "plain TRL (HF generate), baseline"),
-        Variant("fast-512", "fast", 0, 512, 32, False, 4, "ours (fast sampler), baseline"),
-        Variant("trl-512-rv", "trl", VOCAB, 512, 32, False, 3, "plain TRL (HF generate), vocab doubled"),
-        Variant("fast-512-rv", "fast", VOCAB, 512, 32, False, 4, "ours, vocab doubled (reasoning)"),
-        Variant("fast-2048", "fast", 0, 2048, 8, True, 3, "ours, 2,048 tokens, baseline, ckpt on"),
-        Variant("fast-2048-rv", "fast", VOCAB, 2048, 8, True, 3, "ours, 2,048 tokens, vocab doubled, ckpt on"),
+        Variant("trl-512", "trl", 0, 512, 16, False, 3, "plain TRL (HF generate), baseline"),
+        Variant("fast-512", "fast", 0, 512, 16, False, 6, "ours (fast sampler), baseline"),
+        Variant("trl-512-rv", "trl", VOCAB, 512, 16, False, 3, "plain TRL (HF generate), vocab doubled"),
+        Variant("fast-512-rv", "fast", VOCAB, 512, 16, False, 6, "ours, vocab doubled (reasoning)"),
+        Variant("fast-2048", "fast", 0, 2048, 8, True, 4, "ours, 2,048 tokens, baseline, ckpt on"),
+        Variant("fast-2048-rv", "fast", VOCAB, 2048, 8, True, 4, "ours, 2,048 tokens, vocab doubled, ckpt on"),
         Variant("fast-8192-rv", "fast", VOCAB, 8192, 8, True, 2, "ours, 8,192 tokens, vocab doubled, ckpt on"),
     ]
 }
@@ -131,7 +132,7 @@ def random_reward(completions, **kwargs):
     return [random.random() for _ in completions]
 
 
-def run_variant(v: Variant, seed: int = 0, tiny: bool = False) -> dict:
+def run_variant(v: Variant, seed: int = 0, tiny: bool = False, gc_freeze: bool = False) -> dict:
     """Train ``v.steps`` optimizer steps; per-step wall time, generation time, peak memory.
 
     ``tiny``: a 2-layer model on the CPU with 16-token completions (a smoke test of this script).
@@ -209,6 +210,17 @@ def run_variant(v: Variant, seed: int = 0, tiny: bool = False) -> dict:
             print(f"[{v.name}] step {len(step_times)}: {step_times[-1]:.2f} s", flush=True)
 
     trainer.add_callback(StepTimer())
+    gc_times, gc_start = [], {}
+
+    def gc_timer(phase, info):  # Python's cyclic GC pauses the host (and so the GPU queue) on big heaps
+        if phase == "start":
+            gc_start["t"] = time.perf_counter()
+        elif "t" in gc_start:
+            gc_times.append((len(step_times), info["generation"], time.perf_counter() - gc_start.pop("t")))
+
+    gc.callbacks.append(gc_timer)
+    if gc_freeze:
+        gc.freeze()  # everything built so far (tokenizer, dataset, model) is never scanned again
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -224,6 +236,7 @@ def run_variant(v: Variant, seed: int = 0, tiny: bool = False) -> dict:
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
         "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0,
         "fast_path_used": bool(fast_used),
+        "gc_pause_s_per_step": [sum(t for i, _, t in gc_times if i == k) for k in range(len(step_times))],
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
     }
@@ -274,6 +287,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the averages")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "bench.json"), help="JSON results")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after setup (see BENCHMARKS.md)")
     parser.add_argument("--micro-batch", type=int, default=None, help="override every variant's micro-batch")
     parser.add_argument("--tiny", action="store_true", help="2-layer model on the CPU, 16 tokens (smoke test)")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
@@ -289,13 +303,14 @@ def main() -> None:
             v.steps = args.steps
         if args.micro_batch:
             v.micro_batch = args.micro_batch
-        print("RESULT " + json.dumps(run_variant(v, tiny=args.tiny)), flush=True)
+        print("RESULT " + json.dumps(run_variant(v, tiny=args.tiny, gc_freeze=args.gc_freeze)), flush=True)
         return
 
     results = []
     for name in args.variants:
         cmd = [sys.executable, __file__, "--run-one", name] + (["--steps", str(args.steps)] if args.steps else [])
         cmd += ["--tiny"] if args.tiny else []
+        cmd += ["--gc-freeze"] if args.gc_freeze else []
         cmd += ["--micro-batch", str(args.micro_batch)] if args.micro_batch else []
         print(f"=== {name}: {VARIANTS[name].label}", flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ)
