@@ -55,12 +55,14 @@ def _job(job_id: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv) if out.returncode == 0 else {}
 
 
-def _wait_for(predicate, timeout: float, what: str, log: Path | None = None) -> None:
+def _wait_for(predicate, timeout: float, what: str, log: Path | None = None, job_id: str | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
+            job = _job(job_id) if job_id else {}
+            state = {k: job.get(k) for k in ("JobState", "Reason", "Restarts", "EligibleTime", "StartTime")}
             tail = log.read_text()[-3000:] if log and log.exists() else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; job {state}\n{tail}")
         time.sleep(0.5)
 
 
@@ -88,14 +90,17 @@ def test_sbatch_script_trains(tmp_path):
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
     """What --signal=B:USR1@120 does at the time limit, sent now: save, requeue, resume, finish."""
-    run_dir, log, max_steps = tmp_path / "run", tmp_path / "job.out", 8
+    # Enough steps that the signal lands well before the end, even on a loaded machine (~0.3 s a step).
+    run_dir, log, max_steps = tmp_path / "run", tmp_path / "job.out", 24
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", f"--output={log}", "slurm/train_baseline.sh"]
     cmd += ["debug=default", f"training.max_steps={max_steps}", "training.save_steps=1", f"hydra.run.dir={run_dir}"]
     job_id = subprocess.run(cmd, cwd=REPO, env=_job_env(), capture_output=True, text=True, check=True).stdout.strip()
     try:
-        _wait_for(lambda: (run_dir / "checkpoint-2" / resume.COMPLETE_MARKER).exists(), 180, "checkpoint-2", log)
+        _wait_for(
+            lambda: (run_dir / "checkpoint-2" / resume.COMPLETE_MARKER).exists(), 180, "checkpoint-2", log, job_id
+        )
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-        _wait_for(lambda: _job(job_id).get("Restarts") == "1", 120, "the job to requeue itself", log)
+        _wait_for(lambda: _job(job_id).get("Restarts") == "1", 120, "the job to requeue itself", log, job_id)
         # A requeued job waits for its old credential to expire: AuthInfo=cred_expire (120 s by default;
         # .ci/start_slurm.sh sets 10 s) before it can start again.
         _wait_for(
@@ -137,7 +142,7 @@ def test_submitit_sweep_runs_one_job_per_point(tmp_path):
 def test_two_processes_stop_together_and_resume(tmp_path):
     """srun + accelerate launch (DDP over gloo on CPU): USR1 reaches both ranks through srun while the
     launcher ignores it; both stop at the same step, the job requeues, resumes and finishes."""
-    run_dir, log, max_steps = tmp_path / "run", tmp_path / "job.out", 12
+    run_dir, log, max_steps = tmp_path / "run", tmp_path / "job.out", 30  # the signal lands well before the end
     cmd = [
         "sbatch",
         "--parsable",
@@ -150,7 +155,9 @@ def test_two_processes_stop_together_and_resume(tmp_path):
     env = _job_env(RLVR_NPROC_PER_NODE="2")
     job_id = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
     try:
-        _wait_for(lambda: (run_dir / "checkpoint-3" / resume.COMPLETE_MARKER).exists(), 240, "checkpoint-3", log)
+        _wait_for(
+            lambda: (run_dir / "checkpoint-3" / resume.COMPLETE_MARKER).exists(), 240, "checkpoint-3", log, job_id
+        )
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
         _wait_for(
             lambda: _job(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", None), 300, "the end", log
