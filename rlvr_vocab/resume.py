@@ -260,17 +260,17 @@ def request_stop(signum: int = signal.SIGTERM, frame: object = None) -> None:
         logger.warning(f"Received {signal.Signals(signum).name} again: already stopping after this step")
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on any rank (no-op without torch.distributed)."""
+def _max_over_ranks(value: int) -> int:
+    """The largest ``value`` over all ranks (``value`` itself without torch.distributed)."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
+        return value
     device = "cuda" if "nccl" in str(dist.get_backend()) and torch.cuda.is_available() else "cpu"
-    tensor = torch.tensor([1 if flag else 0], device=device)
+    tensor = torch.tensor([value], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return int(tensor.item())
 
 
 class PreemptionCallback(TrainerCallback):
@@ -280,9 +280,11 @@ class PreemptionCallback(TrainerCallback):
     """
 
     def on_step_end(self, args, state, control, **kwargs):
-        if _any_rank(_state.signum is not None):
-            if _state.signum is None:  # another rank got the signal
-                _state.signum = signal.SIGTERM
+        # Every rank takes part in this all-reduce at every step, so all stop at the same step (a rank
+        # that saves while another trains would hang both), and each learns which signal arrived.
+        signum = _max_over_ranks(_state.signum or 0)
+        if signum:
+            _state.signum = _state.signum or signum
             control.should_save = True
             control.should_training_stop = True
             _state.stopped_at = state.global_step

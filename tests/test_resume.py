@@ -1,6 +1,8 @@
 """Preemption and resume (rlvr_vocab/resume.py) on real HF Trainer runs of a tiny random Qwen3 on CPU.
 
-The last test kills a real ``grpo_train.py experiment=debug`` run with SIGTERM and resumes it.
+Two processes under ``accelerate launch`` (slurm/accelerate/*.yaml) check that a signal on one rank stops
+every rank at the same step; run as a script, this file is that training child. The last test kills a real
+``grpo_train.py experiment=debug`` run with SIGTERM and resumes it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------
 
 
-def _tiny_trainer(output_dir: Path, max_steps: int, save_steps: int, callbacks=()):
+def _tiny_trainer(output_dir: Path, max_steps: int, save_steps: int, callbacks=(), use_cpu: bool = True):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -57,7 +59,7 @@ def _tiny_trainer(output_dir: Path, max_steps: int, save_steps: int, callbacks=(
         logging_steps=1,
         per_device_train_batch_size=2,
         learning_rate=1e-3,
-        use_cpu=True,
+        use_cpu=use_cpu,
         report_to=[],
         disable_tqdm=True,
         seed=0,
@@ -71,13 +73,14 @@ def _tiny_trainer(output_dir: Path, max_steps: int, save_steps: int, callbacks=(
     )
 
 
-def _signal_at_step(step: int, signum: int):
-    """A callback that sends ``signum`` to this process at the end of ``step`` (before PreemptionCallback runs)."""
+def _signal_at_step(step: int, signum: int, rank: int | None = None):
+    """A callback that sends ``signum`` to this process at the end of ``step`` (before PreemptionCallback runs),
+    on every rank or only on ``rank``."""
     from transformers import TrainerCallback
 
     class _Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
+            if state.global_step == step and rank in (None, args.process_index):
                 os.kill(os.getpid(), signum)
 
     return _Kill()
@@ -235,6 +238,75 @@ def test_sharded_weights_need_every_shard(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Several processes (accelerate launch with the configs of slurm/accelerate/): one signal stops every rank
+# ------------------------------------------------------------------------------------------------
+
+
+def _child(phase: str, output_dir: str, result_dir: str) -> None:
+    """Training process of the multi-process tests: ``python tests/test_resume.py {stop|resume} OUT RESULTS``."""
+    import torch
+
+    callbacks = [_signal_at_step(3, signal.SIGUSR1, rank=1)] if phase == "stop" else []  # rank 1 only
+    trainer = _tiny_trainer(Path(output_dir), 12, 100, callbacks, use_cpu=not torch.cuda.is_available())
+    checkpoint = resume.latest_complete_checkpoint(output_dir) if phase == "resume" else None
+    result = {"world_size": trainer.args.world_size, "resumed_from": checkpoint, "preempted": None}
+    try:
+        with resume.signal_handlers():
+            trainer.train(resume_from_checkpoint=checkpoint)
+    except resume.Preempted as stop:
+        result["preempted"] = {"signal": stop.signum, "step": stop.global_step}
+    result["global_step"] = trainer.state.global_step
+    result["logged"] = _logged_steps({"log_history": trainer.state.log_history})
+    Path(result_dir, f"{phase}-{trainer.args.process_index}.json").write_text(json.dumps(result))
+
+
+def _launch_two(config: str, phase: str, output_dir: Path, result_dir: Path) -> subprocess.CompletedProcess:
+    from rlvr_vocab.launch import accelerate_config
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config(config)]
+    cmd += ["--num_machines", "1", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
+    cmd += ["--main_process_port", "0", "--machine_rank", "0", __file__, phase, str(output_dir), str(result_dir)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _ranks_stop_together_and_resume(config: str, tmp_path: Path) -> None:
+    run, results = tmp_path / "run", tmp_path / "results"
+    results.mkdir()
+    first = _launch_two(config, "stop", run, results)
+    assert first.returncode == 0, first.stderr[-3000:]  # the child catches Preempted to report it
+    stops = [json.loads((results / f"stop-{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["world_size"] == 2 for r in stops), first.stdout[-2000:] + first.stderr[-3000:]
+    # rank 1 alone got SIGUSR1; rank 0 learns it through the all-reduce and stops at the same step
+    assert [r["preempted"] for r in stops] == [{"signal": signal.SIGUSR1, "step": 3}] * 2
+    assert resume.latest_complete_checkpoint(run) == str(run / "checkpoint-3")
+
+    second = _launch_two(config, "resume", run, results)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for rank in (0, 1):
+        done = json.loads((results / f"resume-{rank}.json").read_text())
+        assert done["resumed_from"] == str(run / "checkpoint-3") and done["preempted"] is None
+        assert done["global_step"] == 12 and done["logged"] == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_stop_together_and_resume(tmp_path):
+    """DDP over gloo on CPU."""
+    _ranks_stop_together_and_resume("ddp", tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["ddp", "fsdp2"])
+def test_two_gpu_ranks_stop_together_and_resume(config, tmp_path):
+    """DDP and FSDP2 over NCCL: the all-reduce on CUDA, sharded optimizer state in the checkpoint."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    _ranks_stop_together_and_resume(config, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
 # The real thing: SIGTERM a grpo_train.py run, rerun the same command
 # ------------------------------------------------------------------------------------------------
 
@@ -274,3 +346,7 @@ def test_sigterm_then_rerun_resumes_grpo_train(tmp_path):
     if metrics.exists():  # the core's per-step metrics log: one training row per step across both processes
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         assert [row["step"] for row in rows if "loss" in row] == list(range(1, max_steps + 1))
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:])
