@@ -256,6 +256,25 @@ def _decode(tokenizer, vocab, ids: list[int], eos_ids: list[int]) -> Completion:
 
 
 # ------------------------------------------------------------------------------------------ answers
+def extract_answer(text: str) -> str | None:
+    r"""The final answer of a completion: the last ``\boxed{}``, else the last number written, else None.
+
+    Example:
+        >>> extract_answer("so \\boxed{7} and 8"), extract_answer("3 + 4 = 7."), extract_answer("no idea")
+        ('7', '7', None)
+    """
+    from rlvr_vocab.data import last_boxed
+    from rlvr_vocab.rewards.text import last_number
+
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    number = last_number(text)
+    if number is None:
+        return None
+    return str(number.numerator) if number.denominator == 1 else str(float(number))
+
+
 def answer_key(answer: str | None) -> str | None:
     r"""A canonical form of an extracted answer for voting: numbers by value, other text without spaces.
 

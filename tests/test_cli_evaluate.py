@@ -82,12 +82,16 @@ def test_gsm8k_configured_model_writes_json(gsm8k_dir, tmp_path):
 def test_correct_answers_score_one(tmp_path):
     """The scorer is the accuracy reward: a gold \\boxed{} answer is right, another number is not."""
     cfg = _cfg("model=tiny", "dataset=arithmetic")
-    reward = evaluate_module.accuracy_reward(cfg)
+    reward = evaluate_module.correctness_reward(cfg)
     assert evaluate_module._score(reward, ["so \\boxed{1,000}", "\\boxed{7}", "no box: 12"], ["1000", "8", "12"]) == [
         True,
         False,
         False,  # the accuracy reward grades the \boxed{} answer; a bare final number does not count
     ]
+    last_number = evaluate_module.correctness_reward(cfg, "last_number")  # eval.reward=last_number
+    assert evaluate_module._score(last_number, ["no box: 12", "\\boxed{7}"], ["12", "8"]) == [True, False]
+    with pytest.raises(ConfigError, match="eval.reward='acc'"):
+        evaluate_module.correctness_reward(cfg, "acc")
 
 
 def test_run_folder_evaluates_every_checkpoint_and_plots(reasoning_run, tmp_path):

@@ -9,11 +9,14 @@
     rlvr-eval model=qwen3_0.6b eval.model_path=outputs/grpo/<run>/checkpoint-50
 
 Scores: greedy ``pass@1``; with ``eval.num_samples=k`` (k > 1) also ``pass@k`` (a sampled completion is
-right), ``maj@k`` (the most frequent ``\\boxed{}`` answer is right) and ``mean@k`` (mean sampled accuracy);
-``format_rate`` (share of greedy completions with a ``\\boxed{}`` answer) and ``mean_length`` (tokens).
-Correctness is the ``accuracy`` reward of rlvr_vocab/rewards (math-verify; 1.0 = right), with its
-``reward.kwargs.accuracy`` settings. Several checkpoints also give a markdown table and a PNG of accuracy
-over training steps, next to ``output_file`` (default: in the run folder).
+right), ``maj@k`` (the completion carrying the most frequent final answer is right) and ``mean@k`` (mean
+sampled accuracy); ``format_rate`` (share of greedy completions with a ``\\boxed{}`` answer) and
+``mean_length`` (tokens). Right means the ``eval.reward`` reward of rlvr_vocab/rewards (default ``accuracy``:
+math-verify on the boxed answer) reaches its ``correct_reward`` (1.0), with that reward's ``reward.kwargs``;
+``eval.reward=last_number`` grades models that rarely box their answer (the quickstart's SmolLM2). A final
+answer, for voting and in the records, is the last ``\\boxed{}``, else the last number. Several checkpoints
+also give a markdown table and a PNG of accuracy over training steps, next to ``output_file`` (default: in
+the run folder).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "batch_size": 16,  # sequences per generate call (prompts x samples)
     "max_new_tokens": None,  # generated tokens per completion (null: training.max_completion_length)
     "num_samples": 1,  # k > 1: also k sampled completions per problem (pass@k, maj@k, mean@k)
+    "reward": "accuracy",  # registry reward that decides correctness (right = its correct_reward, e.g. 1.0)
     "plot": True,  # several checkpoints: write the markdown table and the PNG
 }
 
@@ -104,19 +108,24 @@ def eval_rows(cfg: DictConfig, settings: dict[str, Any]):
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def accuracy_reward(cfg: DictConfig):
-    """The registry's ``accuracy`` reward with this config's ``reward.kwargs.accuracy`` settings."""
+def correctness_reward(cfg: DictConfig, name: str = "accuracy"):
+    """The registry reward ``name`` (default ``accuracy``) with this config's ``reward.kwargs.<name>`` settings."""
     from rlvr_vocab.rewards.registry import build_reward
 
     kwargs = OmegaConf.to_container(cfg.reward.kwargs, resolve=True) or {}
-    return build_reward("accuracy", kwargs.get("accuracy"))
+    try:
+        return build_reward(name, kwargs.get(name))
+    except ValueError as err:
+        raise ConfigError(f"eval.reward={name!r}: {err}") from err
 
 
 def _score(reward, texts: list[str], golds: list[str]) -> list[bool]:
+    """Right or wrong per completion: the reward reaches its ``correct_reward`` (1.0 for accuracy)."""
     if not texts:
         return []
     scores = reward([[{"role": "assistant", "content": t}] for t in texts], answer=golds)
-    return [bool(s is not None and s >= 1.0) for s in scores]
+    right = getattr(reward, "correct_reward", 1.0)
+    return [bool(s is not None and s >= right) for s in scores]
 
 
 def summarize(records: list[dict[str, Any]], num_samples: int) -> dict[str, Any]:
@@ -151,7 +160,7 @@ def summarize(records: list[dict[str, Any]], num_samples: int) -> dict[str, Any]
 def evaluate_model(model, tokenizer, rows, settings: dict[str, Any], cfg: DictConfig, reward, desc: str = "eval"):
     """(summary, per-problem records) of one model on ``rows``."""
     from rlvr_vocab.data import last_boxed
-    from rlvr_vocab.generation import generate, majority, sampling_kwargs
+    from rlvr_vocab.generation import extract_answer, generate, majority, sampling_kwargs
 
     prompts, golds = list(rows["prompt"]), list(rows["answer"])
     common = {"max_new_tokens": settings["max_new_tokens"], "batch_size": settings["batch_size"], "seed": cfg.seed}
@@ -167,6 +176,7 @@ def evaluate_model(model, tokenizer, rows, settings: dict[str, Any], cfg: DictCo
                 "answer": golds[i],
                 "completion": c.text,
                 "boxed": last_boxed(c.text),
+                "extracted": extract_answer(c.text),
                 "correct": ok,
                 "num_tokens": c.num_tokens,
                 "truncated": c.truncated,
@@ -183,12 +193,18 @@ def evaluate_model(model, tokenizer, rows, settings: dict[str, Any], cfg: DictCo
         for i, group in enumerate(sampled):
             oks = flat_ok[i * k : (i + 1) * k]
             samples = [
-                {"completion": s.text, "boxed": last_boxed(s.text), "correct": ok, "num_tokens": s.num_tokens}
+                {
+                    "completion": s.text,
+                    "boxed": last_boxed(s.text),
+                    "extracted": extract_answer(s.text),
+                    "correct": ok,
+                    "num_tokens": s.num_tokens,
+                }
                 for s, ok in zip(group, oks, strict=True)
             ]
-            vote = majority([s["boxed"] for s in samples])
+            vote = majority([s["extracted"] for s in samples])
             records[i]["samples"] = samples
-            records[i]["majority"] = samples[vote]["boxed"] if vote is not None else None
+            records[i]["majority"] = samples[vote]["extracted"] if vote is not None else None
             records[i]["majority_correct"] = vote is not None and samples[vote]["correct"]
     return summarize(records, k), records
 
@@ -264,7 +280,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     settings = eval_settings(cfg)
     targets = eval_targets(settings["model_path"], settings["checkpoints"])  # path errors before any load
     rows = eval_rows(cfg, settings)
-    reward = accuracy_reward(cfg)
+    reward = correctness_reward(cfg, settings["reward"])
     results = []
     for path, step in targets:
         name = Path(path).name if path and Path(path).exists() else (path or cfg.model.name_or_path)

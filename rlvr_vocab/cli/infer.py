@@ -12,7 +12,8 @@ configured ``model=``), ``eval.max_new_tokens`` (null: ``training.max_completion
 settings of ``model.generation_kwargs`` (``temperature``, ``top_p``, ``top_k``).
 
 ``input_file`` is jsonl with a ``question`` field per line (other fields are kept; a gold ``answer`` is kept as
-``gold``); every output line adds ``completion`` and the extracted ``answer`` (the last ``\\boxed{}``).
+``gold``); every output line adds ``completion`` and the extracted ``answer`` (the last ``\\boxed{}``, else
+the last number written).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def read_questions(path: str | Path) -> list[dict[str, Any]]:
 
 def answer_questions(model, tokenizer, rows: list[dict[str, Any]], cfg: DictConfig, settings: dict[str, Any]):
     """Each row plus ``completion`` and ``answer``; with ``eval.num_samples=k`` also ``completions``/``answers``."""
-    from rlvr_vocab.data import build_prompt, last_boxed
-    from rlvr_vocab.generation import generate, majority, sampling_kwargs
+    from rlvr_vocab.data import build_prompt
+    from rlvr_vocab.generation import extract_answer, generate, majority, sampling_kwargs
 
     k = settings["num_samples"]
     outputs = generate(
@@ -70,7 +71,7 @@ def answer_questions(model, tokenizer, rows: list[dict[str, Any]], cfg: DictConf
     )
     results = []
     for row, completions in zip(rows, outputs, strict=True):
-        answers = [last_boxed(c.text) for c in completions]
+        answers = [extract_answer(c.text) for c in completions]
         best = majority(answers) if k > 1 else 0
         chosen = completions[best if best is not None else 0]
         out = {**row, "completion": chosen.text, "answer": answers[best] if best is not None else None}
