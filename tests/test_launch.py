@@ -278,3 +278,35 @@ def test_requeues_stop_at_the_limit(tmp_path):
     assert proc.returncode == 75
     assert "not requeueing: 3 restarts reached RLVR_MAX_REQUEUE=3" in stdout
     assert not (out / "scontrol.log").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweep launchers (conf/hydra/launcher/): site settings from the environment, typed
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("launcher", ["submitit_slurm", "submitit_local"])
+def test_launcher_configs_compose_with_settings_from_the_environment(launcher, monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    import rlvr_vocab.config  # noqa: F401  (registers the schema)
+
+    monkeypatch.setenv("SBATCH_PARTITION", "gpu-long")
+    monkeypatch.setenv("SBATCH_GPUS_PER_NODE", "0")
+    monkeypatch.setenv("RLVR_SLURM_TIMEOUT_MIN", "90")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "experiment=debug"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert params["_target_"].endswith("SlurmLauncher" if launcher == "submitit_slurm" else "LocalLauncher")
+    launcher_cfg = cfg.hydra.launcher
+    assert launcher_cfg.timeout_min == 90
+    if launcher == "submitit_slurm":
+        assert launcher_cfg.partition == "gpu-long" and launcher_cfg.gpus_per_node == 0
+        assert launcher_cfg.account is None and launcher_cfg.max_num_timeout == 20
+        assert launcher_cfg.additional_parameters == {"requeue": True}
+    else:
+        assert launcher_cfg.gpus_per_node == 0
