@@ -177,7 +177,13 @@ def test_processed_logprobs_equal_transformers_processors(tok, device):
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1].float()
         scores = rec.processors(ids, logits)
         want = scores.log_softmax(-1).gather(1, out[:, p + t, None]).squeeze(1)
-        assert torch.isfinite(want).all(), f"step {t}: a token outside transformers' support was sampled"
+        bad = ~torch.isfinite(want)
+        assert not bad.any(), (
+            f"step {t}: rows {bad.nonzero().flatten().tolist()} drew {out[bad, p + t].tolist()} "
+            f"(reasoning ids from {vocab.standard_size}, open {vocab.open_id}, close {vocab.close_id}); "
+            f"span state {vocab.span_state(ids)[bad, -1].tolist()}, raw logit {logits[bad].gather(1, out[bad, p + t, None]).tolist()}, "
+            f"processed {scores[bad].gather(1, out[bad, p + t, None]).tolist()}"
+        )
         torch.testing.assert_close(got[:, t], want, rtol=1e-4, atol=1e-4)
 
 
