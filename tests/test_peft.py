@@ -232,11 +232,21 @@ def _train_wires_lora() -> bool:
 
 
 def test_train_with_lora_end_to_end(make_cfg, tmp_path):
+    """train() with LoRA, reasoning rows and a KL term; then rlvr-eval reads the adapter checkpoints of the run."""
     if not _train_wires_lora():
         pytest.skip("rlvr_vocab/train.py does not call peft_utils.apply_lora yet")
+    from rlvr_vocab.cli.evaluate import evaluate
     from rlvr_vocab.train import train
 
-    cfg = make_cfg("model=tiny", "dataset=arithmetic", *LORA, *GRPO, "training.beta=0.05")
+    cfg = make_cfg(
+        "model=tiny", "dataset=arithmetic", "model.reasoning_vocab_size=4", *LORA, *GRPO, "training.beta=0.05",
+        "training.save_strategy=steps", "training.save_steps=1",
+    )  # fmt: skip
     metrics = train(cfg)
+    run = tmp_path / "run"
     assert metrics["global_step"] == 2
-    assert (tmp_path / "run" / "adapter_config.json").is_file()
+    for folder in (run, run / "checkpoint-1", run / "checkpoint-2"):
+        assert (folder / "adapter_config.json").is_file() and (folder / "reasoning_vocab.json").is_file(), folder
+    cfg.eval = {"model_path": str(run), "max_samples": 2, "max_new_tokens": 4}
+    report = evaluate(cfg)
+    assert [r["step"] for r in report["results"]] == [1, 2]

@@ -21,14 +21,23 @@ TOOL_KEYS = ("eval", "question", "input_file")  # top-level keys that only the t
 QUIET_HYDRA = ("hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none")
 
 
-def _declared(path: str) -> bool:
-    """Whether the schema declares ``path`` (``eval.batch_size`` is not while ``eval`` is a free-form dict)."""
+def _needs_plus(key: str) -> bool:
+    """True for a tool key the schema does not declare yet, under a free-form ``eval`` dict or at the top level.
+
+    Once ``eval`` is a typed section, an unknown ``eval.*`` key is left to Hydra's strict error.
+    """
     from omegaconf import OmegaConf
 
     from rlvr_vocab.config import Config
 
-    missing = object()
-    return OmegaConf.select(OmegaConf.structured(Config), path, default=missing) is not missing
+    schema = OmegaConf.structured(Config)
+    top = key.split(".")[0]
+    if top not in schema:
+        return True
+    node = schema[top]
+    if "." not in key or not OmegaConf.is_dict(node) or OmegaConf.get_type(node) is not dict:
+        return False
+    return key.split(".", 1)[1].split(".")[0] not in node
 
 
 def tool_overrides(args: list[str]) -> list[str]:
@@ -44,7 +53,7 @@ def tool_overrides(args: list[str]) -> list[str]:
     for arg in args:
         key = arg.split("=", 1)[0]
         if "=" in arg and not key.startswith(("+", "~", "hydra")) and key.split(".")[0] in TOOL_KEYS:
-            if not _declared(key):
+            if _needs_plus(key):
                 arg = "++" + arg
         out.append(arg)
     return out
