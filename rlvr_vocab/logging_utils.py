@@ -92,6 +92,18 @@ class MetricsFileCallback(TrainerCallback):
     def __init__(self, path: Path):
         self.path = Path(path)
 
+    @staticmethod
+    def truncate_after(path: Path, step: int) -> None:
+        """On resume: drop lines logged after the checkpoint's step, so each step is logged once."""
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return

@@ -50,6 +50,7 @@ def train(cfg: DictConfig) -> dict:
     checkpoint = resume.latest_complete_checkpoint(output_dir)
     if checkpoint:
         logger.info(f"Resuming from {checkpoint}")
+        MetricsFileCallback.truncate_after(output_dir / "metrics.jsonl", _checkpoint_step(checkpoint))
 
     # ---- data (before the model: data errors surface before an expensive load)
     train_dataset, eval_dataset = load_datasets(cfg)
@@ -99,17 +100,19 @@ def train(cfg: DictConfig) -> dict:
             result = trainer.train(resume_from_checkpoint=checkpoint)
 
         # ---- save: the final model, its tokenizer, the reasoning map and trainer_state.json in the run dir
-        if trainer.state.global_step < trainer.state.max_steps:  # stopped by a signal: its checkpoint is saved
-            logger.warning(f"Stopped at step {trainer.state.global_step}; rerun the same command to resume")
-            return {"global_step": trainer.state.global_step, "preempted": True}
         trainer.save_model(str(output_dir))
         trainer.save_state()
         metrics = dict(result.metrics)
         metrics["global_step"] = trainer.state.global_step
-        logger.info(f"Finished at step {trainer.state.global_step}; outputs in {output_dir}")
+        if trainer.is_world_process_zero():
+            logger.info(f"Finished at step {trainer.state.global_step}; outputs in {output_dir}")
         return metrics
     finally:
         finish_tracker(cfg)
+
+
+def _checkpoint_step(path: str) -> int:
+    return int(Path(path).name.rsplit("-", 1)[1])
 
 
 def _has_accelerator() -> bool:
