@@ -343,6 +343,43 @@ def build_plan(logits_processor, stopping_criteria, generation_config, input_len
 
 
 # ---------------------------------------------------------------------------------------- the sampler
+def _pick(s: _Session, plan: Plan, logits: torch.Tensor, noise: torch.Tensor | None) -> None:
+    """Process the logits in transformers' order, pick the token (argmax, or argmax of p / noise), update state."""
+    scores = logits.float()
+    for i, op in enumerate(plan.ops):
+        kind = op[0]
+        if kind == "repetition":
+            penalty = op[1]
+            penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+            scores = torch.where(s.seen[:, :-1], penalised, scores)
+        elif kind == "block_before":
+            scores = scores.masked_fill(s.masks[i] & (s.step < s.thresholds[i]), float("-inf"))
+        elif kind == "block_at":
+            scores = scores.masked_fill(s.masks[i] & (s.step == s.thresholds[i]), float("-inf"))
+        elif kind == "reasoning":
+            scores = op[1].mask_logits_(scores.clone() if scores is logits else scores, s.inside)
+        else:  # a stateless warper of transformers, called as generate() calls it
+            scores = op[2](None, scores)
+    if noise is None:
+        nxt = scores.argmax(-1)
+    else:
+        probs = scores.softmax(-1)
+        nxt = (probs / noise).argmax(-1)
+    logp = scores.gather(1, nxt[:, None]).squeeze(1) - scores.logsumexp(-1)
+    nxt = torch.where(s.finished, plan.pad_id, nxt)
+    s.out.index_copy_(1, s.step, nxt[:, None])
+    s.logp.index_copy_(1, s.step, logp[:, None])
+    if plan.eos_ids:
+        s.finished |= (nxt[:, None] == s.masks["eos"]).any(-1)
+    for op in plan.ops:
+        if op[0] == "reasoning":
+            s.inside.copy_(op[1].step_state(s.inside, nxt))
+    if s.seen is not None and plan.repetition_skip is not None:
+        s.seen.scatter_(1, nxt[:, None], True)
+    s.tok.copy_(nxt)
+    s.step += 1
+
+
 class _Session:
     """Everything one batch shape needs across decode steps (and across calls, when kept)."""
 
@@ -389,6 +426,7 @@ class FastSampler:
         self.last_used_fast_path = False
         self._compiled: dict[int, object] = {}  # id(model) -> compiled forward
         self._compile_failed = False
+        self._compiled_pick = None
         _register_decode_attention()
 
     # transformers calls decoding_method(model, input_ids, logits_processor=..., stopping_criteria=...,
@@ -510,41 +548,14 @@ class FastSampler:
             s.masks["eos"] = torch.tensor(plan.eos_ids, dtype=torch.long, device=device)
         self._sample(s, plan, logits)
 
-    def _sample(self, s: _Session, plan: Plan, logits: torch.Tensor) -> None:
-        """Process the logits in transformers' order, draw the next token, update the state. Graph-safe."""
-        scores = logits
-        for i, op in enumerate(plan.ops):
-            kind = op[0]
-            if kind == "repetition":
-                penalty = op[1]
-                penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
-                scores = torch.where(s.seen[:, :-1], penalised, scores)
-            elif kind == "block_before":
-                scores = scores.masked_fill(s.masks[i] & (s.step < s.thresholds[i]), float("-inf"))
-            elif kind == "block_at":
-                scores = scores.masked_fill(s.masks[i] & (s.step == s.thresholds[i]), float("-inf"))
-            elif kind == "reasoning":
-                scores = op[1].mask_logits_(scores, s.inside)  # in place on our own fp32 copy
-            else:  # a stateless warper of transformers, called as generate() calls it
-                scores = op[2](None, scores)
-        if plan.greedy:
-            nxt = scores.argmax(-1)
-        else:
-            probs = scores.softmax(-1)
-            nxt = (probs / torch.empty_like(probs).exponential_()).argmax(-1)
-        logp = scores.gather(1, nxt[:, None]).squeeze(1) - scores.logsumexp(-1)
-        nxt = torch.where(s.finished, plan.pad_id, nxt)
-        s.out.index_copy_(1, s.step, nxt[:, None])
-        s.logp.index_copy_(1, s.step, logp[:, None])
-        if plan.eos_ids:
-            s.finished |= (nxt[:, None] == s.masks["eos"]).any(-1)
-        for op in plan.ops:
-            if op[0] == "reasoning":
-                s.inside.copy_(op[1].step_state(s.inside, nxt))
-        if s.seen is not None and plan.repetition_skip is not None:
-            s.seen.scatter_(1, nxt[:, None], True)
-        s.tok.copy_(nxt)
-        s.step += 1
+    def _sample(self, s: _Session, plan: Plan, logits: torch.Tensor, pick=None) -> None:
+        """Draw the next token from the processed logits and update the state. Graph-safe.
+
+        The exponential noise is drawn here, eagerly (torch's CUDA ``exponential_`` never returns 0, so
+        ``p / E`` is the exponential race exactly); ``pick`` (``_pick``, possibly compiled) does the rest.
+        """
+        noise = None if plan.greedy else torch.empty_like(logits, dtype=torch.float32).exponential_()
+        (pick or _pick)(s, plan, logits, noise)
 
     # ------------------------------------------------------------------------------------ decoding
     def _forward(self, model):
@@ -555,6 +566,14 @@ class FastSampler:
         if compiled is None:
             compiled = self._compiled[id(model)] = torch.compile(model, dynamic=False)
         return compiled
+
+    def _picker(self, forward):
+        """``_pick`` compiled alongside a compiled forward (fuses the ~15 passes over the [B, V] logits)."""
+        if forward is None or isinstance(forward, torch.nn.Module) and not hasattr(forward, "_orig_mod"):
+            return None
+        if self._compiled_pick is None:
+            self._compiled_pick = torch.compile(_pick, dynamic=False)
+        return self._compiled_pick
 
     def _use_compile(self, model) -> bool:
         wanted = self.compile if self.compile is not None else COMPILE
@@ -573,7 +592,7 @@ class FastSampler:
             use_cache=True,
             logits_to_keep=1,
         )
-        self._sample(s, plan, out.logits[:, -1].float())
+        self._sample(s, plan, out.logits[:, -1], self._picker(forward))
         s.pos += 1
         s.write += 1
 

@@ -169,6 +169,8 @@ def test_processed_logprobs_equal_transformers_processors(tok, device):
     p = inputs.input_ids.shape[1]
     got = rec.sampler.last_logprobs
     mask = inputs.attention_mask
+    eos = out[:, p:] == tok.eos_token_id
+    alive = (eos.cumsum(1) - eos.int()) == 0  # up to and including the first EOS (later tokens are padding)
     for t in range(out.shape[1] - p):
         ids = out[:, : p + t]
         attn = torch.cat([mask, torch.ones(len(ids), t, dtype=mask.dtype, device=device)], 1)
@@ -177,14 +179,14 @@ def test_processed_logprobs_equal_transformers_processors(tok, device):
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1].float()
         scores = rec.processors(ids, logits)
         want = scores.log_softmax(-1).gather(1, out[:, p + t, None]).squeeze(1)
-        bad = ~torch.isfinite(want)
+        bad = ~torch.isfinite(want) & alive[:, t]
         assert not bad.any(), (
             f"step {t}: rows {bad.nonzero().flatten().tolist()} drew {out[bad, p + t].tolist()} "
             f"(reasoning ids from {vocab.standard_size}, open {vocab.open_id}, close {vocab.close_id}); "
             f"span state {vocab.span_state(ids)[bad, -1].tolist()}, raw logit {logits[bad].gather(1, out[bad, p + t, None]).tolist()}, "
             f"processed {scores[bad].gather(1, out[bad, p + t, None]).tolist()}"
         )
-        torch.testing.assert_close(got[:, t], want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[alive[:, t], t], want[alive[:, t]], rtol=1e-4, atol=1e-4)
 
 
 def test_first_token_frequencies_follow_the_processed_softmax(tok):
