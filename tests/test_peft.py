@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from rlvr_vocab.config import ConfigError, grpo_config_kwargs
 from rlvr_vocab.models import CHATML_TEMPLATE, load_model_and_tokenizer
@@ -247,6 +248,7 @@ def test_train_with_lora_end_to_end(make_cfg, tmp_path):
     assert metrics["global_step"] == 2
     for folder in (run, run / "checkpoint-1", run / "checkpoint-2"):
         assert (folder / "adapter_config.json").is_file() and (folder / "reasoning_vocab.json").is_file(), folder
-    cfg.eval = {"model_path": str(run), "max_samples": 2, "max_new_tokens": 4}
+    for key, value in {"model_path": str(run), "max_samples": 2, "max_new_tokens": 4}.items():
+        OmegaConf.update(cfg, f"eval.{key}", value, force_add=True)  # a free-form dict or a typed EvalConfig
     report = evaluate(cfg)
     assert [r["step"] for r in report["results"]] == [1, 2]
