@@ -4,6 +4,7 @@ rlvr-eval           rlvr_vocab/cli/evaluate.py      accuracy of a model, checkpo
 rlvr-infer          rlvr_vocab/cli/infer.py         answer one question, a jsonl file, or interactively
 rlvr-prepare-data   rlvr_vocab/cli/prepare_data.py  cache model + dataset, export parquet for offline nodes
 rlvr-check-rewards  rlvr_vocab/cli/check_rewards.py score gold and wrong answers through the rewards
+rlvr-viz            rlvr_vocab/cli/viz.py           PNGs of a reasoning-vocabulary run (argparse, no config groups)
 """
 
 from __future__ import annotations
