@@ -92,8 +92,8 @@ def test_run_writes_json(tmp_path, gsm8k_dir):
         f"dataset.path={gsm8k_dir / 'test.jsonl'}",
         "reward=strict_boxed",
         f"output_file={out}",
-        "+check_rewards.limit=100",
-        "+check_rewards.max_failures=3",
+        "check_rewards.limit=100",
+        "check_rewards.max_failures=3",
     )
     result = run(cfg)
     written = json.loads(out.read_text())
@@ -107,7 +107,7 @@ def test_console_app_quickstart_set(tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.run(
         [sys.executable, "-m", "rlvr_vocab.cli.check_rewards", "experiment=quickstart", f"output_file={out}",
-         "+check_rewards.limit=200", f"hydra.run.dir={tmp_path / 'hydra'}"],
+         "check_rewards.limit=200", f"hydra.run.dir={tmp_path / 'hydra'}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -127,7 +127,7 @@ def test_console_app_exits_1_when_a_wrong_answer_is_paid(tmp_path, monkeypatch, 
     monkeypatch.setattr(
         sys,
         "argv",
-        ["rlvr-check-rewards", "dataset=gsm8k", f"dataset.path={gsm8k_dir / 'test.jsonl'}", "+check_rewards.limit=5",
+        ["rlvr-check-rewards", "dataset=gsm8k", f"dataset.path={gsm8k_dir / 'test.jsonl'}", "check_rewards.limit=5",
          f"hydra.run.dir={tmp_path}", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"],
     )  # fmt: skip
     try:

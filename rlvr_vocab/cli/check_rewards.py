@@ -6,7 +6,7 @@ answer, which must score ``correct_reward``, and one holding a deterministically
 (``wrong_answer``: last number + 1, ...), which must not. Format-only rewards are reported as means.
 
     rlvr-check-rewards dataset=gsm8k dataset.path=../shared/data/gsm8k/test.jsonl output_file=check.json
-    rlvr-check-rewards reward=cookbook +check_rewards.split=eval +check_rewards.max_failures=20
+    rlvr-check-rewards reward=cookbook check_rewards.split=eval check_rewards.max_failures=20
 
 Settings (``check_rewards.<key>`` or a top-level ``<key>``): ``split`` (train | eval, default train),
 ``max_failures`` (failures printed, default 10), ``limit`` (first N rows, default all); ``output_file``
