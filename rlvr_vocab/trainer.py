@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 from trl import GRPOConfig, GRPOTrainer
@@ -37,8 +37,8 @@ class RLVRGRPOConfig(GRPOConfig):
 
 
 # ---------------------------------------------------------------------------------- masked log-probs
-def _masked_chunk(hidden, weight, bias, labels, inside, standard_size: int, temperature: float, entropy: bool):
-    logits = F.linear(hidden, weight, bias).float() / temperature
+def _masked_chunk(hidden, labels, inside, head, standard_size: int, temperature: float, entropy: bool):
+    logits = head(hidden).float() / temperature
     std, rsn = logits[:, :standard_size], logits[:, standard_size:]
     lse_std, lse_rsn = std.logsumexp(-1), rsn.logsumexp(-1)
     lse = torch.where(inside, torch.logaddexp(lse_std, lse_rsn), lse_std)
@@ -55,8 +55,7 @@ def _masked_chunk(hidden, weight, bias, labels, inside, standard_size: int, temp
 
 def masked_token_logprobs(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    head: Callable[[torch.Tensor], torch.Tensor],
     labels: torch.Tensor,
     inside: torch.Tensor,
     standard_size: int,
@@ -66,14 +65,17 @@ def masked_token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob (and entropy) of each label under the span-masked, temperature-scaled softmax.
 
-    ``hidden``: [T, d] for the T scored positions; ``inside``: [T] bool, may the next token be a reasoning
+    ``hidden``: [T, d] for the T scored positions; ``head``: the output layer (hidden -> V+N logits; the
+    module itself, so PEFT wrappers of the head apply); ``inside``: [T] bool, may the next token be a reasoning
     id. Chunked over T with activation checkpointing, so at most ``chunk_size x V`` fp32 logits exist at
     once, in the forward and in the backward.
     """
     outs, ents = [], []
     for s in range(0, hidden.size(0), chunk_size):
-        args = (hidden[s : s + chunk_size], weight, bias, labels[s : s + chunk_size], inside[s : s + chunk_size])
-        fn = functools.partial(_masked_chunk, standard_size=standard_size, temperature=temperature, entropy=entropy)
+        args = (hidden[s : s + chunk_size], labels[s : s + chunk_size], inside[s : s + chunk_size])
+        fn = functools.partial(
+            _masked_chunk, head=head, standard_size=standard_size, temperature=temperature, entropy=entropy
+        )
         if torch.is_grad_enabled():
             logp, ent = checkpoint(fn, *args, use_reentrant=False)
         else:
@@ -112,9 +114,8 @@ def add_reasoning_lm_head(model, vocab: ReasoningVocab, temperature: float, chun
         keep = labels != -100
         head = self.get_output_embeddings()
         logps, ent = masked_token_logprobs(
-            hidden[keep].to(head.weight.dtype),
-            head.weight,
-            head.bias,
+            hidden[keep],
+            head,
             labels[keep],
             inside[keep],
             vocab.standard_size,

@@ -152,7 +152,9 @@ def test_chunked_masked_logprobs_match_naive_values_and_gradients():
     weight = torch.randn(v + n, d, generator=g, dtype=torch.float64, requires_grad=True)
     inside = torch.rand(t, generator=g) > 0.5
     labels = torch.where(inside, torch.randint(0, v + n, (t,), generator=g), torch.randint(0, v, (t,), generator=g))
-    ours, ent = masked_token_logprobs(hidden, weight, None, labels, inside, v, 0.7, chunk_size=8, entropy=True)
+    ours, ent = masked_token_logprobs(
+        hidden, lambda h: h @ weight.T, labels, inside, v, 0.7, chunk_size=8, entropy=True
+    )
     ref, ref_ent = naive_masked_logprobs(hidden, weight, labels, inside, v, 0.7)
     torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, ref_ent.float(), rtol=1e-4, atol=1e-4)  # ours runs in fp32
