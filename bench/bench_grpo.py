@@ -258,11 +258,13 @@ def summarise(result: dict, warmup: int) -> dict:
     times = result["step_times_s"][warmup:] or result["step_times_s"]
     gens = result["generation_times_s"][warmup:] or result["generation_times_s"]
     step = sum(times) / len(times)
+    median = sorted(times)[len(times) // 2] if len(times) % 2 else sum(sorted(times)[len(times) // 2 - 1 :][:2]) / 2
     tokens = result["completion_tokens_per_step"][-1]
     return {
         "variant": result["variant"],
         "label": result["label"],
         "s_per_step": step,
+        "s_per_step_median": median,
         "generation_s": sum(gens) / len(gens) if gens else None,
         "completion_tokens_per_s": tokens / step,
         "completion_tokens": tokens,
@@ -275,15 +277,15 @@ def summarise(result: dict, warmup: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| variant | what | s/step | of which generation (s) | completion tokens/s | peak GiB |",
-        "|---|---|---|---|---|---|",
+        "| variant | what | s/step (mean) | median | of which generation (s) | completion tokens/s | peak GiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['label']} | {r['error']} | – | – | – |")
+            lines.append(f"| {r['variant']} | {r['label']} | {r['error']} | – | – | – | – |")
             continue
         lines.append(
-            f"| {r['variant']} | {r['label']} | {r['s_per_step']:.2f} | {r['generation_s']:.2f} | "
+            f"| {r['variant']} | {r['label']} | {r['s_per_step']:.2f} | {r['s_per_step_median']:.2f} | {r['generation_s']:.2f} | "
             f"{r['completion_tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |"
         )
     return "\n".join(lines)

@@ -67,7 +67,8 @@ def test_table_and_summary():
     row = bench_grpo.summarise(raw, warmup=1)
     assert row["s_per_step"] == 2.5 and row["completion_tokens_per_s"] == 16384 / 2.5
     text = bench_grpo.table([row, {"variant": "x", "label": "y", "error": "OOM"}])
-    assert "| fast-512 | ours | 2.50 | 1.50 | 6,554 | 27.0 |" in text and "OOM" in text
+    assert row["s_per_step_median"] == 2.5
+    assert "| fast-512 | ours | 2.50 | 2.50 | 1.50 | 6,554 | 27.0 |" in text and "OOM" in text
 
 
 @pytest.mark.slow
