@@ -20,10 +20,12 @@ import torch
 TRL_VOCAB_CHUNK = 32768  # vocabulary tile of TRL's kernel (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 
 
+_FALLBACK = None  # the trainer's own version, for output heads that are not a plain nn.Linear (PEFT wrappers)
+
+
 def masked_token_logprobs(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    head,
     labels: torch.Tensor,
     inside: torch.Tensor,
     standard_size: int,
@@ -33,11 +35,18 @@ def masked_token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob (and entropy) of each label under the span-masked, temperature-scaled softmax.
 
-    ``hidden``: [T, d]; ``labels``: [T]; ``inside``: [T] bool (may the next token be a reasoning id).
-    ``chunk_size`` is accepted for signature compatibility (TRL's kernel tiles tokens and vocabulary itself).
+    ``hidden``: [T, d]; ``head``: the output layer; ``labels``: [T]; ``inside``: [T] bool (may the next token
+    be a reasoning id). A head that is not a plain ``nn.Linear`` (a PEFT wrapper with trainable rows) goes to
+    the trainer's chunked version. ``chunk_size`` only matters there (TRL's kernel tiles tokens itself).
     """
+    if type(head) is not torch.nn.Linear:
+        from rlvr_vocab import trainer
+
+        fallback = _FALLBACK or trainer.masked_token_logprobs
+        return fallback(hidden, head, labels, inside, standard_size, temperature, chunk_size, entropy)
     from trl.kernels import ChunkedLogProbFunction
 
+    weight, bias = head.weight, head.bias
     outputs = ("entropy",) if entropy else ()
     logps = hidden.new_zeros(labels.shape, dtype=torch.float32)
     ents = hidden.new_zeros(labels.shape, dtype=torch.float32) if entropy else None
@@ -72,6 +81,9 @@ def masked_token_logprobs(
 
 def install() -> None:
     """Make ``rlvr_vocab.trainer`` use this version (its reasoning head looks the function up at call time)."""
+    global _FALLBACK
     import rlvr_vocab.trainer
 
+    if rlvr_vocab.trainer.masked_token_logprobs is not masked_token_logprobs:
+        _FALLBACK = rlvr_vocab.trainer.masked_token_logprobs
     rlvr_vocab.trainer.masked_token_logprobs = masked_token_logprobs
