@@ -191,6 +191,21 @@ class CheckRewardsConfig:
     limit: int | None = None  # check only the first N rows (null: all)
 
 
+@dataclass
+class EvalConfig:
+    """rlvr-eval and rlvr-infer: what to load, which problems, how to generate, what counts as right."""
+
+    model_path: str | None = None  # hub id, model/checkpoint folder, LoRA adapter folder or run folder (null: model=)
+    checkpoints: str = "auto"  # auto: every checkpoint-N of a run folder, else the one model | all | one
+    split: str = "eval"  # eval: the held-out split | train: the training split
+    max_samples: int | None = None  # first N problems of the split (null: all, after dataset.max_eval_samples)
+    batch_size: int = 16  # sequences per generate call (prompts x samples)
+    max_new_tokens: int | None = None  # generated tokens per completion (null: training.max_completion_length)
+    num_samples: int = 1  # k > 1: k sampled completions per problem (pass@k, maj@k; sampling: model.generation_kwargs)
+    reward: str = "accuracy"  # registry reward that decides correctness (right = its correct_reward, 1.0)
+    plot: bool = True  # several checkpoints: also a markdown table and a PNG of accuracy over steps
+
+
 # ------------------------------------------------------------------------------------------- top level
 @dataclass
 class Config:
@@ -205,7 +220,9 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     # Tool settings (CLIs read these; training ignores them).
     output_file: str | None = None  # CLIs: where to write their JSON result
-    eval: dict[str, Any] = field(default_factory=dict)  # rlvr-eval settings
+    eval: EvalConfig = field(default_factory=EvalConfig)  # rlvr-eval / rlvr-infer settings
+    question: str | None = None  # rlvr-infer: one question to answer
+    input_file: str | None = None  # rlvr-infer: jsonl with a `question` per line (answers: output_file)
     check_rewards: CheckRewardsConfig = field(default_factory=CheckRewardsConfig)
 
 
@@ -302,4 +319,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"logging.backend={cfg.logging.backend!r}: choose none, wandb, tensorboard or trackio.")
     if cfg.logging.mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"logging.mode={cfg.logging.mode!r}: choose online, offline or disabled.")
+    from rlvr_vocab.peft_utils import check_qlora
+
+    check_qlora(m.lora, m.source)  # model.lora.load_in_4bit needs CUDA + bitsandbytes + an adapter
     grpo_config_kwargs(cfg)  # every training key must reach GRPOConfig

@@ -180,11 +180,13 @@ def load_tokenizer(model_cfg: DictConfig, cache_dir: str):
     return prepare_tokenizer(tok, model_cfg)
 
 
-def load_model_and_tokenizer(model_cfg: DictConfig, cache_dir: str, bf16: bool, seed: int = 0):
+def load_model_and_tokenizer(
+    model_cfg: DictConfig, cache_dir: str, bf16: bool, seed: int = 0, load_kwargs: dict[str, Any] | None = None
+):
     """Load (tokenizer, model) as configured. The reasoning vocabulary is added separately."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = _model_kwargs(model_cfg, bf16)
+    kwargs = {**_model_kwargs(model_cfg, bf16), **(load_kwargs or {})}  # load_kwargs: e.g. QLoRA's quantization
     tokenizer = load_tokenizer(model_cfg, cache_dir)
     if model_cfg.source == "tiny":
         model = build_tiny_model(model_cfg, tokenizer, kwargs["dtype"], seed)

@@ -56,15 +56,22 @@ def train(cfg: DictConfig) -> dict:
     train_dataset, eval_dataset = load_datasets(cfg)
 
     # ---- model and tokenizer (+ reasoning vocabulary)
+    from rlvr_vocab.peft_utils import apply_lora, build_reference_model, load_kwargs_for_qlora
     from rlvr_vocab.reasoning_vocab import extend_model
     from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, bf16=bf16, seed=cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model, cfg.paths.cache_dir, bf16=bf16, seed=cfg.seed, load_kwargs=load_kwargs_for_qlora(cfg.model.lora)
+    )
     vocab = None
     if cfg.model.reasoning_vocab_size > 0:
         vocab = extend_model(
             model, tokenizer, cfg.model.reasoning_vocab_size, cfg.model.reasoning, _corpus_texts(cfg, train_dataset)
         )
+    # KL reference: a frozen copy of the initial policy (rows included), none when beta=0 or under LoRA
+    ref_model = build_reference_model(model, cfg.training.beta, cfg.model.lora.enabled)
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora, cfg.model.reasoning_vocab_size)
 
     # ---- trainer
     report_to = start_tracker(cfg, output_dir)
@@ -72,6 +79,8 @@ def train(cfg: DictConfig) -> dict:
         kwargs = grpo_config_kwargs(cfg)
         if cfg.logging.backend == "wandb" and cfg.logging.log_completions:
             kwargs["log_completions"] = True
+        if cfg.logging.backend == "trackio":
+            kwargs.setdefault("project", cfg.logging.project)  # TrainingArguments.project: the trackio project
         if eval_dataset is None or kwargs.get("eval_strategy", "no") == "no":
             eval_dataset = None
         kwargs["bf16"] = bf16  # null resolved to what this machine supports
@@ -91,6 +100,7 @@ def train(cfg: DictConfig) -> dict:
             processing_class=tokenizer,
             callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl"), resume.PreemptionCallback()],
             reasoning_vocab=vocab,
+            ref_model=ref_model,
         )
         if vocab is not None and cfg.model.reasoning.keep_initial_checkpoint and not checkpoint:
             trainer.save_initial_checkpoint()

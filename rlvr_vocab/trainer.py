@@ -135,8 +135,11 @@ def add_reasoning_lm_head(model, vocab: ReasoningVocab, temperature: float, chun
 class RLVRGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with the reasoning vocabulary wired through sampling, log-probs and checkpoints."""
 
-    def __init__(self, *args, reasoning_vocab: ReasoningVocab | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, reasoning_vocab: ReasoningVocab | None = None, ref_model=None, **kwargs):
+        from rlvr_vocab.peft_utils import trl_reference_model
+
+        with trl_reference_model(ref_model):  # TRL would reload config._name_or_path (fails for tiny/GGUF/rows)
+            super().__init__(*args, **kwargs)
         self.reasoning_vocab = reasoning_vocab
         if reasoning_vocab is not None:
             for target in (self.model, self.ref_model):
