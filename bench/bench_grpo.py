@@ -58,7 +58,6 @@ class Variant:
     checkpointing: bool
     steps: int  # optimizer steps, warm-up included
     label: str
-    fused_head: bool = False  # bench/masked_head.py's reasoning-vocab log-prob head instead of the trainer's
 
 
 VOCAB = QWEN3_06B["vocab_size"]
@@ -72,9 +71,6 @@ VARIANTS = {
         Variant("fast-2048", "fast", 0, 2048, 8, True, 4, "ours, 2,048 tokens, baseline, ckpt on"),
         Variant("fast-2048-rv", "fast", VOCAB, 2048, 8, True, 4, "ours, 2,048 tokens, vocab doubled, ckpt on"),
         Variant("fast-8192-rv", "fast", VOCAB, 8192, 8, True, 2, "ours, 8,192 tokens, vocab doubled, ckpt on"),
-        Variant("fast-512-rv-fh", "fast", VOCAB, 512, 16, False, 6, "ours, vocab doubled, fused masked head", True),
-        Variant("fast-2048-rv-fh", "fast", VOCAB, 2048, 8, True, 4, "ours, 2,048, vocab doubled, fused head", True),
-        Variant("fast-8192-rv-fh", "fast", VOCAB, 8192, 8, True, 2, "ours, 8,192, vocab doubled, fused head", True),
     ]
 }
 COMPLETIONS_PER_STEP = 32
@@ -154,10 +150,6 @@ def run_variant(v: Variant, seed: int = 0, tiny: bool = False, gc_freeze: bool =
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if tiny:
         v = Variant(**{**asdict(v), "completion": 16, "micro_batch": 8})
-    if v.fused_head:
-        import masked_head
-
-        masked_head.install()
     tok = build_tokenizer(VOCAB)
     model = build_model(tok, seed, tiny)
     vocab = None

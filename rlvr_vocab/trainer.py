@@ -67,9 +67,12 @@ def masked_token_logprobs(
 
     ``hidden``: [T, d] for the T scored positions; ``head``: the output layer (hidden -> V+N logits; the
     module itself, so PEFT wrappers of the head apply); ``inside``: [T] bool, may the next token be a reasoning
-    id. Chunked over T with activation checkpointing, so at most ``chunk_size x V`` fp32 logits exist at
-    once, in the forward and in the backward.
+    id. A plain ``nn.Linear`` head goes to TRL's fused chunked kernel (``_fused_masked_token_logprobs``);
+    any other head (e.g. PEFT-wrapped) is chunked over T with activation checkpointing, so at most
+    ``chunk_size x V`` fp32 logits exist at once, in the forward and in the backward.
     """
+    if type(head) is torch.nn.Linear:
+        return _fused_masked_token_logprobs(hidden, head, labels, inside, standard_size, temperature, entropy)
     outs, ents = [], []
     for s in range(0, hidden.size(0), chunk_size):
         args = (hidden[s : s + chunk_size], labels[s : s + chunk_size], inside[s : s + chunk_size])
@@ -86,6 +89,41 @@ def masked_token_logprobs(
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, (empty if entropy else None)
     return torch.cat(outs), (torch.cat(ents) if entropy else None)
+
+
+def _fused_masked_token_logprobs(hidden, head, labels, inside, standard_size: int, temperature: float, entropy: bool):
+    """Inside the span: log-softmax over all rows; outside: over the standard rows (a reasoning label there is -inf).
+
+    Each part is TRL's ChunkedLogProbFunction (no materialised fp32 logits; Triton on CUDA), entropy from the
+    same pass. Measured on an H100 (BENCHMARKS.md): the reasoning-vocab step overhead at 2,048 tokens drops from
+    +15% (chunked head above) to +6%.
+    """
+    from trl.kernels import ChunkedLogProbFunction
+
+    weight, bias = head.weight, head.bias
+    outputs = ("entropy",) if entropy else ()
+    logps = hidden.new_zeros(labels.shape, dtype=torch.float32)
+    ents = hidden.new_zeros(labels.shape, dtype=torch.float32) if entropy else None
+
+    def run(rows, w, b, targets):
+        lp, ent, *_ = ChunkedLogProbFunction.apply(hidden[rows], w, b, targets, temperature, 32768, None, 1.0, outputs)
+        return lp, ent
+
+    if inside.any():
+        lp, ent = run(inside, weight, bias, labels[inside])
+        logps = logps.masked_scatter(inside, lp)
+        if entropy:
+            ents = ents.masked_scatter(inside, ent)
+    outside = ~inside
+    if outside.any():
+        out_labels = labels[outside]
+        standard = out_labels < standard_size
+        b = None if bias is None else bias[:standard_size]
+        lp, ent = run(outside, weight[:standard_size], b, torch.where(standard, out_labels, 0))
+        logps = logps.masked_scatter(outside, torch.where(standard, lp, float("-inf")))
+        if entropy:
+            ents = ents.masked_scatter(outside, ent)
+    return logps, ents
 
 
 @dataclass

@@ -164,6 +164,34 @@ def test_chunked_masked_logprobs_match_naive_values_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_head_equals_the_chunked_head(temperature):
+    """A plain nn.Linear head takes TRL's fused kernel; any other head the checkpointed chunks: same numbers."""
+    g = torch.Generator().manual_seed(0)
+    v, n, d, t = 50, 20, 16, 61
+    hidden = torch.randn(t, d, generator=g, requires_grad=True)
+    head = torch.nn.Linear(d, v + n, bias=True)
+    inside = torch.rand(t, generator=g) > 0.4
+    labels = torch.where(inside, torch.randint(0, v + n, (t,), generator=g), torch.randint(0, v, (t,), generator=g))
+    fused, fused_ent = masked_token_logprobs(hidden, head, labels, inside, v, temperature, entropy=True)
+    chunked, chunked_ent = masked_token_logprobs(hidden, lambda h: head(h), labels, inside, v, temperature, 16, True)
+    torch.testing.assert_close(fused, chunked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_ent, chunked_ent, rtol=1e-4, atol=1e-4)
+    g1 = torch.autograd.grad(fused.sum(), (hidden, head.weight, head.bias))
+    g2 = torch.autograd.grad(chunked.sum(), (hidden, head.weight, head.bias))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_head_all_inside_and_all_outside():
+    hidden, head = torch.randn(4, 8), torch.nn.Linear(8, 12, bias=False)
+    labels = torch.tensor([1, 11, 2, 3])
+    all_in, _ = masked_token_logprobs(hidden, head, labels, torch.ones(4, dtype=torch.bool), 10)
+    all_out, _ = masked_token_logprobs(hidden, head, labels, torch.zeros(4, dtype=torch.bool), 10)
+    assert torch.isfinite(all_in).all()
+    assert torch.isinf(all_out[1]) and torch.isfinite(all_out[[0, 2, 3]]).all()
+
+
 # ------------------------------------------------------------------------------------ sampling == training
 def make_trainer(model, tok, vocab, tmp_path, temperature=1.0):
     from datasets import Dataset
