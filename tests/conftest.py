@@ -35,6 +35,27 @@ def compose_config(*overrides: str):
         GlobalHydra.instance().clear()
 
 
+def tiny_llama(tokenizer, tied: bool = False, seed: int = 0):
+    """A random 2-layer Llama over the tokenizer's vocabulary (tied or untied head), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """compose_config with output_dir in tmp_path and the shared conversion cache."""

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from rlvr_vocab.config import ConfigError, ReasoningVocabConfig
 from rlvr_vocab.models import build_tiny_tokenizer, prepare_tokenizer
@@ -21,23 +22,6 @@ from rlvr_vocab.reasoning_vocab import (
 from rlvr_vocab.trainer import masked_token_logprobs
 
 RCFG = OmegaConf.structured(ReasoningVocabConfig())
-
-
-def tiny_llama(tokenizer, tied: bool, seed: int = 0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.fixture

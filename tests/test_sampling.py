@@ -8,8 +8,9 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from rlvr_vocab import sampling
 from rlvr_vocab.config import ReasoningVocabConfig
@@ -54,23 +55,6 @@ def tok():
 
 def tiny_qwen3(tok, device="cpu", seed=0):
     return build_tiny_model(TINY, tok, torch.float32, seed).to(device).eval()
-
-
-def tiny_llama(tok, seed=0, tied=False):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def boost(model, ids, scale=4.0):
@@ -355,7 +339,6 @@ def distinct_chars(completions, **kwargs):
 
 @pytest.mark.parametrize("n_reasoning", [0, 8])
 def test_train_runs_on_the_fast_backend(make_cfg, monkeypatch, n_reasoning):
-    from transformers import AutoModelForCausalLM
 
     from rlvr_vocab.rewards.registry import REWARD_REGISTRY
     from rlvr_vocab.train import train
