@@ -56,6 +56,40 @@ def tiny_llama(tokenizer, tied: bool = False, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def make_trainer(model, tokenizer, vocab, tmp_path, **kwargs):
+    """An RLVRGRPOTrainer on a 4-row dataset with a zero reward (for log-prob and generation tests).
+
+    ``kwargs`` override the RLVRGRPOConfig fields (default: CPU, fp32, batch 4, 2 generations, 24 tokens, fast).
+    """
+    from datasets import Dataset
+
+    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
+
+    def zero(completions, **_):
+        return [0.0] * len(completions)
+
+    settings = {
+        "output_dir": str(tmp_path / "t"),
+        "use_cpu": True,
+        "bf16": False,
+        "per_device_train_batch_size": 4,
+        "num_generations": 2,
+        "max_completion_length": 24,
+        "report_to": "none",
+        "generation_backend": "fast",
+    }
+    args = RLVRGRPOConfig(**{**settings, **kwargs})
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": "1+1?"}]}] * 4)
+    return RLVRGRPOTrainer(
+        model=model,
+        reward_funcs=[zero],
+        args=args,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        reasoning_vocab=vocab,
+    )
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """compose_config with output_dir in tmp_path and the shared conversion cache."""

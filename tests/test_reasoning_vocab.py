@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import make_trainer, tiny_llama
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
@@ -177,31 +177,6 @@ def test_fused_head_all_inside_and_all_outside():
 
 
 # ------------------------------------------------------------------------------------ sampling == training
-def make_trainer(model, tok, vocab, tmp_path, temperature=1.0):
-    from datasets import Dataset
-
-    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
-
-    def zero(completions, **kwargs):
-        return [0.0] * len(completions)
-
-    args = RLVRGRPOConfig(
-        output_dir=str(tmp_path / "t"),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=16,
-        temperature=temperature,
-        report_to="none",
-        generation_backend="trl",
-    )
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": "1+1?"}]}] * 4)
-    return RLVRGRPOTrainer(
-        model=model, reward_funcs=[zero], args=args, train_dataset=ds, processing_class=tok, reasoning_vocab=vocab
-    )
-
-
 def boost_reasoning_rows(model, vocab, scale=3.0):
     """Make reasoning ids likely wherever they are allowed (so the mask is what keeps them out)."""
     with torch.no_grad():
@@ -214,7 +189,9 @@ def boost_reasoning_rows(model, vocab, scale=3.0):
 def test_generation_logprobs_equal_training_logprobs(tok, tmp_path, temperature):
     model = tiny_llama(tok, tied=False, seed=3)
     vocab = extend_model(model, tok, 12, RCFG)
-    trainer = make_trainer(model, tok, vocab, tmp_path, temperature)
+    trainer = make_trainer(
+        model, tok, vocab, tmp_path, temperature=temperature, generation_backend="trl", max_completion_length=16
+    )
     prompt = prepare_tokenizer(tok, OmegaConf.create({"chat_template": None}))(
         [
             "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n<think>",
@@ -297,7 +274,7 @@ def test_added_tokens_are_not_reasoning_ids(tok):
 def test_checkpoint_round_trip_restores_n_and_logits(tok, tmp_path):
     model = tiny_llama(tok, tied=False, seed=7)
     vocab = extend_model(model, tok, 9, RCFG)
-    trainer = make_trainer(model, tok, vocab, tmp_path)
+    trainer = make_trainer(model, tok, vocab, tmp_path, generation_backend="trl")
     trainer.save_model(str(tmp_path / "final"))
     saved = json.loads((tmp_path / "final" / "reasoning_vocab.json").read_text())
     assert saved["size"] == 9 and saved["standard_size"] == vocab.standard_size

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import make_trainer, tiny_llama
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
@@ -196,30 +196,6 @@ def test_first_token_frequencies_follow_the_processed_softmax(tok):
 
 
 # ----------------------------------------------------------------------------------- through the trainer
-def make_trainer(model, tok, vocab, tmp_path, **kwargs):
-    from datasets import Dataset
-
-    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
-
-    def zero(completions, **kw):
-        return [0.0] * len(completions)
-
-    args = RLVRGRPOConfig(
-        output_dir=str(tmp_path / "t"),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        report_to="none",
-        generation_backend="fast",
-        **{"max_completion_length": 24, **kwargs},
-    )
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": "1+1?"}]}] * 4)
-    return RLVRGRPOTrainer(
-        model=model, reward_funcs=[zero], args=args, train_dataset=ds, processing_class=tok, reasoning_vocab=vocab
-    )
-
-
 def prompt_ids(tok, k=8):
     texts = [PROMPTS[i % len(PROMPTS)] + "x" * (i % 3) for i in range(k)]
     return [tok(t).input_ids for t in texts]
