@@ -255,14 +255,14 @@ class RLVRGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         n_tokens = sum(len(c) for c in completion_ids)
         n_reasoning, n_inside = 0, 0
-        for p_ids, c_ids, i in zip(prompt_ids, completion_ids, range(len(completions)), strict=True):
+        for i, (p_ids, c_ids) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
             if not c_ids:
                 continue
             ids = torch.tensor(p_ids + list(c_ids))
-            inside = vocab.span_state(ids.unsqueeze(0))[0, len(p_ids) - 1 : -1]
-            n_inside += int(inside.sum())
-            n_reasoning += sum(1 for t in c_ids if t >= vocab.standard_size)
-            if any(t >= vocab.standard_size for t in c_ids):  # re-decode: source tokens, not dropped ids
+            n_inside += int(vocab.span_state(ids.unsqueeze(0))[0, len(p_ids) - 1 : -1].sum())
+            n_here = int(vocab.is_reasoning(ids[len(p_ids) :]).sum())
+            n_reasoning += n_here
+            if n_here:  # re-decode: each reasoning id as its source token (plain decode drops them)
                 text = vocab.decode(self.processing_class, c_ids)
                 completions[i] = [{"role": "assistant", "content": text}] if isinstance(completions[i], list) else text
         self._metrics[mode]["reasoning/token_fraction"].append(n_reasoning / max(n_tokens, 1))

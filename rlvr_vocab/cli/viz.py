@@ -32,6 +32,15 @@ def _plt():
     return plt
 
 
+def _save_line_plot(plt, fig, ax, path: Path) -> Path:
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -50,12 +59,7 @@ def plot_usage(run_dir: Path, out: Path) -> Path | None:
     ax.set(
         xlabel="training step", ylabel="fraction of completion tokens", ylim=(0, 1.02), title="Reasoning-vocab usage"
     )
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "usage.png", dpi=120)
-    plt.close(fig)
-    return out / "usage.png"
+    return _save_line_plot(plt, fig, ax, out / "usage.png")
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -103,12 +107,7 @@ def plot_drift(run_dir: Path, vocab: ReasoningVocab, out: Path) -> Path | None:
         ax.plot(steps, low, linestyle="--", label=f"{kind}: 5th percentile")
     ax.set(xlabel="checkpoint step", ylabel="cosine(reasoning row, source row)", title="Drift of the reasoning rows")
     ax.ticklabel_format(axis="y", useOffset=False)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "drift.png", dpi=120)
-    plt.close(fig)
-    return out / "drift.png"
+    return _save_line_plot(plt, fig, ax, out / "drift.png")
 
 
 def sample_completion(
