@@ -193,7 +193,11 @@ class CheckRewardsConfig:
 
 @dataclass
 class EvalConfig:
-    """rlvr-eval and rlvr-infer: what to load, which problems, how to generate, what counts as right."""
+    """rlvr-eval and rlvr-infer: what to load, which problems, how to generate, what counts as right.
+
+    With ``every_steps > 0`` training also runs this eval (split, max_samples, batch_size, max_new_tokens,
+    num_samples, reward) on the policy in training, at step 0, every N steps and at the end.
+    """
 
     model_path: str | None = None  # hub id, model/checkpoint folder, LoRA adapter folder or run folder (null: model=)
     checkpoints: str = "auto"  # auto: every checkpoint-N of a run folder, else the one model | all | one
@@ -204,6 +208,7 @@ class EvalConfig:
     num_samples: int = 1  # k > 1: k sampled completions per problem (pass@k, maj@k; sampling: model.generation_kwargs)
     reward: str = "accuracy"  # registry reward that decides correctness (right = its correct_reward, 1.0)
     plot: bool = True  # several checkpoints: also a markdown table and a PNG of accuracy over steps
+    every_steps: int = 0  # training: greedy held-out eval every N optimizer steps, logged as heldout/* (0: off)
 
 
 # ------------------------------------------------------------------------------------------- top level

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import re
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ def finish_tracker(cfg: DictConfig) -> None:
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Append every logged metrics dict (with its step) to <output_dir>/metrics.jsonl and echo the reward."""
+    """Append every logged metrics dict (with its step and unix time) to <output_dir>/metrics.jsonl; echo the reward."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -107,7 +108,8 @@ class MetricsFileCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}}
+        record = {"step": state.global_step, "time": round(time.time(), 3)}  # time: unix seconds, for curves
+        record.update({k: v for k, v in logs.items() if _is_number(v)})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if "reward" in logs:

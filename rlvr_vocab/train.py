@@ -54,6 +54,13 @@ def train(cfg: DictConfig) -> dict:
 
     # ---- data (before the model: data errors surface before an expensive load)
     train_dataset, eval_dataset = load_datasets(cfg)
+    callbacks = [MetricsFileCallback(output_dir / "metrics.jsonl"), resume.PreemptionCallback()]
+    heldout = None
+    if cfg.eval.every_steps > 0:  # greedy held-out accuracy during training (rlvr-eval's settings)
+        from rlvr_vocab.heldout import HeldOutEvalCallback
+
+        heldout = HeldOutEvalCallback(cfg, train_dataset, eval_dataset)
+        callbacks.append(heldout)
 
     # ---- model and tokenizer (+ reasoning vocabulary)
     from rlvr_vocab.peft_utils import apply_lora, build_reference_model, load_kwargs_for_qlora
@@ -98,10 +105,12 @@ def train(cfg: DictConfig) -> dict:
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl"), resume.PreemptionCallback()],
+            callbacks=callbacks,
             reasoning_vocab=vocab,
             ref_model=ref_model,
         )
+        if heldout is not None:
+            heldout.trainer = trainer
         if vocab is not None and cfg.model.reasoning.keep_initial_checkpoint and not checkpoint:
             trainer.save_initial_checkpoint()
 

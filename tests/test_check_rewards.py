@@ -99,7 +99,7 @@ def test_run_writes_json(tmp_path, gsm8k_dir):
     written = json.loads(out.read_text())
     assert RESULT_KEYS <= set(written)
     assert written["rows"] == 100 and written["gold_correct"] == 100 and written["wrong_scored_correct"] == 0
-    assert written["reward_funcs"] == ["accuracy", "boxed_format"] and written["weights"] == [1.0, 0.2]
+    assert written["reward_funcs"] == ["boxed_accuracy", "boxed_format"] and written["weights"] == [1.0, 0.2]
     assert result["gold_total"] == written["gold_total"]
 
 

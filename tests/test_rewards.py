@@ -25,7 +25,7 @@ from rlvr_vocab.rewards.cookbook import (
     CookbookNumber,
 )
 from rlvr_vocab.rewards.format import SoftOverlong, ThinkFormat, boxed_format_reward
-from rlvr_vocab.rewards.graded import BinaryBoxed, last_number_reward
+from rlvr_vocab.rewards.graded import BinaryBoxed, BoxedAccuracy, last_number_reward
 from rlvr_vocab.rewards.text import repair_latex_shorthand
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_doctests(module):
 # ------------------------------------------------------------------------------------------- registry
 def test_registry_names_and_metric_names():
     assert set(REWARD_REGISTRY) >= {
-        "accuracy", "last_number", "boxed_format", "binary_boxed", "think_format", "soft_overlong",
+        "accuracy", "last_number", "boxed_format", "boxed_accuracy", "binary_boxed", "think_format", "soft_overlong",
         "cookbook_format_exact", "cookbook_format_approx", "cookbook_answer", "cookbook_number",
     }  # fmt: skip
     for name in REWARD_REGISTRY:
@@ -407,6 +407,15 @@ def test_boxed_format():
     assert boxed_format_reward(completions) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
 
 
+def test_boxed_accuracy_counts_only_boxed_answers():
+    f = BoxedAccuracy()
+    completions = [r"\boxed{7}", r"The sum is \boxed{7.0}.", r"The answer is $7$.", "7", r"\boxed{8}", r"\boxed{}",
+                   r"\boxed{8}. The answer is $7$.", r"\boxed{\frac{14}{2}}"]  # fmt: skip
+    assert f(completions, answer=["7"] * len(completions)) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert Accuracy()([r"The answer is $7$."], answer=["7"]) == [1.0]  # accuracy takes it; the strict one does not
+    assert f([r"\boxed{7}"], answer=[""]) == [None]
+
+
 def test_binary_boxed():
     f = BinaryBoxed()
     completions = [r"\boxed{7}", r"\boxed{8}", "7", r"\boxed{}", r"$7$"]
@@ -561,6 +570,7 @@ def test_fuzz_every_reward_never_raises():
     fast = {
         "accuracy": {"parsing_timeout": 1, "verify_timeout": 1},
         "binary_boxed": {"parsing_timeout": 1, "verify_timeout": 1},
+        "boxed_accuracy": {"parsing_timeout": 1, "verify_timeout": 1},
     }
     started = time.perf_counter()
     for name in REWARD_REGISTRY:

@@ -112,3 +112,39 @@ def test_wandb_offline_run_logs_config_and_metrics(make_cfg, tmp_path, monkeypat
     for p in run_files:
         if p.is_file() and p.stat().st_size < 5_000_000:
             assert b"x" * 40 not in p.read_bytes(), p
+
+
+HELD_OUT = ["eval.every_steps=2", "eval.max_samples=6", "eval.reward=last_number", "eval.batch_size=4"]
+
+
+def test_held_out_eval_during_training_logs_a_curve_and_leaves_training_unchanged(tmp_path):
+    """eval.every_steps: held-out records at steps 0, 2 and the end, equal to rlvr-eval of the final model,
+    and the run's weights identical to the same run without it (the eval does not consume training randomness)."""
+    from rlvr_vocab.cli.evaluate import evaluate
+    from tests.conftest import CACHE_DIR, compose_config
+
+    def run(name: str, *extra: str):
+        cfg = compose_config(f"output_dir={tmp_path / name}", f"paths.cache_dir={CACHE_DIR}", *TINY_RUN, *extra)
+        train(cfg)
+        return cfg, Path(cfg.output_dir)
+
+    cfg, with_eval = run("with_eval", *HELD_OUT)
+    _, without = run("without")
+    logged = [json.loads(line) for line in (with_eval / "metrics.jsonl").read_text().splitlines()]
+    heldout = [r for r in logged if "heldout/pass@1" in r]
+    assert [r["step"] for r in heldout] == [0, 2, 3]
+    for r in heldout:
+        assert 0.0 <= r["heldout/pass@1"] <= 1.0 and r["heldout/mean_length"] > 0 and r["heldout/seconds"] > 0
+    assert [r["heldout/train_seconds"] for r in heldout] == sorted(r["heldout/train_seconds"] for r in heldout)
+    assert len([r for r in logged if "reward" in r]) == 3  # training metrics still logged once per step
+    assert all("time" in r for r in logged)
+
+    final = evaluate(compose_config(*TINY_RUN, *HELD_OUT, f"paths.cache_dir={CACHE_DIR}",
+                                    f"eval.model_path={with_eval}", "eval.checkpoints=one",
+                                    f"output_file={tmp_path / 'eval.json'}"))  # fmt: skip
+    summary = final["results"][0]["summary"]
+    assert summary["pass@1"] == heldout[-1]["heldout/pass@1"]
+    assert summary["mean_length"] == heldout[-1]["heldout/mean_length"]
+
+    a, b = load_file(with_eval / "model.safetensors"), load_file(without / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -43,6 +43,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "num_samples": 1,  # k > 1: also k sampled completions per problem (pass@k, maj@k, mean@k)
     "reward": "accuracy",  # registry reward that decides correctness (right = its correct_reward, e.g. 1.0)
     "plot": True,  # several checkpoints: write the markdown table and the PNG
+    "every_steps": 0,  # training: held-out eval every N optimizer steps (HeldOutEvalCallback; 0: off)
 }
 
 
@@ -64,6 +65,8 @@ def eval_settings(cfg: DictConfig) -> dict[str, Any]:
     for key in ("batch_size", "max_new_tokens", "num_samples"):
         if not isinstance(settings[key], int) or settings[key] < 1:
             raise ConfigError(f"eval.{key}={settings[key]!r} must be a whole number >= 1.")
+    if not isinstance(settings["every_steps"], int) or settings["every_steps"] < 0:
+        raise ConfigError(f"eval.every_steps={settings['every_steps']!r} must be a whole number >= 0 (0: off).")
     return settings
 
 
@@ -95,7 +98,11 @@ def eval_rows(cfg: DictConfig, settings: dict[str, Any]):
     """The problems: columns prompt / problem / answer of the chosen split, cut to ``eval.max_samples``."""
     from rlvr_vocab.data import load_datasets
 
-    train, held_out = load_datasets(cfg)
+    return select_rows(cfg, settings, *load_datasets(cfg))
+
+
+def select_rows(cfg: DictConfig, settings: dict[str, Any], train, held_out):
+    """``eval.split`` of already loaded (train, held-out) datasets, cut to ``eval.max_samples``."""
     rows = train if settings["split"] == "train" else held_out
     if rows is None:
         raise ConfigError(
@@ -157,13 +164,20 @@ def summarize(records: list[dict[str, Any]], num_samples: int) -> dict[str, Any]
     return summary
 
 
-def evaluate_model(model, tokenizer, rows, settings: dict[str, Any], cfg: DictConfig, reward, desc: str = "eval"):
+def evaluate_model(
+    model, tokenizer, rows, settings: dict[str, Any], cfg: DictConfig, reward, desc: str = "eval", progress: bool = True
+):
     """(summary, per-problem records) of one model on ``rows``."""
     from rlvr_vocab.data import last_boxed
     from rlvr_vocab.generation import extract_answer, generate, majority, sampling_kwargs
 
     prompts, golds = list(rows["prompt"]), list(rows["answer"])
-    common = {"max_new_tokens": settings["max_new_tokens"], "batch_size": settings["batch_size"], "seed": cfg.seed}
+    common = {
+        "max_new_tokens": settings["max_new_tokens"],
+        "batch_size": settings["batch_size"],
+        "seed": cfg.seed,
+        "progress": progress,
+    }
     greedy = generate(model, tokenizer, prompts, desc=f"{desc} greedy", **common)
     correct = _score(reward, [c[0].text for c in greedy], golds)
     records = []

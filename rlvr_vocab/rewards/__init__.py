@@ -2,7 +2,7 @@
 
 All take TRL's call ``f(prompts=..., completions=..., completion_ids=..., **dataset_columns)`` and
 return one ``float`` (or ``None``: does not apply) per completion. The gold answer is the ``answer``
-column. Modules: ``accuracy`` (math-verify), ``graded`` (last_number, binary_boxed), ``format``
+column. Modules: ``accuracy`` (math-verify), ``graded`` (last_number, boxed_accuracy, binary_boxed), ``format``
 (boxed_format, think_format, soft_overlong), ``cookbook`` (issue #5's four graded rewards).
 """
 

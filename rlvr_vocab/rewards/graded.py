@@ -1,15 +1,16 @@
-r"""Correctness rewards beyond ``accuracy``: a lenient number match and a signed boxed-answer reward.
+r"""Correctness rewards beyond ``accuracy``: a lenient number match and two strict boxed-answer rewards.
 
 ``last_number`` serves the offline quickstart, where SmolLM2-135M-Instruct almost never writes
 ``\boxed{}``: it compares the last number written (the boxed content when there is one).
-``binary_boxed`` is ``accuracy`` with a penalty for wrong answers and a smaller one for no box.
+``boxed_accuracy`` is ``accuracy`` that only counts an answer inside ``\boxed{}`` (``accuracy`` also
+takes ``$7$``). ``binary_boxed`` signs it: a penalty for wrong answers and a smaller one for no box.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from rlvr_vocab.rewards.accuracy import Accuracy
+from rlvr_vocab.rewards.accuracy import Accuracy, gold_is_parseable
 from rlvr_vocab.rewards.text import (
     BOXED_TEMPLATE,
     boxed_contents,
@@ -50,10 +51,50 @@ last_number_reward.correct_reward = 1.0  # what a right answer scores (rlvr-chec
 last_number_reward.answer_template = BOXED_TEMPLATE  # how rlvr-check-rewards writes an answer for it
 
 
-class BinaryBoxed:
+class BoxedAccuracy:
+    r"""1.0 when the completion has a non-empty ``\boxed{}`` and its answer is right per math-verify, else 0.0.
+
+    The strict score: ``accuracy`` grades ``\boxed{}`` first but also takes an answer in ``$...$``;
+    here an unboxed answer scores 0.0. None where the gold is unparseable.
+
+    Args:
+        **accuracy_kwargs: passed to ``Accuracy`` (``parsing_timeout``, ``verify_timeout``, ...).
+
+    Example:
+        >>> BoxedAccuracy()([r"so \boxed{7}.", r"\boxed{8}", "$7$", "7", r"\boxed{}"], answer=["7"] * 5)
+        [1.0, 0.0, 0.0, 0.0, 0.0]
+    """
+
+    __name__ = "boxed_accuracy"
+    correct_reward = 1.0
+    answer_template = BOXED_TEMPLATE
+
+    def __init__(self, **accuracy_kwargs: Any):
+        self.accuracy = Accuracy(**accuracy_kwargs)
+
+    def outcomes(self, completions: list, answer: list) -> list[str | None]:
+        """Per completion: ``"right"``, ``"wrong"`` (a boxed answer that is not right), ``"no_boxed"``, or None."""
+        texts = [completion_text(c) for c in completions]
+        golds = list(answer)
+        boxed = [i for i, text in enumerate(texts) if any(boxed_contents(text))]  # closed, non-empty box
+        scores = dict(zip(boxed, self.accuracy.score_many([texts[i] for i in boxed], [golds[i] for i in boxed])))
+        result: list[str | None] = []
+        for i, gold in enumerate(golds):
+            if i in scores:  # math-verify read the box first (boxed_match_priority=0)
+                score = scores[i][0]
+                result.append(None if score is None else "right" if score == 1.0 else "wrong")
+            else:  # unboxed: math-verify is not asked (saves its time), only whether the gold applies
+                result.append("no_boxed" if gold_is_parseable(gold) else None)
+        return result
+
+    def __call__(self, completions: list, answer: list, **kwargs) -> list[float | None]:
+        return [None if o is None else float(o == "right") for o in self.outcomes(completions, answer)]
+
+
+class BinaryBoxed(BoxedAccuracy):
     r"""+1 for a right boxed answer, -1 for a wrong one, -0.5 when there is no non-empty ``\boxed{}``.
 
-    Right/wrong is ``accuracy`` (math-verify). None where the gold is unparseable.
+    Right/wrong is ``boxed_accuracy``. None where the gold is unparseable.
 
     Args:
         correct, wrong, no_boxed: the three reward values.
@@ -65,23 +106,11 @@ class BinaryBoxed:
     """
 
     __name__ = "binary_boxed"
-    answer_template = BOXED_TEMPLATE
 
     def __init__(self, correct: float = 1.0, wrong: float = -1.0, no_boxed: float = -0.5, **accuracy_kwargs: Any):
-        self.correct = self.correct_reward = float(correct)
-        self.wrong = float(wrong)
-        self.no_boxed = float(no_boxed)
-        self.accuracy = Accuracy(**accuracy_kwargs)
+        super().__init__(**accuracy_kwargs)
+        self.correct_reward = float(correct)
+        self.values = {"right": float(correct), "wrong": float(wrong), "no_boxed": float(no_boxed)}
 
     def __call__(self, completions: list, answer: list, **kwargs) -> list[float | None]:
-        texts = [completion_text(c) for c in completions]
-        scores = self.accuracy.score_many(texts, list(answer))
-        rewards: list[float | None] = []
-        for text, (score, _) in zip(texts, scores, strict=True):
-            if score is None:
-                rewards.append(None)
-            elif not any(boxed_contents(text)):  # no closed, non-empty box
-                rewards.append(self.no_boxed)
-            else:
-                rewards.append(self.correct if score == 1.0 else self.wrong)
-        return rewards
+        return [None if o is None else self.values[o] for o in self.outcomes(completions, answer)]

@@ -12,12 +12,13 @@ from typing import Any
 from rlvr_vocab.rewards.accuracy import Accuracy
 from rlvr_vocab.rewards.cookbook import CookbookAnswer, CookbookFormatApprox, CookbookFormatExact, CookbookNumber
 from rlvr_vocab.rewards.format import SoftOverlong, ThinkFormat, boxed_format_reward
-from rlvr_vocab.rewards.graded import BinaryBoxed, last_number_reward
+from rlvr_vocab.rewards.graded import BinaryBoxed, BoxedAccuracy, last_number_reward
 
 REWARD_REGISTRY: dict[str, type | Callable] = {
     "accuracy": Accuracy,  # 1/0 by math-verify, \boxed{} first (TRL's accuracy_reward)
     "last_number": last_number_reward,  # 1/0: last number (or boxed content) equals the gold number
     "boxed_format": boxed_format_reward,  # 1/0: exactly one non-empty \boxed{}
+    "boxed_accuracy": BoxedAccuracy,  # 1/0 by math-verify, only an answer inside \boxed{} counts
     "binary_boxed": BinaryBoxed,  # +1 right, -1 wrong, -0.5 no \boxed{}
     "think_format": ThinkFormat,  # 1/0: <think>...</think> then an answer
     "soft_overlong": SoftOverlong,  # DAPO length penalty in [-1, 0]

@@ -1,0 +1,86 @@
+"""Held-out accuracy during training: ``eval.every_steps=N`` runs rlvr-eval's greedy eval on the policy.
+
+The same settings as ``rlvr-eval`` (``eval.split``, ``max_samples``, ``batch_size``, ``max_new_tokens``,
+``num_samples``, ``reward``), so a curve logged here and a later ``rlvr-eval`` of the checkpoints agree.
+"""
+
+from __future__ import annotations
+
+import time
+
+from loguru import logger
+from omegaconf import DictConfig
+from transformers import TrainerCallback
+
+from rlvr_vocab.cli.evaluate import correctness_reward, eval_settings, evaluate_model, select_rows
+
+
+class HeldOutEvalCallback(TrainerCallback):
+    """``eval.every_steps=N``: this eval on the policy in training, at step 0, every N steps and at the end.
+
+    Logs ``heldout/pass@1``, ``heldout/format_rate``, ``heldout/mean_length``, ``heldout/truncated_rate``
+    (and ``pass@k``/``maj@k`` with ``eval.num_samples``), ``heldout/seconds`` (the eval's own time) and
+    ``heldout/train_seconds`` (time since training began in this process, evals included), through the
+    trainer's log: metrics.jsonl and the tracker. Every rank evaluates the same problems (FSDP needs all
+    ranks in a forward); the random state is restored afterwards, so training samples as without it.
+    """
+
+    def __init__(self, cfg: DictConfig, train_dataset, eval_dataset):
+        self.cfg = cfg
+        self.settings = eval_settings(cfg)
+        self.every = self.settings["every_steps"]
+        if self.every < 1:
+            raise ValueError("HeldOutEvalCallback needs eval.every_steps >= 1")
+        self.reward = correctness_reward(cfg, self.settings["reward"])
+        self.rows = select_rows(cfg, self.settings, train_dataset, eval_dataset)
+        self.trainer = None  # set by train() once the trainer exists
+        self.started: float | None = None
+        self.last_step: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+        if state.global_step == 0:
+            self.run(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step >= state.max_steps:
+            self.run(state.global_step)
+
+    def run(self, step: int) -> dict[str, float]:
+        """Evaluate now and log ``heldout/*``; returns those metrics."""
+        import torch
+        from transformers import Trainer
+
+        if self.trainer is None:
+            raise RuntimeError("HeldOutEvalCallback.trainer is not set")
+        if step == self.last_step:
+            return {}
+        self.last_step = step
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        tokenizer = trainer.processing_class
+        was_training, padding_side = model.training, tokenizer.padding_side
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        start = time.perf_counter()
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                summary, _ = evaluate_model(
+                    model, tokenizer, self.rows, self.settings, self.cfg, self.reward, desc=f"held-out step {step}",
+                    progress=False,
+                )  # fmt: skip
+        finally:
+            model.train(was_training)
+            tokenizer.padding_side = padding_side
+        metrics = {f"heldout/{k}": float(v) for k, v in summary.items() if k != "num_problems"}
+        metrics["heldout/seconds"] = time.perf_counter() - start
+        metrics["heldout/train_seconds"] = time.perf_counter() - (self.started or start)
+        should_log = trainer.control.should_log  # Trainer.log clears it: the step's own metrics must still be logged
+        Trainer.log(trainer, metrics)  # transformers' log: GRPOTrainer.log would flush its own step metrics here
+        trainer.control.should_log = should_log
+        if trainer.is_world_process_zero():
+            logger.info(
+                f"held-out step {step}: pass@1 {summary['pass@1']:.3f}, format {summary['format_rate']:.3f} "
+                f"({len(self.rows)} problems, {metrics['heldout/seconds']:.1f} s)"
+            )
+        return metrics
