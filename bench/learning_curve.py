@@ -58,7 +58,9 @@ def summarize(curve: dict, target: float | None) -> dict:
     if target is not None:
         hit = next((row for row in rows if row["pass@1"] >= target), None)
         reached = hit and {"step": hit["step"], "seconds": hit["seconds"], "pass@1": hit["pass@1"]}
-    step_times = [b["time"] - a["time"] for a, b in zip(curve["steps"], curve["steps"][1:]) if "time" in a]
+    step_times = [
+        b["time"] - a["time"] for a, b in zip(curve["steps"][:-1], curve["steps"][1:], strict=True) if "time" in a
+    ]
     return {
         "rows": rows,
         "target": target,
@@ -90,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"median step: {summary['median_step_seconds']:.2f} s (metrics.jsonl times, held-out evals included)")
     if args.target is not None:
         hit = summary["reached"]
-        print(f"target pass@1 >= {args.target}: " + (f"step {hit['step']}, {hit['seconds']:.0f} s" if hit else "not reached"))
+        print(
+            f"target pass@1 >= {args.target}: "
+            + (f"step {hit['step']}, {hit['seconds']:.0f} s" if hit else "not reached")
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"run_dir": str(args.run_dir), **summary}, indent=1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, compose_config
@@ -104,11 +105,14 @@ def test_run_writes_json(tmp_path, gsm8k_dir):
 
 
 def test_console_app_quickstart_set(tmp_path):
+    """The installed console script (as the README runs it), from a folder other than the repo."""
     out = tmp_path / "check.json"
+    script = Path(sys.executable).with_name("rlvr-check-rewards")
+    assert script.is_file(), f"{script} is not installed (pip install -e .)"
     proc = subprocess.run(
-        [sys.executable, "-m", "rlvr_vocab.cli.check_rewards", "experiment=quickstart", f"output_file={out}",
-         "check_rewards.limit=200", f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [str(script), "experiment=quickstart", f"output_file={out}", "check_rewards.limit=200",
+         f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gold answers scored correct: 200/200" in proc.stdout

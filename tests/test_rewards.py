@@ -411,9 +411,23 @@ def test_boxed_accuracy_counts_only_boxed_answers():
     f = BoxedAccuracy()
     completions = [r"\boxed{7}", r"The sum is \boxed{7.0}.", r"The answer is $7$.", "7", r"\boxed{8}", r"\boxed{}",
                    r"\boxed{8}. The answer is $7$.", r"\boxed{\frac{14}{2}}"]  # fmt: skip
-    assert f(completions, answer=["7"] * len(completions)) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert f(completions, answer=["7"] * len(completions)) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert Accuracy()([r"The answer is $7$."], answer=["7"]) == [1.0]  # accuracy takes it; the strict one does not
     assert f([r"\boxed{7}"], answer=[""]) == [None]
+
+
+def test_boxed_accuracy_rejects_unevaluated_arithmetic():
+    """math-verify evaluates a boxed expression: a model that boxes the question itself scored 1.0 under
+    accuracy within ten GRPO steps on two-digit addition. The strict reward does not pay for it."""
+    f = BoxedAccuracy()
+    hacks = [r"\boxed{13 + 45}", r"What is 13 + 45? \boxed{13+45}", r"\boxed{60-2}", r"\boxed{2 \times 29}",
+             r"\boxed{116/2}", r"\boxed{\frac{116}{2}}", r"\boxed{58} \boxed{13 + 45}"]  # fmt: skip
+    assert Accuracy()(hacks[:6], answer=["58"] * 6) == [1.0] * 6  # TRL's grading takes them
+    assert f(hacks, answer=["58"] * len(hacks)) == [0.0] * len(hacks)
+    finals = [r"13 + 45 = 58, so \boxed{58}", r"\boxed{58.0}", r"\boxed{1,000}", r"\boxed{-3}"]
+    assert f(finals, answer=["58", "58", "1000", "-3"]) == [1.0] * 4
+    assert f([r"\boxed{\frac{1}{2}}", r"\boxed{\frac{4}{3}}"], answer=["0.5", r"\frac43"]) == [1.0, 1.0]
+    assert BinaryBoxed()([r"\boxed{13 + 45}"], answer=["58"]) == [-1.0]
 
 
 def test_binary_boxed():

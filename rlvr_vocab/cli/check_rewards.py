@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 import rlvr_vocab.config  # noqa: F401  (registers the structured-config schema with Hydra)
@@ -250,11 +249,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def check(cfg: DictConfig) -> None:
+    """run(cfg), then exit with status 1 when any wrong answer scored as correct."""
     result = run(cfg)
     if result["wrong_scored_correct"]:
         sys.exit(1)
+
+
+def main() -> None:
+    """Console script ``rlvr-check-rewards`` (also ``python -m rlvr_vocab.cli.check_rewards``)."""
+    from rlvr_vocab.cli import run_tool
+
+    run_tool(check)
 
 
 if __name__ == "__main__":

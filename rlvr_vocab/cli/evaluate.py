@@ -165,7 +165,14 @@ def summarize(records: list[dict[str, Any]], num_samples: int) -> dict[str, Any]
 
 
 def evaluate_model(
-    model, tokenizer, rows, settings: dict[str, Any], cfg: DictConfig, reward, desc: str = "eval", progress: bool = True
+    model,
+    tokenizer,
+    rows,
+    settings: dict[str, Any],
+    cfg: DictConfig,
+    reward,
+    desc: str = "eval",
+    progress: bool = True,
 ):
     """(summary, per-problem records) of one model on ``rows``."""
     from rlvr_vocab.data import last_boxed

@@ -2,8 +2,11 @@ r"""Correctness rewards beyond ``accuracy``: a lenient number match and two stri
 
 ``last_number`` serves the offline quickstart, where SmolLM2-135M-Instruct almost never writes
 ``\boxed{}``: it compares the last number written (the boxed content when there is one).
-``boxed_accuracy`` is ``accuracy`` that only counts an answer inside ``\boxed{}`` (``accuracy`` also
-takes ``$7$``). ``binary_boxed`` signs it: a penalty for wrong answers and a smaller one for no box.
+``boxed_accuracy`` is ``accuracy`` that only counts a final answer inside ``\boxed{}``: ``accuracy``
+(TRL's grading) also takes ``The answer is $7$``, and, since math-verify evaluates what it parses,
+``\boxed{3 + 4}`` for a gold of 7. A model learns to copy the question into the box within ten
+GRPO steps (seen on two-digit addition), so the strict reward scores unevaluated arithmetic as wrong.
+``binary_boxed`` signs it: a penalty for wrong answers and a smaller one for no box.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from rlvr_vocab.rewards.text import (
     BOXED_TEMPLATE,
     boxed_contents,
     completion_text,
+    is_unevaluated,
     last_boxed,
     last_number,
     to_number,
@@ -52,16 +56,19 @@ last_number_reward.answer_template = BOXED_TEMPLATE  # how rlvr-check-rewards wr
 
 
 class BoxedAccuracy:
-    r"""1.0 when the completion has a non-empty ``\boxed{}`` and its answer is right per math-verify, else 0.0.
+    r"""1.0 when the completion has a non-empty ``\boxed{}`` with a final answer that math-verify finds right.
 
     The strict score: ``accuracy`` grades ``\boxed{}`` first but also takes an answer in ``$...$``;
-    here an unboxed answer scores 0.0. None where the gold is unparseable.
+    here an unboxed answer scores 0.0. Where the gold is a plain number, a box holding arithmetic still to
+    do (``13 + 45``, ``116/2``; see ``text.is_unevaluated``) scores 0.0 too. None where the gold is
+    unparseable.
 
     Args:
         **accuracy_kwargs: passed to ``Accuracy`` (``parsing_timeout``, ``verify_timeout``, ...).
 
     Example:
-        >>> BoxedAccuracy()([r"so \boxed{7}.", r"\boxed{8}", "$7$", "7", r"\boxed{}"], answer=["7"] * 5)
+        >>> BoxedAccuracy()([r"so \boxed{7}.", r"\boxed{8}", "The answer is $7$.", r"\boxed{}", r"\boxed{3 + 4}"],
+        ...                 answer=["7"] * 5)
         [1.0, 0.0, 0.0, 0.0, 0.0]
     """
 
@@ -73,16 +80,20 @@ class BoxedAccuracy:
         self.accuracy = Accuracy(**accuracy_kwargs)
 
     def outcomes(self, completions: list, answer: list) -> list[str | None]:
-        """Per completion: ``"right"``, ``"wrong"`` (a boxed answer that is not right), ``"no_boxed"``, or None."""
+        """Per completion: ``"right"``, ``"wrong"`` (a boxed answer that is not right, or not final), ``"no_boxed"``,
+        or None (the gold is unparseable)."""
         texts = [completion_text(c) for c in completions]
         golds = list(answer)
-        boxed = [i for i, text in enumerate(texts) if any(boxed_contents(text))]  # closed, non-empty box
-        scores = dict(zip(boxed, self.accuracy.score_many([texts[i] for i in boxed], [golds[i] for i in boxed])))
+        boxes = [[b for b in boxed_contents(text) if b] for text in texts]  # closed, non-empty boxes
+        boxed = [i for i, b in enumerate(boxes) if b]
+        graded = self.accuracy.score_many([texts[i] for i in boxed], [golds[i] for i in boxed])
+        scores = dict(zip(boxed, graded, strict=True))
         result: list[str | None] = []
         for i, gold in enumerate(golds):
             if i in scores:  # math-verify read the box first (boxed_match_priority=0)
                 score = scores[i][0]
-                result.append(None if score is None else "right" if score == 1.0 else "wrong")
+                final = not any(is_unevaluated(b, gold) for b in boxes[i])
+                result.append(None if score is None else "right" if score == 1.0 and final else "wrong")
             else:  # unboxed: math-verify is not asked (saves its time), only whether the gold applies
                 result.append("no_boxed" if gold_is_parseable(gold) else None)
         return result

@@ -128,6 +128,36 @@ def to_number(token: str) -> Fraction | None:
         return None
 
 
+# Two numbers joined by an operator: arithmetic still to be done (13 + 45, 2\times 29, 116/2, 10^{3}).
+_OPERATION_RE = re.compile(
+    r"(?:\d|\))\s*(?:[-+*/^×÷·]|\\times|\\cdot|\\div|\\ast)\s*(?:\d|\.\d|\(|\{|\\left|\\[dtc]?frac|\\sqrt)"
+)
+_FRACTION_OR_ROOT_RE = re.compile(r"\\[dtc]?frac|\\sqrt")
+
+
+def is_unevaluated(answer: str, gold: str) -> bool:
+    r"""Whether a (boxed) answer still holds arithmetic to do, where the gold is a plain number.
+
+    math-verify evaluates what it parses, so ``\boxed{13 + 45}`` equals a gold of 58: a model that copies
+    the question into the box scores as right. For a plain-number gold, an answer with two numbers joined
+    by an operator is not a final answer; for a whole-number gold, neither is a fraction or a root. Other
+    golds (``\frac43``, intervals, expressions) are left to math-verify.
+
+    Example:
+        >>> [is_unevaluated(a, "58") for a in ["58", "-58", "58.0", "1,000", "13 + 45", "2\\times29", "116/2", r"\frac{116}{2}"]]
+        [False, False, False, False, True, True, True, True]
+        >>> is_unevaluated(r"\frac{1}{2}", "0.5"), is_unevaluated("1/2", "0.5"), is_unevaluated("x+1", r"\frac43")
+        (False, True, False)
+    """
+    value = to_number(str(gold))
+    if value is None:
+        return False
+    s = answer.replace("{,}", "").replace("\\!", "").replace("\\,", "")
+    if _OPERATION_RE.search(s):
+        return True
+    return value.denominator == 1 and bool(_FRACTION_OR_ROOT_RE.search(s))
+
+
 def last_number(text: str) -> Fraction | None:
     """The last number written in ``text`` (see ``to_number``), or None.
 
