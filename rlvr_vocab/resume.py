@@ -237,6 +237,7 @@ class _StopState:
     """Process-wide: signal handlers are process-wide too."""
 
     signum: int | None = None  # the first stop signal received
+    armed: tuple[int, ...] = ()  # the signals signal_handlers() turned into stop requests (re-armed each step)
     stopped_at: int | None = None  # the step the callback stopped training at, with a checkpoint saved
     finished: bool = False  # the stop step was the last one anyway
 
@@ -260,6 +261,21 @@ def request_stop(signum: int = signal.SIGTERM, frame: object = None) -> None:
         logger.warning(f"Received {signal.Signals(signum).name} again: already stopping after this step")
 
 
+def rearm() -> None:
+    """Install ``request_stop`` again for the armed signals, and unblock them, in the main thread.
+
+    Measured on an H100 machine: after ``torch.compile`` had run (the fast sampler compiles its decode
+    step in the first training step), a SIGUSR1 sent with ``timeout -s USR1`` no longer reached Python's
+    handler in 3 runs of 3, so the runs trained on past the signal; calling ``signal.signal`` again
+    restored delivery. PreemptionCallback calls this at the start of every step.
+    """
+    if not _state.armed or threading.current_thread() is not threading.main_thread():
+        return
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _state.armed)
+    for sig in _state.armed:
+        signal.signal(sig, request_stop)
+
+
 def _max_over_ranks(value: int) -> int:
     """The largest ``value`` over all ranks (``value`` itself without torch.distributed)."""
     import torch
@@ -278,6 +294,10 @@ class PreemptionCallback(TrainerCallback):
 
     Use together with :func:`signal_handlers`, which installs the handlers and exits after the save.
     """
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        rearm()  # a library (torch.compile, seen on the GPU) can leave the stop signals undelivered
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         # Every rank takes part in this all-reduce at every step, so all stop at the same step (a rank
@@ -321,9 +341,12 @@ def signal_handlers(signals: Iterable[int] = DEFAULT_SIGNALS) -> Iterator[None]:
         return
     _state.signum, _state.stopped_at, _state.finished = None, None, False
     previous = {sig: signal.signal(sig, request_stop) for sig in signals}
+    _state.armed = signals
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
     try:
         yield
     finally:
+        _state.armed = ()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         signum, stopped_at, finished = _state.signum, _state.stopped_at, _state.finished

@@ -139,6 +139,30 @@ def test_previous_handler_runs_after_the_checkpoint_is_complete(tmp_path):
         signal.signal(signal.SIGUSR2, before)
 
 
+def test_stop_signal_still_stops_after_a_library_took_it_over(tmp_path):
+    """A library that ignores and blocks the signal mid-training (on the GPU, after torch.compile, SIGUSR1 stopped
+    reaching the handler) does not keep the run from stopping: each step starts by re-arming the handlers."""
+    from transformers import TrainerCallback
+
+    class _Clobber(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+    trainer = _tiny_trainer(
+        tmp_path, max_steps=6, save_steps=100, callbacks=[_Clobber(), _signal_at_step(3, signal.SIGUSR1)]
+    )
+    try:
+        with pytest.raises(resume.Preempted):
+            with resume.signal_handlers():
+                trainer.train()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    assert trainer.state.global_step == 3
+    assert resume.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+
+
 def test_signal_in_the_last_step_finishes_normally(tmp_path):
     trainer = _tiny_trainer(tmp_path, max_steps=2, save_steps=100, callbacks=[_signal_at_step(2, signal.SIGTERM)])
     with resume.signal_handlers():
