@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,18 @@ def test_held_out_eval_during_training_logs_a_curve_and_leaves_training_unchange
     summary = final["results"][0]["summary"]
     assert summary["pass@1"] == heldout[-1]["heldout/pass@1"]
     assert summary["mean_length"] == heldout[-1]["heldout/mean_length"]
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import learning_curve
+
+    assert learning_curve.main([str(with_eval), "--target", "0.0", "--json", str(tmp_path / "curve.json")]) == 0
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert [row["step"] for row in curve["rows"]] == [0, 2, 3]
+    window = [r["reward"] for r in logged if "reward" in r and r["step"] in (1, 2)]
+    assert curve["rows"][1]["train_reward"] == pytest.approx(sum(window) / 2, abs=1e-3)
+    assert curve["reached"]["step"] == 0
+    with pytest.raises(ValueError, match="eval.every_steps"):
+        learning_curve.read_curve(without)
 
     a, b = load_file(with_eval / "model.safetensors"), load_file(without / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
