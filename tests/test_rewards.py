@@ -424,8 +424,15 @@ def test_boxed_accuracy_rejects_unevaluated_arithmetic():
              r"\boxed{116/2}", r"\boxed{\frac{116}{2}}", r"\boxed{58} \boxed{13 + 45}"]  # fmt: skip
     assert Accuracy()(hacks[:6], answer=["58"] * 6) == [1.0] * 6  # TRL's grading takes them
     assert f(hacks, answer=["58"] * len(hacks)) == [0.0] * len(hacks)
-    finals = [r"13 + 45 = 58, so \boxed{58}", r"\boxed{58.0}", r"\boxed{1,000}", r"\boxed{-3}"]
-    assert f(finals, answer=["58", "58", "1000", "-3"]) == [1.0] * 4
+    finals = [
+        r"13 + 45 = 58, so \boxed{58}",
+        r"\boxed{58.0}",
+        r"\boxed{1,000}",
+        r"\boxed{-3}",
+        r"\boxed{13 + 45 = 58}",
+    ]
+    assert f(finals, answer=["58", "58", "1000", "-3", "58"]) == [1.0] * 5
+    assert f([r"\boxed{58 = 13 + 45}"], answer=["58"]) == [0.0]  # math-verify reads the right-hand side
     assert f([r"\boxed{\frac{1}{2}}", r"\boxed{\frac{4}{3}}"], answer=["0.5", r"\frac43"]) == [1.0, 1.0]
     assert BinaryBoxed()([r"\boxed{13 + 45}"], answer=["58"]) == [-1.0]
 

@@ -148,11 +148,16 @@ def is_unevaluated(answer: str, gold: str) -> bool:
         [False, False, False, False, True, True, True, True]
         >>> is_unevaluated(r"\frac{1}{2}", "0.5"), is_unevaluated("1/2", "0.5"), is_unevaluated("x+1", r"\frac43")
         (False, True, False)
+        >>> is_unevaluated(r"12 \times 5 = 60", "60"), is_unevaluated("60 = 12 + 48", "60")
+        (False, True)
     """
     value = to_number(str(gold))
     if value is None:
         return False
     s = answer.replace("{,}", "").replace("\\!", "").replace("\\,", "")
+    s = s.rsplit("=", 1)[
+        -1
+    ]  # "12 \times 5 = 60": the value after the last "=" is the answer (math-verify reads it so)
     if _OPERATION_RE.search(s):
         return True
     return value.denominator == 1 and bool(_FRACTION_OR_ROOT_RE.search(s))
