@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 
+import torch
 from loguru import logger
 from omegaconf import DictConfig
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from rlvr_vocab.cli.evaluate import correctness_reward, eval_settings, evaluate_model, select_rows
 
@@ -48,9 +49,6 @@ class HeldOutEvalCallback(TrainerCallback):
 
     def run(self, step: int) -> dict[str, float]:
         """Evaluate now and log ``heldout/*``; returns those metrics."""
-        import torch
-        from transformers import Trainer
-
         if self.trainer is None:
             raise RuntimeError("HeldOutEvalCallback.trainer is not set")
         if step == self.last_step:

@@ -340,9 +340,9 @@ def signal_handlers(signals: Iterable[int] = DEFAULT_SIGNALS) -> Iterator[None]:
         yield
         return
     _state.signum, _state.stopped_at, _state.finished = None, None, False
-    previous = {sig: signal.signal(sig, request_stop) for sig in signals}
+    previous = {sig: signal.getsignal(sig) for sig in signals}
     _state.armed = signals
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+    rearm()  # installs request_stop and unblocks the signals
     try:
         yield
     finally:

@@ -155,9 +155,8 @@ def is_unevaluated(answer: str, gold: str) -> bool:
     if value is None:
         return False
     s = answer.replace("{,}", "").replace("\\!", "").replace("\\,", "")
-    s = s.rsplit("=", 1)[
-        -1
-    ]  # "12 \times 5 = 60": the value after the last "=" is the answer (math-verify reads it so)
+    # "12 \times 5 = 60": the value after the last "=" is the answer (math-verify reads it so)
+    s = s.rsplit("=", 1)[-1]
     if _OPERATION_RE.search(s):
         return True
     return value.denominator == 1 and bool(_FRACTION_OR_ROOT_RE.search(s))
