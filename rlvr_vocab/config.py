@@ -37,9 +37,8 @@ class ReasoningVocabConfig:
     init: str = "first_n"  # source rows: first_n (standard ids 0..N-1, skipping special ids) | frequent
     frequency_corpus: str | None = None  # for init=frequent: a text/jsonl file whose token counts rank the sources
     repeat_policy: str | None = None  # cycle: allow N > number of eligible source tokens by repeating them
-    think_open: str = "<think>"  # tag that opens the span where reasoning ids may be sampled
-    think_close: str = "</think>"  # tag that closes it
     keep_initial_checkpoint: bool = False  # save the untrained model as checkpoint-0 (never rotated away)
+    span_check_steps: int = 5  # warn loudly if no completion spent a token inside a span by this step (0: off)
 
 
 @dataclass
@@ -68,6 +67,9 @@ class ModelConfig:
         default_factory=dict
     )  # passed to from_pretrained (dtype, attn_implementation)
     generation_kwargs: dict[str, Any] = field(default_factory=dict)  # sampling: temperature, top_p, top_k, ...
+    think_open: str = "<think>"  # tag that opens the thinking span (reasoning ids are allowed only inside it)
+    think_close: str = "</think>"  # tag that closes it; the answer after it is what correctness rewards judge
+    tag_init: str = "pieces"  # rows of tags the tokenizer lacks: pieces (from their text's pieces) | mean
     reasoning_vocab_size: int = 0  # N extra reasoning tokens (0 = baseline)
     reasoning: ReasoningVocabConfig = field(default_factory=ReasoningVocabConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -83,9 +85,11 @@ class ArithmeticConfig:
     operations: list[str] = field(default_factory=lambda: ["+"])  # any of + - *
     min_operand: int = 0  # smallest operand
     max_operand: int = 9  # largest operand (9: single digits; 99: two digits)
-    num_operands: int = 2  # operands per problem
+    num_operands: int = 2  # operands per problem (the most, with min_operands)
+    min_operands: int | None = None  # draw each problem's operand count from min_operands..num_operands (null: fixed)
     word_problems: bool = False  # phrase half of the problems as short word problems
     allow_negative: bool = False  # keep subtraction results >= 0 when false
+    seed: int | None = None  # seed of the generated problems (null: the run's seed); fix it to share data across seeds
 
 
 @dataclass
@@ -104,6 +108,7 @@ class DatasetConfig:
     max_eval_samples: int | None = None  # keep the first N held-out rows
     system_prompt: str | None = None  # system message (null: none)
     prompt_template: str = "{problem}\nPut your final answer within \\boxed{{}}."  # user message; {problem}
+    think: Any = "auto"  # thinking span: auto (the template decides) | true (prompt ends with the open tag) | false
     generator: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
 
@@ -240,6 +245,21 @@ register_configs()
 
 
 # ------------------------------------------------------------------------------------------ validation
+def parse_think(value: Any) -> str | bool:
+    """``dataset.think`` as ``"auto"``, ``True`` or ``False`` (YAML and the command line give bools or strings).
+
+    Example:
+        >>> parse_think("auto"), parse_think(True), parse_think("false")
+        ('auto', True, False)
+    """
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "auto":
+        return "auto"
+    raise ConfigError(f"dataset.think={value!r}: choose auto, true or false.")
+
+
 GENERATION_TO_GRPO = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
@@ -314,6 +334,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.reasoning.init={m.reasoning.init!r}: choose first_n or frequent.")
     if m.reasoning.repeat_policy not in (None, "cycle"):
         raise ConfigError(f"model.reasoning.repeat_policy={m.reasoning.repeat_policy!r}: choose null or cycle.")
+    parse_think(d.think)
+    if m.tag_init not in ("pieces", "mean"):
+        raise ConfigError(f"model.tag_init={m.tag_init!r}: choose pieces or mean.")
+    if not m.think_open or not m.think_close or m.think_open == m.think_close:
+        raise ConfigError("model.think_open and model.think_close must be two different non-empty tags.")
+    if m.reasoning.span_check_steps < 0:
+        raise ConfigError("model.reasoning.span_check_steps must be >= 0 (0: off).")
     if d.answer_format not in ("gsm8k", "boxed", "plain"):
         raise ConfigError(f"dataset.answer_format={d.answer_format!r}: choose gsm8k, boxed or plain.")
     if "{problem}" not in d.prompt_template:

@@ -81,7 +81,8 @@ _ITEMS = ["apple", "marble", "pencil", "sticker", "coin", "book"]
 def _draw(rng: random.Random, gen: DictConfig) -> tuple[str, tuple[int, ...]]:
     """One (operation, operands) pair; subtraction keeps a non-negative result unless allowed."""
     op = rng.choice(list(gen.operations))
-    operands = [rng.randint(gen.min_operand, gen.max_operand) for _ in range(gen.num_operands)]
+    count = gen.num_operands if gen.min_operands is None else rng.randint(gen.min_operands, gen.num_operands)
+    operands = [rng.randint(gen.min_operand, gen.max_operand) for _ in range(count)]
     if op == "-" and not gen.allow_negative and operands[0] < sum(operands[1:]):
         if len(operands) == 2:
             operands.reverse()  # a - b with a >= b: the result stays in [0, max_operand]
@@ -118,9 +119,15 @@ def generate_arithmetic(gen: DictConfig, seed: int) -> tuple[list[dict], list[di
             raise ConfigError(f"dataset.generator.operations has {op!r}: choose from + - *.")
     if gen.min_operand > gen.max_operand or gen.num_operands < 2:
         raise ConfigError("dataset.generator needs min_operand <= max_operand and num_operands >= 2.")
+    low = gen.num_operands if gen.min_operands is None else gen.min_operands
+    if not 2 <= low <= gen.num_operands:
+        raise ConfigError("dataset.generator.min_operands must be between 2 and dataset.generator.num_operands.")
     k = gen.max_operand - gen.min_operand + 1
-    sub_space = k * (k + 1) // 2 if gen.num_operands == 2 and not gen.allow_negative else k**gen.num_operands
-    space = sum(sub_space if op == "-" else k**gen.num_operands for op in set(gen.operations))
+
+    def count_space(n: int, op: str) -> int:
+        return k * (k + 1) // 2 if op == "-" and n == 2 and not gen.allow_negative else k**n
+
+    space = sum(count_space(n, op) for n in range(low, gen.num_operands + 1) for op in set(gen.operations))
     if gen.num_eval > space // 2:
         raise ConfigError(
             f"dataset.generator.num_eval={gen.num_eval} leaves too few of the ~{space} distinct problems for "
@@ -210,7 +217,8 @@ def load_datasets(cfg: DictConfig):
 
     ds_cfg = cfg.dataset
     if ds_cfg.name == "arithmetic" and not ds_cfg.path:
-        train_rows, eval_rows = generate_arithmetic(ds_cfg.generator, cfg.seed)
+        data_seed = ds_cfg.generator.seed if ds_cfg.generator.seed is not None else cfg.seed
+        train_rows, eval_rows = generate_arithmetic(ds_cfg.generator, data_seed)
         to_ds = lambda rows: datasets.Dataset.from_list(rows)  # noqa: E731
         raw_train, raw_eval = to_ds(train_rows), to_ds(eval_rows) if eval_rows else None
     else:

@@ -23,9 +23,19 @@ import torch
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
-from rlvr_vocab.config import ConfigError
+from rlvr_vocab.config import ConfigError, parse_think
+from rlvr_vocab.thinking import (
+    CompletionSpan,
+    SpanTags,
+    apply_think_mode,
+    ends_inside,
+    find_tags,
+    setup_span,
+    split_completion,
+)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+PROBE_PROMPT = [{"role": "user", "content": "What is 1 + 1?"}]  # rendered to see where the generation prompt ends
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # read from model.generation_kwargs
 
 
@@ -76,11 +86,11 @@ def _add_rows_from_map(model, tokenizer, vocab) -> None:
     tags and the masked ``generate`` matter here; the rows start as copies of their sources as in training.
     """
     from rlvr_vocab.reasoning_vocab import attach_generation_mask, extend_model
+    from rlvr_vocab.thinking import add_tag_tokens
 
-    reasoning_cfg = OmegaConf.create(
-        {"init": "first_n", "repeat_policy": "cycle", "think_open": vocab.think_open, "think_close": vocab.think_close}
-    )
-    built = extend_model(model, tokenizer, vocab.size, reasoning_cfg)
+    reasoning_cfg = OmegaConf.create({"init": "first_n", "repeat_policy": "cycle"})
+    tags = add_tag_tokens(tokenizer, model, vocab.think_open, vocab.think_close)
+    built = extend_model(model, tokenizer, vocab.size, reasoning_cfg, tags)
     if built.standard_size != vocab.standard_size:
         raise ConfigError(
             f"The adapter's reasoning_vocab.json starts reasoning ids at {vocab.standard_size} but the base model "
@@ -133,9 +143,11 @@ def load_policy(cfg: DictConfig, path: str | Path | None = None):
         model, tokenizer = load_model_and_tokenizer(
             cfg.model, cfg.paths.cache_dir, bf16=resolve_bf16(None), seed=cfg.seed
         )
+        n = cfg.model.reasoning_vocab_size
+        span = setup_span(model, tokenizer, cfg.model, cfg.dataset.think, n, PROBE_PROMPT)  # as training starts
         model.reasoning_vocab = None
-        if cfg.model.reasoning_vocab_size > 0:  # the untrained extension (what checkpoint-0 holds)
-            model.reasoning_vocab = extend_model(model, tokenizer, cfg.model.reasoning_vocab_size, cfg.model.reasoning)
+        if n > 0:  # the untrained extension (what checkpoint-0 holds)
+            model.reasoning_vocab = extend_model(model, tokenizer, n, cfg.model.reasoning, span.tags)
     elif (Path(path) / "adapter_config.json").is_file():
         model, tokenizer = _load_adapter(cfg, Path(path))
     else:
@@ -146,8 +158,17 @@ def load_policy(cfg: DictConfig, path: str | Path | None = None):
             )
         model, tokenizer = load_checkpoint(path, dtype=_dtype())
         tokenizer = prepare_tokenizer(tokenizer, cfg.model)
+        if (
+            parse_think(cfg.dataset.think) is True
+            and find_tags(tokenizer, cfg.model.think_open, cfg.model.think_close) is None
+        ):
+            raise ConfigError(
+                f"dataset.think=true but {path} has no {cfg.model.think_open!r} token: evaluate it with dataset.think=auto."
+            )
+        apply_think_mode(tokenizer, cfg.dataset.think, cfg.model.think_open)  # a run's saved template stays as it is
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    model.span_tags = find_tags(tokenizer, cfg.model.think_open, cfg.model.think_close)
     model.to(_device()).eval()
     return model, tokenizer
 
@@ -160,6 +181,9 @@ class Completion:
     text: str  # decoded, special tokens dropped, reasoning ids read as their source tokens
     num_tokens: int  # generated tokens, the end-of-sequence token included
     truncated: bool  # stopped by max_new_tokens before an end-of-sequence token
+    answer: str | None = None  # the text after its thinking span (the whole text without one; None: unclosed)
+    span: CompletionSpan | None = None  # where its thinking span is (None: the tokenizer has no span tags)
+    ids: list[int] | None = None  # its token ids up to the end-of-sequence token (reasoning ids as they are)
 
 
 def sampling_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
@@ -200,6 +224,7 @@ def generate(
     seed: int | None = None,
     progress: bool = True,
     desc: str = "generate",
+    tags: SpanTags | None = None,
 ) -> list[list[Completion]]:
     """``num_samples`` completions per prompt, in prompt order.
 
@@ -208,6 +233,7 @@ def generate(
         do_sample: False: greedy (``num_samples`` must be 1); True: sample with ``sampling`` (temperature, ...).
         batch_size: sequences per ``generate`` call (prompts x samples); prompts are grouped by length.
         seed: seeds torch before sampling, so a run is reproducible.
+        tags: the thinking-span tags: each completion's answer is then what follows its span.
     """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -240,19 +266,33 @@ def generate(
         out = model.generate(**batch, generation_config=config)
         completions = out[:, batch["input_ids"].size(1) :].tolist()
         for j, i in enumerate(idx):
+            inside = tags is not None and ends_inside(encoded[i], tags.open_id, tags.close_id)
             results[i] = [
-                _decode(tokenizer, vocab, ids, eos_ids) for ids in completions[j * num_samples : (j + 1) * num_samples]
+                _decode(tokenizer, vocab, ids, eos_ids, tags, inside)
+                for ids in completions[j * num_samples : (j + 1) * num_samples]
             ]
         bar.update(len(idx))
     bar.close()
     return results  # type: ignore[return-value]
 
 
-def _decode(tokenizer, vocab, ids: list[int], eos_ids: list[int]) -> Completion:
+def _decode(tokenizer, vocab, ids: list[int], eos_ids: list[int], tags=None, prompt_inside=False) -> Completion:
     end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
     kept = ids if end is None else ids[:end]
-    text = vocab.decode(tokenizer, kept) if vocab is not None else tokenizer.decode(kept, skip_special_tokens=True)
-    return Completion(text=text, num_tokens=len(ids) if end is None else end + 1, truncated=end is None)
+
+    def text_of(part: list[int]) -> str:
+        return vocab.decode(tokenizer, part) if vocab is not None else tokenizer.decode(part, skip_special_tokens=True)
+
+    span = split_completion(kept, tags, prompt_inside) if tags is not None else None
+    start = 0 if span is None else span.answer_start
+    return Completion(
+        text=text_of(kept),
+        num_tokens=len(ids) if end is None else end + 1,
+        truncated=end is None,
+        answer=None if start is None else (text_of(kept) if start == 0 else text_of(kept[start:])),
+        span=span,
+        ids=kept,
+    )
 
 
 # ------------------------------------------------------------------------------------------ answers

@@ -6,14 +6,18 @@ The same settings as ``rlvr-eval`` (``eval.split``, ``max_samples``, ``batch_siz
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 from loguru import logger
 from omegaconf import DictConfig
 from transformers import Trainer, TrainerCallback
 
-from rlvr_vocab.cli.evaluate import correctness_reward, eval_settings, evaluate_model, select_rows
+from rlvr_vocab.cli.evaluate import correctness_reward, eval_settings, evaluate_model, select_rows, span_reward
+
+SAMPLES_FILE = "heldout_samples.jsonl"  # the final eval's completions, one problem a line (reasoning ids marked)
 
 
 class HeldOutEvalCallback(TrainerCallback):
@@ -24,6 +28,9 @@ class HeldOutEvalCallback(TrainerCallback):
     ``heldout/train_seconds`` (time since training began in this process, evals included), through the
     trainer's log: metrics.jsonl and the tracker. Every rank evaluates the same problems (FSDP needs all
     ranks in a forward); the random state is restored afterwards, so training samples as without it.
+    With a thinking span it also logs ``heldout/closed_rate`` (the span closed), ``heldout/closed_boxed_rate``
+    (closed, and a boxed answer after it) and ``heldout/think_length``; correctness judges the answer after the
+    span. The final eval's completions go to ``heldout_samples.jsonl`` in the run dir.
     """
 
     def __init__(self, cfg: DictConfig, train_dataset, eval_dataset):
@@ -35,8 +42,15 @@ class HeldOutEvalCallback(TrainerCallback):
         self.reward = correctness_reward(cfg, self.settings["reward"])
         self.rows = select_rows(cfg, self.settings, train_dataset, eval_dataset)
         self.trainer = None  # set by train() once the trainer exists
+        self.span_tags = None  # set by use_span() once the tokenizer has its span tags
         self.started: float | None = None
         self.last_step: int | None = None
+
+    def use_span(self, tags, tokenizer) -> None:
+        """Judge the answer after the thinking span, as the training rewards do (train() calls this)."""
+        self.span_tags = tags
+        holder = type("Policy", (), {"span_tags": tags})()
+        self.reward = span_reward(self.reward, holder, tokenizer, self.rows)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
@@ -61,9 +75,10 @@ class HeldOutEvalCallback(TrainerCallback):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         start = time.perf_counter()
         model.eval()
+        model.span_tags = self.span_tags
         try:
             with torch.random.fork_rng(devices=devices):
-                summary, _ = evaluate_model(
+                summary, records = evaluate_model(
                     model, tokenizer, self.rows, self.settings, self.cfg, self.reward, desc=f"held-out step {step}",
                     progress=False,
                 )  # fmt: skip
@@ -77,8 +92,22 @@ class HeldOutEvalCallback(TrainerCallback):
         Trainer.log(trainer, metrics)  # transformers' log: GRPOTrainer.log would flush its own step metrics here
         trainer.control.should_log = should_log
         if trainer.is_world_process_zero():
+            closed = f", closed span {summary['closed_rate']:.3f}" if "closed_rate" in summary else ""
             logger.info(
-                f"held-out step {step}: pass@1 {summary['pass@1']:.3f}, format {summary['format_rate']:.3f} "
+                f"held-out step {step}: pass@1 {summary['pass@1']:.3f}, format {summary['format_rate']:.3f}{closed} "
                 f"({len(self.rows)} problems, {metrics['heldout/seconds']:.1f} s)"
             )
+            if step >= trainer.state.max_steps:
+                self._write_samples(step, records, model, tokenizer)
         return metrics
+
+    def _write_samples(self, step: int, records: list[dict], model, tokenizer) -> None:
+        """The final eval's completions, for reading what the policy writes (reasoning ids marked ⟦ ⟧)."""
+        vocab = getattr(model, "reasoning_vocab", None) or getattr(self.trainer, "reasoning_vocab", None)
+        path = Path(self.trainer.args.output_dir) / SAMPLES_FILE
+        with path.open("w") as f:
+            for record in records:
+                row = {"step": step, **{k: v for k, v in record.items() if k != "samples"}}
+                if vocab is not None and record.get("completion_ids") is not None:
+                    row["rendered"] = vocab.render(tokenizer, record["completion_ids"])
+                f.write(json.dumps(row) + "\n")

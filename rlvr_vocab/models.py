@@ -75,8 +75,9 @@ def build_tiny_tokenizer():
         pad_token="<|pad|>",
         eos_token="<|im_end|>",
         unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<think>", "</think>"],
+        additional_special_tokens=["<|im_start|>"],
     )
+    tok.add_tokens(["<think>", "</think>"])  # span tags: added tokens (matched in text), kept by every decode
     tok.chat_template = CHATML_TEMPLATE
     return tok
 

@@ -22,6 +22,7 @@ from loguru import logger
 from transformers import LogitsProcessor
 
 from rlvr_vocab.config import ConfigError
+from rlvr_vocab.thinking import SpanTags, add_tag_tokens, span_state
 
 MAP_FILE = "reasoning_vocab.json"
 
@@ -84,24 +85,20 @@ class ReasoningVocab:
         return "".join(parts)
 
     # ---------------------------------------------------------------------------- span
-    def span_state(self, ids: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
-        """``inside[b, t]``: after reading ``ids[b, :t+1]``, is the sequence inside a thinking span?
+    @property
+    def tags(self) -> SpanTags:
+        """The span tags this map was built with."""
+        return SpanTags(self.think_open, self.think_close, self.open_id, self.close_id)
 
-        Vectorised over the sequence (two cumulative maxima), on the ids' device. ``initial`` is the
-        state before ``ids[:, 0]`` (default: outside). Each ``<think>`` (re)opens the span.
+    def span_state(self, ids: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
+        """``inside[b, t]``: after reading ``ids[b, :t+1]``, is the sequence inside a thinking span? (thinking.span_state)
 
         Example:
             >>> rv = ReasoningVocab(2, 10, [1, 2], "<think>", "</think>", open_id=8, close_id=9)
             >>> rv.span_state(torch.tensor([[5, 8, 5, 9, 5, 8]])).int().tolist()
             [[0, 1, 1, 0, 0, 1]]
         """
-        pos = torch.arange(ids.size(-1), device=ids.device).expand_as(ids)
-        last_open = torch.where(ids == self.open_id, pos, -1).cummax(-1).values
-        last_close = torch.where(ids == self.close_id, pos, -1).cummax(-1).values
-        inside = last_open > last_close
-        if initial is not None:
-            inside = inside | ((last_open < 0) & (last_close < 0) & initial.unsqueeze(-1))
-        return inside
+        return span_state(ids, self.open_id, self.close_id, initial)
 
     def step_state(self, inside: torch.Tensor, last_token: torch.Tensor) -> torch.Tensor:
         """O(1) update of the span state by one generated token per sequence."""
@@ -179,28 +176,20 @@ def choose_source_ids(
     return eligible[:n]
 
 
-def ensure_think_tags(tokenizer, model, think_open: str, think_close: str) -> tuple[int, int]:
-    """Ids of the tags; added as special tokens (and embedding rows) when the tokenizer lacks them."""
-    missing = [
-        t for t in (think_open, think_close) if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
-    ]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-        logger.info(f"Added {missing} to the tokenizer as special tokens")
-    rows = model.get_input_embeddings().weight.size(0)
-    if len(tokenizer) > rows:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    return tokenizer.convert_tokens_to_ids(think_open), tokenizer.convert_tokens_to_ids(think_close)
-
-
 @torch.no_grad()
-def extend_model(model, tokenizer, n: int, reasoning_cfg, corpus_texts: list[str] | None = None) -> ReasoningVocab:
+def extend_model(
+    model, tokenizer, n: int, reasoning_cfg, tags: SpanTags | None = None, corpus_texts: list[str] | None = None
+) -> ReasoningVocab:
     """Append N reasoning rows to the input embeddings and the output head (tied or untied), in place.
 
     Works on a model loaded with ``from_pretrained`` (real tensors), for any causal LM exposing
-    ``get_input_embeddings`` / ``get_output_embeddings``.
+    ``get_input_embeddings`` / ``get_output_embeddings``. ``tags``: the span tags, already tokens of the
+    tokenizer and rows of the model (``thinking.add_tag_tokens``; None: ``<think>``/``</think>``, added if
+    missing); they are never copied.
     """
-    open_id, close_id = ensure_think_tags(tokenizer, model, reasoning_cfg.think_open, reasoning_cfg.think_close)
+    if tags is None:
+        tags = add_tag_tokens(tokenizer, model, "<think>", "</think>")
+    open_id, close_id = tags.open_id, tags.close_id
     standard = model.get_input_embeddings().weight.size(0)
     excluded = _excluded_ids(tokenizer, model, [open_id, close_id])
     source = choose_source_ids(
@@ -222,8 +211,8 @@ def extend_model(model, tokenizer, n: int, reasoning_cfg, corpus_texts: list[str
         size=n,
         standard_size=standard,
         source_ids=list(source),
-        think_open=reasoning_cfg.think_open,
-        think_close=reasoning_cfg.think_close,
+        think_open=tags.open_tag,
+        think_close=tags.close_tag,
         open_id=open_id,
         close_id=close_id,
         init=reasoning_cfg.init,

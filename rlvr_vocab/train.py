@@ -62,19 +62,25 @@ def train(cfg: DictConfig) -> dict:
         heldout = HeldOutEvalCallback(cfg, train_dataset, eval_dataset)
         callbacks.append(heldout)
 
-    # ---- model and tokenizer (+ reasoning vocabulary)
+    # ---- model and tokenizer (+ thinking span, + reasoning vocabulary)
     from rlvr_vocab.peft_utils import apply_lora, build_reference_model, load_kwargs_for_qlora
     from rlvr_vocab.reasoning_vocab import extend_model
+    from rlvr_vocab.rewards.registry import for_span
+    from rlvr_vocab.thinking import setup_span
     from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
 
     model, tokenizer = load_model_and_tokenizer(
         cfg.model, cfg.paths.cache_dir, bf16=bf16, seed=cfg.seed, load_kwargs=load_kwargs_for_qlora(cfg.model.lora)
     )
+    n = cfg.model.reasoning_vocab_size
+    span = setup_span(model, tokenizer, cfg.model, cfg.dataset.think, n, train_dataset[0]["prompt"])
+    if span.tags is not None:  # answer rewards judge only what follows the span
+        reward_funcs = for_span(reward_funcs, span.tags.open_tag, span.tags.close_tag, span.prompt_opens)
     vocab = None
-    if cfg.model.reasoning_vocab_size > 0:
-        vocab = extend_model(
-            model, tokenizer, cfg.model.reasoning_vocab_size, cfg.model.reasoning, _corpus_texts(cfg, train_dataset)
-        )
+    if n > 0:
+        vocab = extend_model(model, tokenizer, n, cfg.model.reasoning, span.tags, _corpus_texts(cfg, train_dataset))
+    if heldout is not None:
+        heldout.use_span(span.tags, tokenizer)
     # KL reference: a frozen copy of the initial policy (rows included), none when beta=0 or under LoRA
     ref_model = build_reference_model(model, cfg.training.beta, cfg.model.lora.enabled)
     if cfg.model.lora.enabled:
@@ -108,6 +114,8 @@ def train(cfg: DictConfig) -> dict:
             callbacks=callbacks,
             reasoning_vocab=vocab,
             ref_model=ref_model,
+            span_tags=span.tags,
+            span_check_steps=cfg.model.reasoning.span_check_steps,
         )
         if heldout is not None:
             heldout.trainer = trainer

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from loguru import logger
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 from trl import GRPOConfig, GRPOTrainer
 
 from rlvr_vocab.reasoning_vocab import ReasoningVocab
+from rlvr_vocab.thinking import CompletionSpan, SpanTags, ends_inside, split_completion
 
 
 @dataclass
@@ -173,12 +175,33 @@ def add_reasoning_lm_head(model, vocab: ReasoningVocab, temperature: float, chun
 class RLVRGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with the reasoning vocabulary wired through sampling, log-probs and checkpoints."""
 
-    def __init__(self, *args, reasoning_vocab: ReasoningVocab | None = None, ref_model=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        reasoning_vocab: ReasoningVocab | None = None,
+        ref_model=None,
+        span_tags: SpanTags | None = None,
+        span_check_steps: int = 0,
+        **kwargs,
+    ):
+        """Args (beyond GRPOTrainer's):
+        reasoning_vocab: the N reasoning rows (None: the baseline).
+        ref_model: the frozen KL reference (peft_utils.build_reference_model), or None.
+        span_tags: the thinking-span tags (thinking.py); None: no span is possible with this tokenizer.
+        span_check_steps: with a reasoning vocabulary, warn loudly when no completion has spent a token inside
+            a span by this step (0: off).
+        """
         from rlvr_vocab.peft_utils import trl_reference_model
 
         with trl_reference_model(ref_model):  # TRL would reload config._name_or_path (fails for tiny/GGUF/rows)
             super().__init__(*args, **kwargs)
         self.reasoning_vocab = reasoning_vocab
+        self.span_tags = span_tags if span_tags is not None or reasoning_vocab is None else reasoning_vocab.tags
+        self.span_check_steps = span_check_steps
+        self._span_tokens_seen = 0  # tokens sampled inside a span so far (the guard's count)
+        self._span_warned = False
+        self._completion_spans: list[CompletionSpan] = []  # of the last generation batch, for the rewards
+        self._completion_answers: list[str | None] = []
         if reasoning_vocab is not None:
             for target in (self.model, self.ref_model):
                 if target is None:
@@ -248,27 +271,78 @@ class RLVRGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ decoding + metrics
     def _generate(self, prompts: list):
         result = super()._generate(prompts)
-        vocab = self.reasoning_vocab
-        if vocab is None:
-            return result
         prompt_ids, completion_ids, tool_mask, completions, *rest = result
+        vocab, tags = self.reasoning_vocab, self.span_tags
         mode = "train" if self.model.training else "eval"
-        n_tokens = sum(len(c) for c in completion_ids)
-        n_reasoning, n_inside = 0, 0
+        spans, answers = [], []
+        n_tokens = n_think = n_reasoning = n_reasoning_inside = 0
         for i, (p_ids, c_ids) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
-            if not c_ids:
-                continue
-            ids = torch.tensor(p_ids + list(c_ids))
-            n_inside += int(vocab.span_state(ids.unsqueeze(0))[0, len(p_ids) - 1 : -1].sum())
-            n_here = int(vocab.is_reasoning(ids[len(p_ids) :]).sum())
-            n_reasoning += n_here
-            if n_here:  # re-decode: each reasoning id as its source token (plain decode drops them)
-                text = vocab.decode(self.processing_class, c_ids)
-                completions[i] = [{"role": "assistant", "content": text}] if isinstance(completions[i], list) else text
-        self._metrics[mode]["reasoning/token_fraction"].append(n_reasoning / max(n_tokens, 1))
-        self._metrics[mode]["reasoning/inside_span_fraction"].append(n_inside / max(n_tokens, 1))
-        self._metrics[mode]["reasoning/inside_span_length"].append(n_inside / max(len(completion_ids), 1))
+            c_ids = list(c_ids)
+            inside0 = tags is not None and ends_inside(p_ids, tags.open_id, tags.close_id)
+            span = split_completion(c_ids, tags, inside0)
+            spans.append(span)
+            n_tokens += len(c_ids)
+            n_think += span.think_tokens
+            if vocab is not None and c_ids:
+                ids = torch.tensor(list(p_ids) + c_ids)
+                is_rsn = vocab.is_reasoning(ids[len(p_ids) :])
+                n_here = int(is_rsn.sum())
+                n_reasoning += n_here
+                if n_here:
+                    inside = vocab.span_state(ids.unsqueeze(0))[0, len(p_ids) - 1 : -1]
+                    n_reasoning_inside += int((is_rsn & inside).sum())
+                    # re-decode: each reasoning id as its source token (plain decode drops them)
+                    text = vocab.decode(self.processing_class, c_ids)
+                    completions[i] = (
+                        [{"role": "assistant", "content": text}] if isinstance(completions[i], list) else text
+                    )
+            answers.append(None if span.answer_start is None else self._decode_ids(c_ids[span.answer_start :]))
+        self._completion_spans, self._completion_answers = spans, answers
+        n = max(len(completion_ids), 1)
+        if tags is not None:
+            used = [s for s in spans if s.used]
+            self._metrics[mode]["think/used_fraction"].append(len(used) / n)
+            self._metrics[mode]["think/closed_fraction"].append(sum(s.closed for s in spans) / n)
+            self._metrics[mode]["think/closed_answered_fraction"].append(
+                sum(s.closed and bool((a or "").strip()) for s, a in zip(spans, answers, strict=True)) / n
+            )
+            self._metrics[mode]["think/length"].append(n_think / n)
+        if vocab is not None:
+            self._metrics[mode]["reasoning/token_fraction"].append(n_reasoning / max(n_tokens, 1))
+            self._metrics[mode]["reasoning/inside_span_fraction"].append(n_think / max(n_tokens, 1))
+            self._metrics[mode]["reasoning/inside_span_length"].append(n_think / n)
+            self._metrics[mode]["reasoning/span_token_fraction"].append(n_reasoning_inside / max(n_think, 1))
+            self._check_span_used(n_think)
         return (prompt_ids, completion_ids, tool_mask, completions, *rest)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        if self.reasoning_vocab is not None:
+            return self.reasoning_vocab.decode(self.processing_class, ids)
+        return self.processing_class.decode(ids, skip_special_tokens=True)
+
+    def _check_span_used(self, n_inside: int) -> None:
+        """The guard: with a reasoning vocabulary, a run whose completions never enter a span compares nothing."""
+        self._span_tokens_seen += n_inside
+        steps = self.span_check_steps
+        if self._span_warned or not steps or self.state.global_step < steps or self._span_tokens_seen:
+            return
+        self._span_warned = True
+        tags = self.span_tags
+        logger.warning(
+            "\n" + "!" * 100 + f"\n!!! model.reasoning_vocab_size={self.reasoning_vocab.size}, but after "
+            f"{self.state.global_step} steps no sampled completion has spent a single token inside a "
+            f"{tags.open_tag} ... {tags.close_tag} span.\n!!! Reasoning ids are allowed only there, so this run is "
+            "the baseline under another name. Set dataset.think=true (the prompt then opens the span).\n" + "!" * 100
+        )
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # The answer after each completion's span (from its ids) for the span-aware rewards (rewards.registry).
+        if self.span_tags is not None and len(self._completion_answers) == len(inputs):
+            inputs = [
+                {**row, "completion_answer": answer, "completion_span": span}
+                for row, answer, span in zip(inputs, self._completion_answers, self._completion_spans, strict=True)
+            ]
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
     # ------------------------------------------------------------------ checkpoints
     INITIAL_CHECKPOINT = "checkpoint-0"

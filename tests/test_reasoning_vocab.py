@@ -19,6 +19,7 @@ from rlvr_vocab.reasoning_vocab import (
     extend_model,
     load_checkpoint,
 )
+from rlvr_vocab.thinking import add_tag_tokens
 from rlvr_vocab.trainer import masked_token_logprobs
 
 RCFG = OmegaConf.structured(ReasoningVocabConfig())
@@ -101,14 +102,14 @@ def test_frequent_init_ranks_by_corpus_counts(tok):
     assert ids[4] == choose_source_ids(1, tok, model)[0]
 
 
-def test_missing_tags_are_added_as_special_tokens(tok):
+def test_missing_tags_are_added_as_tokens_that_every_decode_keeps(tok):
     model = tiny_llama(tok, False)
-    cfg = OmegaConf.structured(ReasoningVocabConfig(think_open="<reason>", think_close="</reason>"))
     n_before = len(tok)
-    vocab = extend_model(model, tok, 4, cfg)
+    tags = add_tag_tokens(tok, model, "<reason>", "</reason>")
+    vocab = extend_model(model, tok, 4, RCFG, tags)
     assert len(tok) == n_before + 2 and vocab.standard_size == n_before + 2
     assert tok.convert_ids_to_tokens([vocab.open_id, vocab.close_id]) == ["<reason>", "</reason>"]
-    assert tok.decode(tok("<reason>1</reason>").input_ids) == "<reason>1</reason>"
+    assert tok.decode(tok("<reason>1</reason>").input_ids, skip_special_tokens=True) == "<reason>1</reason>"
 
 
 def test_extend_after_real_from_pretrained(tok, tmp_path):
@@ -255,16 +256,14 @@ def test_decode_maps_reasoning_ids_to_sources_and_renders_them(tok):
     text_ids = tok("<think>ab</think>\\boxed{7}", add_special_tokens=False).input_ids
     r = vocab.standard_size + vocab.source_ids.index(tok.convert_tokens_to_ids("a"))
     ids = [text_ids[0], r] + text_ids[2:]
-    assert vocab.decode(tok, ids) == "ab\\boxed{7}"
-    assert vocab.decode(tok, ids, skip_special_tokens=False) == "<think>ab</think>\\boxed{7}"
+    assert vocab.decode(tok, ids) == "<think>ab</think>\\boxed{7}"  # the tags are text, not special tokens
     assert "⟦a⟧" in vocab.render(tok, ids) and "⟦b⟧" not in vocab.render(tok, ids)
 
 
 def test_added_tokens_are_not_reasoning_ids(tok):
     """The offset is the model's row count, not tokenizer.vocab_size (which excludes added tokens)."""
     model = tiny_llama(tok, tied=True)
-    cfg = OmegaConf.structured(ReasoningVocabConfig(think_open="<reason>", think_close="</reason>"))
-    vocab = extend_model(model, tok, 4, cfg)
+    vocab = extend_model(model, tok, 4, RCFG, add_tag_tokens(tok, model, "<reason>", "</reason>"))
     assert vocab.open_id >= tok.vocab_size
     assert not vocab.is_reasoning(torch.tensor([vocab.open_id, vocab.close_id])).any()
     assert vocab.decode(tok, [vocab.open_id], skip_special_tokens=False) == "<reason>"

@@ -126,13 +126,55 @@ def correctness_reward(cfg: DictConfig, name: str = "accuracy"):
         raise ConfigError(f"eval.reward={name!r}: {err}") from err
 
 
-def _score(reward, texts: list[str], golds: list[str]) -> list[bool]:
-    """Right or wrong per completion: the reward reaches its ``correct_reward`` (1.0 for accuracy)."""
-    if not texts:
+def _score(reward, completions: list, golds: list[str]) -> list[bool]:
+    """Right or wrong per completion: the reward reaches its ``correct_reward`` (1.0 for accuracy).
+
+    ``completions``: texts, or generation.Completion objects; with a thinking span the reward judges each
+    Completion's answer after the span (``Completion.answer``).
+    """
+    if not completions:
         return []
-    scores = reward([[{"role": "assistant", "content": t}] for t in texts], answer=golds)
+    texts = [c if isinstance(c, str) else c.text for c in completions]
+    messages = [[{"role": "assistant", "content": t}] for t in texts]
+    extra = {}
+    if any(getattr(c, "span", None) is not None for c in completions):
+        extra = {
+            "completion_answer": [c.answer for c in completions],
+            "completion_span": [c.span for c in completions],
+        }
+    scores = reward(messages, answer=golds, **extra)
     right = getattr(reward, "correct_reward", 1.0)
     return [bool(s is not None and s >= right) for s in scores]
+
+
+def span_reward(reward, model, tokenizer, rows):
+    """The correctness reward for this model: judging only the answer after the span when it has span tags."""
+    from rlvr_vocab.rewards.registry import for_span
+    from rlvr_vocab.thinking import prompt_ends_inside
+
+    tags = getattr(model, "span_tags", None)
+    if tags is None:
+        return reward
+    opens = prompt_ends_inside(tokenizer, tags, rows[0]["prompt"]) if len(rows) else False
+    return for_span([reward], tags.open_tag, tags.close_tag, opens)[0]
+
+
+def _record(c) -> dict[str, Any]:
+    """The per-completion fields of a record: its answer (after the span), the box in it, the span."""
+    from rlvr_vocab.data import last_boxed
+    from rlvr_vocab.generation import extract_answer
+
+    answer = c.answer if c.answer is not None else ""
+    return {
+        "completion": c.text,
+        "answer_text": c.answer,
+        "boxed": last_boxed(answer),
+        "extracted": extract_answer(answer),
+        "num_tokens": c.num_tokens,
+        "think_tokens": c.span.think_tokens if c.span is not None else 0,
+        "closed_span": c.span.closed if c.span is not None and c.span.used else None,
+        "completion_ids": c.ids,
+    }
 
 
 def summarize(records: list[dict[str, Any]], num_samples: int) -> dict[str, Any]:
@@ -153,6 +195,10 @@ def summarize(records: list[dict[str, Any]], num_samples: int) -> dict[str, Any]
         "mean_length": sum(r["num_tokens"] for r in records) / n,
         "truncated_rate": sum(r["truncated"] for r in records) / n,
     }
+    if any(r.get("closed_span") is not None for r in records):  # a thinking span: closed, and answered after it
+        summary["closed_rate"] = sum(bool(r.get("closed_span")) for r in records) / n
+        summary["closed_boxed_rate"] = sum(bool(r.get("closed_span")) and r["boxed"] is not None for r in records) / n
+        summary["think_length"] = sum(r.get("think_tokens", 0) for r in records) / n
     if num_samples > 1:
         k = num_samples
         samples = [s for r in records for s in r["samples"]]
@@ -175,8 +221,7 @@ def evaluate_model(
     progress: bool = True,
 ):
     """(summary, per-problem records) of one model on ``rows``."""
-    from rlvr_vocab.data import last_boxed
-    from rlvr_vocab.generation import extract_answer, generate, majority, sampling_kwargs
+    from rlvr_vocab.generation import generate, majority, sampling_kwargs
 
     prompts, golds = list(rows["prompt"]), list(rows["answer"])
     common = {
@@ -184,9 +229,10 @@ def evaluate_model(
         "batch_size": settings["batch_size"],
         "seed": cfg.seed,
         "progress": progress,
+        "tags": getattr(model, "span_tags", None),
     }
     greedy = generate(model, tokenizer, prompts, desc=f"{desc} greedy", **common)
-    correct = _score(reward, [c[0].text for c in greedy], golds)
+    correct = _score(reward, [c[0] for c in greedy], golds)
     records = []
     for i, (completion, ok) in enumerate(zip(greedy, correct, strict=True)):
         c = completion[0]
@@ -195,11 +241,8 @@ def evaluate_model(
                 "index": i,
                 "problem": rows[i]["problem"],
                 "answer": golds[i],
-                "completion": c.text,
-                "boxed": last_boxed(c.text),
-                "extracted": extract_answer(c.text),
+                **_record(c),
                 "correct": ok,
-                "num_tokens": c.num_tokens,
                 "truncated": c.truncated,
             }
         )
@@ -209,20 +252,10 @@ def evaluate_model(
             model, tokenizer, prompts, num_samples=k, do_sample=True, sampling=sampling_kwargs(cfg.model),
             desc=f"{desc} sampled x{k}", **common,
         )  # fmt: skip
-        flat = [s.text for group in sampled for s in group]
-        flat_ok = _score(reward, flat, [g for g in golds for _ in range(k)])
+        flat_ok = _score(reward, [s for group in sampled for s in group], [g for g in golds for _ in range(k)])
         for i, group in enumerate(sampled):
             oks = flat_ok[i * k : (i + 1) * k]
-            samples = [
-                {
-                    "completion": s.text,
-                    "boxed": last_boxed(s.text),
-                    "extracted": extract_answer(s.text),
-                    "correct": ok,
-                    "num_tokens": s.num_tokens,
-                }
-                for s, ok in zip(group, oks, strict=True)
-            ]
+            samples = [{**_record(s), "correct": ok} for s, ok in zip(group, oks, strict=True)]
             vote = majority([s["extracted"] for s in samples])
             records[i]["samples"] = samples
             records[i]["majority"] = samples[vote]["extracted"] if vote is not None else None
@@ -307,7 +340,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         name = Path(path).name if path and Path(path).exists() else (path or cfg.model.name_or_path)
         start = time.time()
         model, tokenizer = load_policy(cfg, path)
-        summary, records = evaluate_model(model, tokenizer, rows, settings, cfg, reward, desc=name)
+        summary, records = evaluate_model(
+            model, tokenizer, rows, settings, cfg, span_reward(reward, model, tokenizer, rows), desc=name
+        )
         summary["seconds"] = round(time.time() - start, 1)
         logger.info(f"{name} (step {step}): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if "@" in k))
         results.append({"model": name, "path": path, "step": step, "summary": summary, "records": records})

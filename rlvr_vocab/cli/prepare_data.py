@@ -72,7 +72,9 @@ def raw_splits(cfg: DictConfig) -> dict[str, Any]:
 
     d = cfg.dataset
     if d.name == "arithmetic" and not d.path:
-        train, held_out = generate_arithmetic(d.generator, cfg.seed)
+        train, held_out = generate_arithmetic(
+            d.generator, d.generator.seed if d.generator.seed is not None else cfg.seed
+        )
         return {
             d.split: datasets.Dataset.from_list(train),
             d.eval_split or "test": datasets.Dataset.from_list(held_out),

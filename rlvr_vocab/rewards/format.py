@@ -22,6 +22,7 @@ def boxed_format_reward(completions: list, **kwargs) -> list[float]:
 
 
 boxed_format_reward.__name__ = "boxed_format"
+boxed_format_reward.judges_answer = True  # with a thinking span: the box must be in the answer after it
 
 
 class ThinkFormat:
@@ -51,6 +52,10 @@ class ThinkFormat:
         self.close_tag = close_tag
         self.open_tag_in_prompt = open_tag_in_prompt
 
+    def use_span(self, open_tag: str, close_tag: str, starts_inside: bool) -> None:
+        """Take the run's tags, and whether its prompt opens the span (rewards.registry.for_span calls this)."""
+        self.open_tag, self.close_tag, self.open_tag_in_prompt = open_tag, close_tag, starts_inside
+
     def score(self, text: str) -> float:
         if self.open_tag_in_prompt:
             text = self.open_tag + text
@@ -60,8 +65,14 @@ class ThinkFormat:
         reasoning, _, answer = text[len(self.open_tag) :].partition(self.close_tag)
         return 1.0 if reasoning.strip() and answer.strip() else 0.0
 
-    def __call__(self, completions: list, **kwargs) -> list[float]:
-        return [self.score(completion_text(c)) for c in completions]
+    def __call__(self, completions: list, completion_span: list | None = None, completion_answer=None, **kwargs):
+        if completion_span is None or completion_answer is None:
+            return [self.score(completion_text(c)) for c in completions]
+        # From token ids (the trainer's split): a closed span with thinking in it, then a non-blank answer.
+        return [
+            1.0 if span.closed and span.think_tokens > 1 and (answer or "").strip() else 0.0
+            for span, answer in zip(completion_span, completion_answer, strict=True)
+        ]
 
 
 class SoftOverlong:

@@ -29,6 +29,71 @@ REWARD_REGISTRY: dict[str, type | Callable] = {
 }
 
 
+class AnswerAfterSpan:
+    r"""A correctness reward applied to the answer after the thinking span, not to the whole completion.
+
+    An answer written inside the span does not count; a completion that ends inside a span has no answer
+    (the inner reward scores an empty text). The trainer and the evaluation pass ``completion_answer``, the
+    answer of each completion decided from its token ids (``thinking.split_completion``: a tag spelled out in
+    text pieces closes nothing). Called without it (on plain texts), the answer is the text after the last
+    ``close_tag``, or the whole text when no span was used.
+
+    Example:
+        >>> from rlvr_vocab.rewards.graded import last_number_reward
+        >>> judge = AnswerAfterSpan(last_number_reward, "</think>", starts_inside=True)
+        >>> judge(["3 + 4 = 7 </think> 7", "so 7", "</think> 8"], answer=["7"] * 3)
+        [1.0, 0.0, 0.0]
+        >>> judge(["any text"], answer=["7"], completion_answer=["\\boxed{7}"])
+        [1.0]
+    """
+
+    def __init__(self, inner: Callable, close_tag: str, starts_inside: bool = False, open_tag: str = "<think>"):
+        self.inner = inner
+        self.close_tag = close_tag
+        self.open_tag = open_tag
+        self.starts_inside = starts_inside
+        self.__name__ = inner.__name__  # TRL logs rewards/<name>/mean: the wrapped reward keeps its name
+        self.correct_reward = getattr(inner, "correct_reward", 1.0)
+
+    def text_answer(self, text: str) -> str:
+        """The answer of a plain text: after the last close tag; empty when it ends inside a span."""
+        head, closed, tail = text.rpartition(self.close_tag)
+        if closed:
+            return "" if self.open_tag in tail else tail
+        if self.starts_inside or self.open_tag in text:
+            return ""
+        return text
+
+    def __call__(self, completions: list, completion_answer: list | None = None, **kwargs) -> list[float | None]:
+        if completion_answer is None:
+            from rlvr_vocab.rewards.text import completion_text
+
+            completion_answer = [self.text_answer(completion_text(c)) for c in completions]
+        return self.inner([a if a is not None else "" for a in completion_answer], **kwargs)
+
+
+def judges_answer(func: Callable) -> bool:
+    """Whether a reward judges the final answer (correctness, or the answer's format) rather than the whole text."""
+    return bool(getattr(func, "judges_answer", hasattr(func, "correct_reward")))
+
+
+def for_span(funcs: list[Callable], open_tag: str, close_tag: str, starts_inside: bool) -> list[Callable]:
+    """The reward functions for runs with a thinking span: answer rewards judge only the answer after it.
+
+    Span-aware rewards (``think_format``) learn the tags and whether the prompt opens the span.
+    """
+    wrapped = []
+    for func in funcs:
+        if hasattr(func, "use_span"):
+            func.use_span(open_tag, close_tag, starts_inside)
+            wrapped.append(func)
+        elif judges_answer(func):
+            wrapped.append(AnswerAfterSpan(func, close_tag, starts_inside, open_tag))
+        else:
+            wrapped.append(func)
+    return wrapped
+
+
 def _as_dict(node: Any) -> dict:
     """A plain dict from a dict or an OmegaConf node (None -> {})."""
     if node is None:
