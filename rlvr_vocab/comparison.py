@@ -230,7 +230,7 @@ def area_under(points: list[tuple[int, float]]) -> float | None:
         return None
     if len(points) == 1:
         return points[0][1]
-    area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(points, points[1:]))
+    area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(points, points[1:], strict=False))
     return area / (points[-1][0] - points[0][0])
 
 
