@@ -118,6 +118,9 @@ def sample_completion(
 
     model, tokenizer = load_checkpoint(run_dir)
     messages = [{"role": "user", "content": prompt}]
+    system = _run_config(run_dir).get("dataset", {}).get("system_prompt")
+    if system:  # the run's own system prompt, so the sample is drawn as in training
+        messages.insert(0, {"role": "system", "content": system})
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prefix = model.reasoning_vocab.think_open if open_span else ""
     ids = tokenizer(text + prefix, return_tensors="pt", add_special_tokens=False)
@@ -128,6 +131,13 @@ def sample_completion(
     if open_span:
         completion = tokenizer(prefix, add_special_tokens=False).input_ids + completion
     return completion, tokenizer
+
+
+def _run_config(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def plot_sample(tokens: list[int], tokenizer, vocab: ReasoningVocab, out: Path, width: int = 90) -> Path:
