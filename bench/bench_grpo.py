@@ -279,7 +279,9 @@ def run_variant(
             if record["step"] == 1:
                 after_warmup()
             left = (deadline - time.time()) if deadline else float("inf")
-            if left < 1.15 * step_s + 5 and state.global_step < args.max_steps:
+            later = [s["step_s"] for s in result["steps"][1:]]
+            next_s = median(later) if later else 0.7 * step_s  # the warm-up step holds the compile
+            if left < 1.15 * next_s + 5 and state.global_step < args.max_steps:
                 result["stopped_early"] = f"deadline: {left:.0f} s left after step {record['step']}"
                 control.should_training_stop = True
             if partial:
