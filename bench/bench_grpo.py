@@ -213,10 +213,11 @@ def run_variant(
     original_generate = trainer._generate_single_turn
     original_score = trainer._generate_and_score_completions
 
-    def timed_generate(prompt_ids, *a, **k):
+    def timed_generate(*a, **k):
+        prompt_ids = a[0] if a else k["prompt_ids"]
         sync()
         t0 = time.perf_counter()
-        ids, logps = original_generate(prompt_ids, *a, **k)
+        ids, logps = original_generate(*a, **k)
         sync()
         current["generation_s"] = current.get("generation_s", 0.0) + time.perf_counter() - t0
         current["completion_tokens"] = current.get("completion_tokens", 0) + sum(len(c) for c in ids)
@@ -245,13 +246,16 @@ def run_variant(
     probe = StepProbe(lambda: trainer.__dict__.get("_fast_sampler"))
 
     def after_warmup() -> None:
-        if fix == "gc-freeze":
-            gc.collect()
-            gc.freeze()
-        elif fix == "pool-shutdown":
-            from torch._inductor import async_compile
+        try:
+            if fix == "gc-freeze":
+                gc.collect()
+                gc.freeze()
+            elif fix == "pool-shutdown":
+                from torch._inductor import async_compile
 
-            async_compile.shutdown_compile_workers()
+                async_compile.shutdown_compile_workers()
+        except Exception as err:  # noqa: BLE001 - a torch without the hook: say so, keep measuring
+            result["fix_error"] = repr(err)[:300]
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **k):
@@ -411,9 +415,11 @@ def slow_lines(rows: list[dict]) -> str:
             f"{r['variant']}/{r['fix']}: mean {r['s_per_step']:.2f} median {r['s_per_step_median']:.2f} "
             f"mean/median {_fmt(r['mean_over_median'], '.2f')} ({r['measured_steps']} steps, cache {r['cache']})"
         ]
-        for s in r["slow"]:
+        for s in r["slow"][:8]:
             why = "; ".join(s["why"]) or "no counter moved"
             parts.append(f"step {s['step']} {s['s']:.2f} s (gen {_fmt(s['gen_s'], '.2f')}): {why}")
+        if len(r["slow"]) > 8:
+            parts.append(f"... {len(r['slow']) - 8} more slow steps")
         if not r["slow"]:
             parts.append("no slow steps")
         if r.get("stopped_early"):

@@ -349,7 +349,7 @@ def verdict_lines(results: list[dict]) -> list[str]:
             lines.append(f"{tag} {r['check']}: {r['error']}")
         elif r["check"].startswith("logprobs"):
             text = (
-                f"{tag} {r['check']} ({r['attention']}, {r['layers']} layers, {r['batch']} x {r['tokens']}, rows end "
+                f"{tag} {r['check']} ({r['attention']}, {r.get('layers', '?')} layers, {r['batch']} x {r['tokens']}, rows end "
                 f"{r['lengths_min_max'][0]}-{r['lengths_min_max'][1]}, eos hook {r['eos_hook']}): "
             )
             if "mean_abs_dlogp" in r:

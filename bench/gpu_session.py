@@ -281,20 +281,35 @@ def summary(session: dict, full: bool = False) -> str:
     ]
     for p in pieces:
         lines.append(f"| {p['name']} | {p.get('status', 'pending')} | {p.get('wall_s', '–')} | {p.get('note', '')} |")
+
+    def section(title: str, render) -> list[str]:
+        try:
+            return ["", title, *render()]
+        except Exception as err:  # noqa: BLE001 - a summary bug must not lose the session
+            return ["", title, f"(could not summarise: {err!r})"]
+
     outputs = {kind: [p for p in pieces if p["kind"] == kind and p.get("output")] for kind in ("floor", "check")}
     for p in outputs["floor"][:1]:
-        lines += ["", "## Floor", floor.markdown(p["output"]) if full else _floor_line(p["output"])]
+        out = p["output"]
+        lines += section("## Floor", lambda out=out: [floor.markdown(out) if full else _floor_line(out)])
     for p in outputs["check"][:1]:
-        lines += ["", "## Sampler checks"] + [f"- {x}" for x in check_sampler.verdict_lines(p["output"])]
+        out = p["output"]
+        lines += section("## Sampler checks", lambda out=out: [f"- {x}" for x in check_sampler.verdict_lines(out)])
     rows = [r for p in pieces if p["kind"] == "sampler" for r in (p.get("output") or [])]
     if rows:
-        lines += ["", "## Sampler rows", bench_sampler.markdown(rows)]
+        lines += section("## Sampler rows", lambda: [bench_sampler.markdown(rows)])
     runs = [p["output"] for p in pieces if p["kind"] == "grpo" and p.get("output") and p["output"].get("steps")]
     if runs:
-        lines += ["", "## GRPO", bench_grpo.markdown(runs)]
+        lines += section("## GRPO", lambda: [bench_grpo.markdown(runs)])
     for p in pieces:
         if p.get("status", "").startswith(("failed", "timeout")):
-            lines += ["", f"### {p['name']}: {p['status']} (log tail)", "```", *p.get("log_tail", [])[-8:], "```"]
+            lines += [
+                "",
+                f"### {p['name']}: {p['status']} (log tail)",
+                "```",
+                *(x[:160] for x in p.get("log_tail", [])[-8:]),
+                "```",
+            ]
     return "\n".join(lines) + "\n"
 
 
