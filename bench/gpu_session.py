@@ -102,6 +102,27 @@ def part_pieces(part: int) -> list[Piece]:
     raise ValueError(f"--part must be 1 or 2, not {part}")
 
 
+TINY_ROWS = {"sampler:core": ["4x16@triton", "4x16@eager", "eos-spread-8x16@eager"], "sampler:rest": ["4x16-rv@eager"]}
+
+
+def tiny_pieces(pieces: list[Piece]) -> list[Piece]:
+    """The same pieces on the CPU with 2-layer models (a smoke test of the wiring): no floor, 2 GRPO steps."""
+    out = []
+    for p in pieces:
+        if p.kind == "floor":
+            continue
+        cmd = list(p.cmd) + ["--tiny"]
+        if p.kind == "grpo":
+            cmd += ["--steps", "2"]
+        if p.kind == "sampler":
+            start = cmd.index("--rows") + 1
+            end = cmd.index("--out")
+            cmd[start:end] = TINY_ROWS.get(p.name, ["4x16@eager"])
+            cmd += ["--bandwidth", "1e10"]
+        out.append(Piece(p.name, cmd, p.kind, p.est_s, 0.0, 900.0, p.note + " (tiny, CPU)", p.fix_slot))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ fix order
 FIX_SIGNALS = [  # (words in the slow-step explanations, the fix that tests that cause)
     (("GC",), "gc-freeze"),
@@ -338,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=520, help="wall-clock budget of the whole session (s)")
     parser.add_argument("--pieces", nargs="*", default=None, help="run only these pieces, in this order (plan names)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: every piece with 2-layer models")
     args = parser.parse_args(argv)
 
     pieces = part_pieces(args.part)
@@ -347,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown pieces {unknown}; part {args.part} has {[p.name for p in pieces]}")
         by_name = {p.name: p for p in pieces}
         pieces = [by_name[n] for n in args.pieces]  # in the order given
+    if args.tiny:
+        pieces = tiny_pieces(pieces)
     print(plan_text(pieces, args.budget_s), flush=True)
     if args.dry_run:
         return 0

@@ -239,3 +239,14 @@ def test_tiny_grpo_benchmark_runs_end_to_end(tmp_path):
     assert len(raw["steps"]) == 2
     for step in raw["steps"]:
         assert step["generation_s"] > 0 and step["training_s"] > 0 and "gc" in step and "host" in step
+
+
+@pytest.mark.slow
+def test_tiny_gpu_session_wires_every_piece_kind(tmp_path):
+    out = tmp_path / "session"
+    pieces = ["check", "grpo:fast-512:plain", "sampler:core"]
+    cmd = [sys.executable, "-m", "bench.gpu_session", "--part", "1", "--tiny", "--out", str(out), "--pieces", *pieces]
+    subprocess.run(cmd, check=True, cwd=REPO, timeout=900)
+    session = json.loads((out / "session.json").read_text())
+    assert [p["status"] for p in session["pieces"]] == ["ok", "ok", "ok"]
+    assert session["pieces"][1]["output"]["steps"] and any("ms_per_step" in r for r in session["pieces"][2]["output"])
