@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install quickstart test test-full lint format check-rewards clean
+.PHONY: help install quickstart test test-full lint format check-rewards bench-gpu clean
 
 help:  ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,10 @@ format: install  ## Apply ruff fixes and formatting
 
 check-rewards: install  ## Score gold and wrong answers of GSM8K test through the configured rewards
 	$(PY) -m rlvr_vocab.cli.check_rewards dataset=gsm8k dataset.path=../shared/data/gsm8k/test.jsonl
+
+bench-gpu: install  ## GPU benchmarks in two time-boxed calls of ~9 min (BENCHMARKS.md; results in bench/results/)
+	$(PY) -m bench.gpu_session --part 1 --out bench/results/part1 --budget-s 520
+	$(PY) -m bench.gpu_session --part 2 --out bench/results/part2 --budget-s 520
 
 clean:  ## Remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache

@@ -5,7 +5,7 @@ writes the curve. Time is seconds since training began in that process (``heldou
 training, checkpoints and the held-out evals themselves; model loading is before it).
 
     python grpo_train.py experiment=addsub output_dir=outputs/addsub/run1
-    python bench/learning_curve.py outputs/addsub/run1 --target 0.6 --json bench/results/addsub.json
+    python -m bench.learning_curve outputs/addsub/run1 --target 0.6 --json bench/results/addsub.json
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -147,8 +146,7 @@ def test_held_out_eval_during_training_logs_a_curve_and_leaves_training_unchange
     assert summary["pass@1"] == heldout[-1]["heldout/pass@1"]
     assert summary["mean_length"] == heldout[-1]["heldout/mean_length"]
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import learning_curve
+    from bench import learning_curve
 
     assert learning_curve.main([str(with_eval), "--target", "0.0", "--json", str(tmp_path / "curve.json")]) == 0
     curve = json.loads((tmp_path / "curve.json").read_text())

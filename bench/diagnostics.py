@@ -1,0 +1,256 @@
+"""Per-step probes for slow GRPO steps: GC pauses, recompiles, graph captures, allocator and host CPU.
+
+``StepProbe.begin()`` / ``.end()`` bracket one step (outside its timed region) and return what moved in it:
+
+* ``gc``: Python cyclic-GC passes and their pause time per generation (``gc.callbacks``);
+* ``dynamo``: ``torch._dynamo.utils.counters`` deltas (frames compiled, graphs, FX-graph cache hits/misses,
+  graph breaks) and the recompile messages logged in the step (``torch._logging``'s ``recompiles``);
+* ``sampler``: the fast sampler's counter deltas (captures, compiles, compactions, fallbacks);
+* ``cuda``: allocator deltas (cudaMalloc/cudaFree calls, alloc retries, segments) and reserved bytes;
+* ``host``: this process's CPU time and involuntary context switches, its live child processes (inductor's
+  compile workers) and their CPU time, and the machine's busy CPU share (``/proc``; psutil not needed).
+
+``explain(step, typical)`` names the counters of a step that differ from a typical step's.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+CUDA_KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms", "num_sync_all_streams")
+
+
+# ------------------------------------------------------------------------------------------ /proc readers
+def _stat_fields(pid: int | str) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # fields from 3 (state) on; the name may hold spaces
+
+
+def process_tree(root: int | None = None) -> dict[int, float]:
+    """Live descendants of ``root`` (default: this process) and their CPU seconds (user + system)."""
+    root = os.getpid() if root is None else root
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return {}
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is None or fields[0] == "Z":
+            continue
+        parents[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out[pid] = cpu[pid]
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def self_cpu() -> dict[str, float]:
+    """This process's CPU seconds and context switches (all threads)."""
+    fields = _stat_fields("self")
+    out = {"cpu_s": (int(fields[11]) + int(fields[12])) / CLOCK_TICKS if fields else time.process_time()}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches", "Threads")):
+                key, value = line.split(":")
+                out[key] = float(value)
+    except OSError:
+        pass
+    return out
+
+
+def machine_cpu() -> tuple[float, float] | None:
+    """(busy, total) CPU ticks of the whole machine since boot (``/proc/stat``), None where unreadable."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    ticks = [int(x) for x in first]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return sum(ticks) - idle, sum(ticks)
+
+
+# ------------------------------------------------------------------------------------------ the probe
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage()[:400])
+
+
+class StepProbe:
+    """Bracket each step with ``begin()`` and ``end()``; ``end`` returns the step's counters (a dict)."""
+
+    def __init__(self, sampler_getter=None, log_recompiles: bool = True):
+        self.sampler_getter = sampler_getter or (lambda: None)
+        self.gc_events: list[tuple[int, float]] = []  # (generation, pause s) within the current step
+        self._gc_start: float | None = None
+        gc.callbacks.append(self._on_gc)
+        self.records = _Records()
+        if log_recompiles:
+            self._hook_recompile_log()
+        self._before: dict = {}
+        self.run_peak_bytes = 0  # max_memory_allocated over every probed step (the probe resets the peak)
+        self.run_peak_reserved_bytes = 0
+
+    def close(self) -> None:
+        """Detach the GC callback (and the log handler)."""
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+        for name in list(logging.root.manager.loggerDict):
+            if name.endswith(("__recompiles", "__graph_breaks")):
+                logging.getLogger(name).removeHandler(self.records)
+
+    def _on_gc(self, phase, info):
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            self.gc_events.append((info["generation"], time.perf_counter() - self._gc_start))
+            self._gc_start = None
+
+    def _hook_recompile_log(self) -> None:
+        try:
+            import torch
+            import torch._dynamo.convert_frame  # noqa: F401  (creates the artifact loggers)
+            import torch._dynamo.guards  # noqa: F401
+
+            torch._logging.set_logs(recompiles=True, graph_breaks=True)
+        except Exception:  # noqa: BLE001 - a torch without these loggers: counters only
+            return
+        for name in list(logging.root.manager.loggerDict):
+            if name.endswith(("__recompiles", "__graph_breaks")):
+                logging.getLogger(name).addHandler(self.records)
+
+    def _snapshot(self) -> dict:
+        from bench.workload import sampler_stats
+
+        snap: dict = {"t": time.perf_counter(), "self": self_cpu(), "machine": machine_cpu()}
+        snap["children"] = process_tree()
+        try:
+            from torch._dynamo.utils import counters
+
+            snap["dynamo"] = {f"{group}.{k}": v for group, c in counters.items() for k, v in c.items()}
+        except Exception:  # noqa: BLE001
+            snap["dynamo"] = {}
+        snap["sampler"] = sampler_stats(self.sampler_getter())
+        try:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                stats = torch.cuda.memory_stats()
+                snap["cuda"] = {k: stats.get(k, 0) for k in CUDA_KEYS}
+                snap["cuda"]["segments"] = stats.get("segment.all.current", 0)
+                snap["cuda"]["reserved_bytes"] = stats.get("reserved_bytes.all.current", 0)
+                peak, peak_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+                snap["peak_bytes"] = peak  # since the previous snapshot
+                self.run_peak_bytes = max(self.run_peak_bytes, peak)
+                self.run_peak_reserved_bytes = max(self.run_peak_reserved_bytes, peak_reserved)
+                torch.cuda.reset_peak_memory_stats()
+        except Exception:  # noqa: BLE001
+            pass
+        return snap
+
+    def begin(self) -> None:
+        """Snapshot the counters at the start of a step (call before its timer starts)."""
+        self.gc_events.clear()
+        self.records.lines.clear()
+        self._before = self._snapshot()
+
+    def end(self) -> dict:
+        """The step's deltas (call after its timer stopped)."""
+        from bench.workload import stats_delta
+
+        b, a = self._before, self._snapshot()
+        if not b:
+            return {}
+        pauses: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for generation, pause in self.gc_events:
+            pauses[str(generation)] = pauses.get(str(generation), 0.0) + pause
+            counts[str(generation)] = counts.get(str(generation), 0) + 1
+        wall = a["t"] - b["t"]
+        children_cpu = sum(a["children"].get(pid, 0.0) - b["children"].get(pid, 0.0) for pid in a["children"])
+        host = {
+            "self_cpu_s": a["self"]["cpu_s"] - b["self"]["cpu_s"],
+            "involuntary_ctx": a["self"].get("nonvoluntary_ctxt_switches", 0)
+            - b["self"].get("nonvoluntary_ctxt_switches", 0),
+            "threads": a["self"].get("Threads", 0),
+            "children": len(a["children"]),
+            "children_cpu_s": round(children_cpu, 3),
+        }
+        if a["machine"] and b["machine"] and a["machine"][1] > b["machine"][1]:
+            host["machine_busy"] = round((a["machine"][0] - b["machine"][0]) / (a["machine"][1] - b["machine"][1]), 3)
+        out = {
+            "gc": {
+                "pause_s": {k: round(v, 4) for k, v in pauses.items()},
+                "passes": counts,
+                "max_pause_s": round(max((p for _, p in self.gc_events), default=0.0), 4),
+            },
+            "dynamo": stats_delta(b["dynamo"], a["dynamo"]),
+            "recompile_log": list(self.records.lines[:5]),
+            "sampler": stats_delta(b["sampler"], a["sampler"]),
+            "host": host,
+            "probe_wall_s": round(wall, 3),
+        }
+        if "cuda" in a and "cuda" in b:
+            cuda = stats_delta(b["cuda"], a["cuda"])
+            cuda["reserved_gib"] = round(a["cuda"]["reserved_bytes"] / 2**30, 2)
+            cuda["segments_now"] = a["cuda"]["segments"]
+            cuda["peak_allocated_gib"] = round(a.get("peak_bytes", 0) / 2**30, 2)
+            out["cuda"] = cuda
+        return out
+
+
+# ------------------------------------------------------------------------------------------ reading them
+SIGNALS = {  # counter -> (how to read it from a step record, threshold above the typical step, label)
+    "gc2": (lambda d: d.get("gc", {}).get("pause_s", {}).get("2", 0.0), 0.05, "gen-2 GC {:.2f} s"),
+    "gc_all": (lambda d: sum(d.get("gc", {}).get("pause_s", {}).values()), 0.1, "GC {:.2f} s"),
+    "children_cpu": (lambda d: d.get("host", {}).get("children_cpu_s", 0.0), 1.0, "child CPU {:.1f} s"),
+    "children": (lambda d: d.get("host", {}).get("children", 0), 0.5, "{:.0f} child procs"),
+    "machine_busy": (lambda d: d.get("host", {}).get("machine_busy", 0.0), 0.15, "machine busy {:.0%}"),
+    "ctx": (lambda d: d.get("host", {}).get("involuntary_ctx", 0), 200, "{:.0f} involuntary ctx switches"),
+    "frames": (lambda d: d.get("dynamo", {}).get("frames.total", 0), 0.5, "{:.0f} frames compiled"),
+    "recompiles": (lambda d: len(d.get("recompile_log", [])), 0.5, "{:.0f} recompile msgs"),
+    "captures": (lambda d: d.get("sampler", {}).get("captures", 0), 0.5, "{:.0f} graph captures"),
+    "compiles": (lambda d: d.get("sampler", {}).get("compiles", 0), 0.5, "{:.0f} sampler compiles"),
+    "mallocs": (lambda d: d.get("cuda", {}).get("num_device_alloc", 0), 0.5, "{:.0f} cudaMalloc"),
+    "frees": (lambda d: d.get("cuda", {}).get("num_device_free", 0), 0.5, "{:.0f} cudaFree"),
+    "retries": (lambda d: d.get("cuda", {}).get("num_alloc_retries", 0), 0.5, "{:.0f} alloc retries"),
+}
+
+
+def explain(step: dict, typical: list[dict]) -> list[str]:
+    """Counters of ``step`` above those of the typical steps by more than each signal's threshold.
+
+    Example:
+        >>> slow = {"gc": {"pause_s": {"2": 1.2}}, "host": {"children_cpu_s": 0.1}}
+        >>> fast = {"gc": {"pause_s": {}}, "host": {"children_cpu_s": 0.2}}
+        >>> explain(slow, [fast, fast])
+        ['gen-2 GC 1.20 s', 'GC 1.20 s']
+    """
+    from bench.workload import median
+
+    out = []
+    for read, threshold, label in SIGNALS.values():
+        value = read(step)
+        base = median([read(t) for t in typical]) or 0.0
+        if value - base > threshold:
+            out.append(label.format(value))
+    return out
