@@ -26,7 +26,7 @@ from rlvr_vocab.sampling import (
     build_plan,
 )
 from rlvr_vocab.sampling import sampler as sampler_module
-from rlvr_vocab.sampling.attention import eager_decode_attention
+from rlvr_vocab.sampling.attention import decode_mask, eager_decode_attention
 
 TINY = OmegaConf.create(
     {
@@ -397,6 +397,25 @@ def test_force_eos_hook_ends_rows_and_is_checked(tok):
         model.generate(**inputs, **kwargs, custom_generate=sampler)
 
 
+@pytest.mark.slow
+def test_compiled_decode_serves_every_batch_size_and_window(tok):
+    """torch.compile (CPU inductor here): the same tokens, and no recompilation per batch size or window."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_qwen3(tok, seed=1)
+    boost(model, [tok.eos_token_id], 0.5)
+    inputs = batch(tok, [PROMPTS[i % 4] + " x" * (i % 5) for i in range(24)], "cpu")
+    plain, _ = sample_with(model, inputs, tok, compaction=False, stop_check_every=2)
+    frames = counters["frames"]["ok"]
+    settings = dict(compile=True, min_rows=2, stop_check_every=2, window=4)  # sizes 24, 8, 4, 2; ~10 windows
+    compacted, on = sample_with(model, inputs, tok, **settings)
+    assert on.stats["compactions"] >= 2 and on.stats["failures"] == 0 and not on._compile_failed
+    assert torch.equal(compacted, plain)
+    assert counters["frames"]["ok"] - frames == 2, "one compilation of the forward and one of the pick"
+    again, _ = sample_with(model, batch(tok, PROMPTS * 4, "cpu"), tok, **settings)  # other batch and length
+    assert counters["frames"]["ok"] - frames == 2
+
+
 # ------------------------------------------------------------------------------------------ the plan
 def prepared(model, inputs, **kwargs):
     """What transformers hands a custom_generate: (processors, criteria, config)."""
@@ -507,7 +526,7 @@ def relative_error(got, want):
 def test_eager_decode_attention_writes_the_slot_and_matches_the_definition(group):
     q, kn, vn, keys, values, length, bias = decode_inputs(3, 2, group, 16, 40, 29, torch.float32, "cpu")
     before = keys.clone()
-    out = eager_decode_attention(q, kn, vn, keys, values, length, bias, 32, 0.25)
+    out = eager_decode_attention(q, kn, vn, keys, values, length, decode_mask(bias, length, 32, 2, q.dtype), 0.25)
     assert torch.equal(keys[:, :, 28], kn[:, :, 0]) and torch.equal(values[:, :, 28], vn[:, :, 0])
     assert torch.equal(keys[:, :, :28], before[:, :, :28]) and torch.equal(keys[:, :, 29:], before[:, :, 29:])
     assert relative_error(out, naive_attention(q, keys, values, 29, bias, 0.25)) < 1e-5
@@ -557,7 +576,8 @@ def test_triton_decode_kernel_matches_the_eager_maths(
     )
     ref_keys, ref_values = keys.clone(), values.clone()
     got = triton_decode.decode_attention(q, kn, vn, keys, values, n, bias, head_dim**-0.5, splits)
-    want = eager_decode_attention(q, kn, vn, ref_keys, ref_values, n, bias, cache_len, head_dim**-0.5)
+    mask = decode_mask(bias, n, cache_len, kv_heads, q.dtype)
+    want = eager_decode_attention(q, kn, vn, ref_keys, ref_values, n, mask, head_dim**-0.5)
     assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values), "the K/V write differs"
     assert got.shape == (b, 1, kv_heads * group, head_dim) and got.is_contiguous()
     assert relative_error(got, want) < 1e-4

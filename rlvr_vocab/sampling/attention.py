@@ -7,8 +7,9 @@ shape), so the valid length, a device tensor, is read when the op runs or is cap
 
 * ``eager``: two batched matmuls (``baddbmm``, ``bmm``) per layer with the query heads of one KV head as the
   rows of one matmul, so K and V are read once (SDPA with a padding mask repeats K/V per query head, 3-5x
-  the bytes). It reads the first ``window`` slots, a CPU tensor set by the sampler (the length rounded up),
-  so on CUDA one captured graph serves one window. Runs anywhere; the CPU path and the fallback.
+  the bytes). It reads the first W slots, W the width of the step's ``decode_mask`` (the length rounded up
+  to a window, built once per step for all layers), so on CUDA one captured graph serves one window. Runs
+  anywhere; the CPU path and the fallback.
 * ``triton``: the flash-decoding kernel of ``triton_decode`` (split over the context, GQA fused, K/V write
   fused, early exit at the device-side length), so one captured graph serves every length. CUDA, or CPU
   tensors under ``TRITON_INTERPRET=1``.
@@ -33,6 +34,20 @@ def triton_importable() -> bool:
     return triton_decode.triton is not None
 
 
+def decode_mask(
+    bias: torch.Tensor, length: torch.Tensor, window: int, kv_heads: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The eager maths' additive mask of one step, shared by every layer: [B, Hkv, 1, W], W = ``window``.
+
+    ``bias``: [B, L] fp32 (0, or -inf on the prompts' left padding); slots from ``length`` on are -inf too.
+    """
+    b = bias.shape[0]
+    w = min(window, bias.shape[-1])
+    slots = torch.arange(w, device=bias.device)
+    mask = torch.where(slots < length, bias[:, :w], float("-inf")).to(dtype)
+    return mask[:, None, None, :].expand(b, kv_heads, 1, w).contiguous()
+
+
 def eager_decode_attention(
     query: torch.Tensor,
     key_new: torch.Tensor,
@@ -40,14 +55,14 @@ def eager_decode_attention(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     length: torch.Tensor,
-    bias: torch.Tensor | None,
-    window: int,
+    mask: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """The reference maths: write slot ``length - 1``, attend to the first ``window`` slots masked to ``length``.
+    """The reference maths: write slot ``length - 1``, attend to the first W slots with ``mask`` added.
 
-    Shapes as ``triton_decode.decode_attention``; returns [B, 1, H, D]. Scores are computed in the input dtype
-    and the softmax in fp32, then rounded to the value dtype for ``p @ V`` (as transformers' eager attention).
+    Shapes as ``triton_decode.decode_attention``; ``mask``: ``decode_mask``'s [B, Hkv, 1, W]; returns
+    [B, 1, H, D]. Scores are computed in the input dtype and the softmax in fp32, then rounded to the value
+    dtype for ``p @ V`` (as transformers' eager attention).
     """
     slot = (length - 1).long()
     key_cache.index_copy_(2, slot, key_new)
@@ -55,14 +70,9 @@ def eager_decode_attention(
     b, h, _, d = query.shape
     hkv = key_cache.shape[1]
     g = h // hkv
-    w = min(window, key_cache.shape[2])
-    slots = torch.arange(w, device=query.device)
-    mask = torch.where(slots < length, 0.0, float("-inf"))[None, :]  # [1, W]
-    if bias is not None:
-        mask = mask + bias[:, :w].float()
-    mask = mask.expand(b, w).to(query.dtype)[:, None, None, :].expand(b, hkv, 1, w).reshape(b * hkv, 1, w)
-    scores = torch.baddbmm(  # bias + scaling * q @ k^T in one kernel: [B*Hkv, G, W]
-        mask,
+    w = mask.shape[-1]
+    scores = torch.baddbmm(  # mask + scaling * q @ k^T in one kernel: [B*Hkv, G, W]
+        mask.reshape(b * hkv, 1, w),
         query.reshape(b * hkv, g, d),
         key_cache[:, :, :w].transpose(-1, -2).reshape(b * hkv, d, w),
         alpha=scaling,
@@ -80,27 +90,21 @@ def _decode_attention_op(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     length: torch.Tensor,
-    bias: torch.Tensor | None,
-    window: torch.Tensor,
+    mask: torch.Tensor,
     scaling: float,
     impl: str,
 ) -> torch.Tensor:
-    """The op behind ``decode_attention``; ``window``: a CPU int64 [1] (eager only), ``impl``: eager or triton."""
+    """The op behind ``decode_attention``. ``mask``: triton: the bias [B, 1, 1, L] fp32; eager: ``decode_mask``."""
     if impl == "triton":
         from rlvr_vocab.sampling import triton_decode
 
-        bias2d = None if bias is None else bias.reshape(bias.shape[0], -1)
-        return triton_decode.decode_attention(
-            query, key_new, value_new, key_cache, value_cache, length, bias2d, scaling
-        )
-    bias2d = None if bias is None else bias.reshape(bias.shape[0], -1)
-    return eager_decode_attention(
-        query, key_new, value_new, key_cache, value_cache, length, bias2d, int(window[0]), scaling
-    )
+        bias = mask.reshape(mask.shape[0], -1)
+        return triton_decode.decode_attention(query, key_new, value_new, key_cache, value_cache, length, bias, scaling)
+    return eager_decode_attention(query, key_new, value_new, key_cache, value_cache, length, mask, scaling)
 
 
 @_decode_attention_op.register_fake
-def _(query, key_new, value_new, key_cache, value_cache, length, bias, window, scaling, impl):
+def _(query, key_new, value_new, key_cache, value_cache, length, mask, scaling, impl):
     b, h, _, d = query.shape
     return query.new_empty(b, 1, h, d)
 
@@ -119,10 +123,10 @@ def decode_attention(
     """transformers' attention-function signature, for the decode step: ([B, 1, H, D], None).
 
     ``query``: [B, H, 1, D]; ``key``/``value``: this token's [B, Hkv, 1, D] (the sampler passes no cache
-    object, so the layer hands them over unchanged); ``attention_mask``: the per-row additive bias
-    [B, 1, 1, L]; ``rlvr_decode``: ``keys``/``values`` (the cache buffers per layer, [B, Hkv, L, D]),
-    ``length`` (int64 [1], device), ``window`` (int64 [1], CPU) and ``impl``. Query head ``h`` uses KV head
-    ``h // (H / Hkv)``, as transformers' ``repeat_kv``.
+    object, so the layer hands them over unchanged); ``attention_mask``: for ``triton`` the per-row additive
+    bias [B, 1, 1, L] fp32, for ``eager`` the step's ``decode_mask``; ``rlvr_decode``: ``keys``/``values``
+    (the cache buffers per layer, [B, Hkv, L, D]), ``length`` (int64 [1], device) and ``impl``. Query head
+    ``h`` uses KV head ``h // (H / Hkv)``, as transformers' ``repeat_kv``.
     """
     if rlvr_decode is None:
         raise RuntimeError(f"attn_implementation={DECODE_ATTENTION!r} is only for FastSampler's decode step")
@@ -136,7 +140,6 @@ def decode_attention(
         rlvr_decode["values"][layer],
         rlvr_decode["length"],
         attention_mask,
-        rlvr_decode["window"],
         scaling,
         rlvr_decode["impl"],
     )
@@ -166,9 +169,8 @@ def check_triton(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, d
     bias[2, :60] = float("-inf")
     n = torch.tensor([length], device=device)
     scaling = head_dim**-0.5
-    want = eager_decode_attention(
-        query, key_new, value_new, keys.clone(), values.clone(), n, bias, cache_len, scaling
-    ).float()
+    mask = decode_mask(bias, n, cache_len, kv_heads, dtype)
+    want = eager_decode_attention(query, key_new, value_new, keys.clone(), values.clone(), n, mask, scaling).float()
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     for splits in (3, 1):
         k, v = keys.clone(), values.clone()

@@ -220,7 +220,8 @@ class FastSampler:
 
     def _session(self, model, batch: int, needed: int, device, plan: Plan) -> Session:
         params = tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
-        key = (id(model), batch, str(device), plan.signature(), hash(params))
+        # what captured graphs bake in: the model's weights, the batch, the plan, whether EOS is forced
+        key = (id(model), batch, str(device), plan.signature(), hash(params), self.force_eos_at is not None)
         s = self.session
         if s is not None and s.key == key and needed <= s.cache_len <= needed + CACHE_SLACK:
             return s
@@ -321,29 +322,25 @@ class FastSampler:
         n = st.n
         forward, picker = self._forward(model), self._picker(model, plan)
         keys, values = s.cache.views(n)
-        ids, pos, bias = st.tok[:n, None], st.pos[:n, None], st.bias[:n]
+        ids, pos, mask = st.tok[:n, None], st.pos[:n, None], st.bias[:n]
+        if s.attention == "eager":  # one mask for every layer, W = st.window slots wide
+            mask = attn.decode_mask(mask[:, 0, 0], st.length, st.window, keys[0].shape[1], keys[0].dtype)
         t = st.tensors()
         if forward is not model:  # batch and cache length dynamic: one compilation for every shape
             for x in (ids, pos, t["seen"], t["inside"], t["finished"], t["tok"], t["pos"], t["rows"]):
                 _mark_dynamic(x, 0)
             for x in (t["out"], t["logp"], t["noise"]):
                 _mark_dynamic(x, 0, 1)
-            _mark_dynamic(bias, 0, 3)
+            _mark_dynamic(mask, 0, 3)
             for x in keys + values:
                 _mark_dynamic(x, 0, 2)
         out = forward(
             input_ids=ids,
             position_ids=pos,
-            attention_mask=bias,
+            attention_mask=mask,
             use_cache=False,
             logits_to_keep=1,
-            rlvr_decode={
-                "keys": keys,
-                "values": values,
-                "length": st.length,
-                "window": st.window,
-                "impl": s.attention,
-            },
+            rlvr_decode={"keys": keys, "values": values, "length": st.length, "impl": s.attention},
         )
         logits = out.logits[:, -1]
         if forward is not model:
@@ -388,7 +385,7 @@ class FastSampler:
                         break
                     self._maybe_compact(s, live)
                 length = prompt_len + t  # valid slots once this step's fed token is written
-                st.window[0] = min(s.cache_len, math.ceil(length / self.window) * self.window)
+                st.window = min(s.cache_len, math.ceil(length / self.window) * self.window)
                 if cuda and not s.graphs_failed:
                     self._graph_step(model, s, plan)
                 else:
@@ -410,7 +407,7 @@ class FastSampler:
     def _graph_step(self, model, s: Session, plan: Plan) -> None:
         """Replay the captured step of this (batch, window); the first time run it uncaptured, then capture."""
         st = s.state
-        key = (st.n, int(st.window[0]) if s.attention == "eager" else None)
+        key = (st.n, st.window if s.attention == "eager" else None)
         graph = s.graphs.get(key)
         if graph is None and key in s.warmed:
             graph = self._capture(model, s, plan, key)
@@ -429,7 +426,7 @@ class FastSampler:
         with torch.cuda.stream(stream):
             self._run_safely(model, s, plan)
         torch.cuda.current_stream().wait_stream(stream)
-        s.warmed.add((st.n, int(st.window[0]) if s.attention == "eager" else None))
+        s.warmed.add((st.n, st.window if s.attention == "eager" else None))
 
     def _capture(self, model, s: Session, plan: Plan, key: tuple):
         try:

@@ -33,7 +33,7 @@ class DecodeState:
         self.logp = torch.zeros(batch, cache_len, dtype=torch.float32, device=device)  # their processed log-probs
         self.step = torch.zeros(1, **long)  # index of the token being sampled
         self.length = torch.zeros(1, **long)  # valid cache slots once this step's token is written
-        self.window = torch.zeros(1, dtype=torch.long)  # CPU: slots the eager attention reads (length rounded up)
+        self.window = cache_len  # slots the eager attention reads this step (the length rounded up)
         self.thresholds: torch.Tensor | None = None  # per-step thresholds of this call
         self.columns: list[torch.Tensor | None] = []  # per-step constant column masks [V]
         self.eos: torch.Tensor | None = None  # EOS ids
