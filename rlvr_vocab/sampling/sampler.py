@@ -327,9 +327,9 @@ class FastSampler:
             mask = attn.decode_mask(mask[:, 0, 0], st.length, st.window, keys[0].shape[1], keys[0].dtype)
         t = st.tensors()
         if forward is not model:  # batch and cache length dynamic: one compilation for every shape
-            for x in (ids, pos, t["seen"], t["inside"], t["finished"], t["tok"], t["pos"], t["rows"]):
+            for x in (ids, pos, t["seen"], t["inside"], t["finished"], t["tok"], t["pos"], t["rows"], t["noise"]):
                 _mark_dynamic(x, 0)
-            for x in (t["out"], t["logp"], t["noise"]):
+            for x in (t["out"], t["logp"]):  # [B, cache length]
                 _mark_dynamic(x, 0, 1)
             _mark_dynamic(mask, 0, 3)
             for x in keys + values:
