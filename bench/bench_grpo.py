@@ -243,7 +243,7 @@ def run_variant(
 
     trainer._generate_single_turn = timed_generate
     trainer._generate_and_score_completions = timed_score
-    probe = StepProbe(lambda: trainer.__dict__.get("_fast_sampler"))
+    probe = StepProbe(lambda: getattr(trainer, "fast_sampler", None))
 
     def after_warmup() -> None:
         try:
@@ -301,7 +301,7 @@ def run_variant(
         trainer.train()
     finally:
         probe.close()
-    sampler = trainer.__dict__.get("_fast_sampler")
+    sampler = getattr(trainer, "fast_sampler", None)
     result["fast_path_used"] = bool(getattr(sampler, "last_used_fast_path", False))
     result["peak_allocated_gib"] = probe.run_peak_bytes / 2**30
     result["peak_reserved_gib"] = probe.run_peak_reserved_bytes / 2**30

@@ -1,7 +1,8 @@
 """The GRPOTrainer subclass: reasoning-vocabulary masking in sampling and log-probs, decoding, checkpoints.
 
-With ``model.reasoning_vocab_size=0`` this is TRL's GRPOTrainer unchanged (plus the fast sampler when
-``training.generation_backend=fast``). With N > 0:
+With ``model.reasoning_vocab_size=0`` this is TRL's GRPOTrainer unchanged (plus the fast sampler of
+``rlvr_vocab.sampling`` when ``training.generation_backend=fast``; its TRL glue, the padding, unwrapping and
+EOS cut, lives here, the only file that touches TRL's private API). With N > 0:
   * sampling: ``model.generate`` carries a ReasoningMaskProcessor (reasoning_vocab.attach_generation_mask);
   * log-probs: a chunked LM head applies the same mask, from the same token ids, to the training forward;
   * rewards and logs see completions with every reasoning id decoded as its source token;
@@ -23,6 +24,7 @@ from transformers.utils import ModelOutput
 from trl import GRPOConfig, GRPOTrainer
 
 from rlvr_vocab.reasoning_vocab import ReasoningVocab
+from rlvr_vocab.sampling import FastSampler
 from rlvr_vocab.thinking import CompletionSpan, SpanTags, ends_inside, split_completion
 
 
@@ -202,6 +204,9 @@ class RLVRGRPOTrainer(GRPOTrainer):
         self._span_warned = False
         self._completion_spans: list[CompletionSpan] = []  # of the last generation batch, for the rewards
         self._completion_answers: list[str | None] = []
+        # the rollout sampler of generation_backend=fast (kept across steps: its cache and CUDA graphs)
+        self.fast_sampler = FastSampler(reasoning_vocab=reasoning_vocab)
+        self._logged_fallback = False
         if reasoning_vocab is not None:
             for target in (self.model, self.ref_model):
                 if target is None:
@@ -264,9 +269,72 @@ class RLVRGRPOTrainer(GRPOTrainer):
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
             )
-        from rlvr_vocab.sampling import generate_completions
+        return self._fast_generate_single_turn(prompt_ids)
 
-        return generate_completions(self, prompt_ids)
+    def _fast_generate_single_turn(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], None]:
+        """What ``GRPOTrainer._generate_single_turn`` returns (completion ids cut after the first EOS, no
+        log-probs), sampled by ``self.fast_sampler`` through ``model.generate`` with TRL's padding, unwrapping
+        and generation config, so transformers builds the same logits processors as on TRL's path."""
+        from transformers import Trainer
+        from trl.extras.profiling import profiling_context
+        from trl.models.utils import unwrap_model_for_generation
+        from trl.trainer.utils import pad
+
+        if getattr(self, "is_deepspeed_enabled", False) and not self.args.ds3_gather_for_generation:
+            if not self._logged_fallback:
+                self._logged_fallback = True
+                logger.info("generation_backend=fast: DeepSpeed ZeRO-3 without gathering the weights; TRL's generate")
+            return super()._generate_single_turn(prompt_ids, None, {}, self.num_generations)
+
+        # Left-pad exactly as TRL's regular path does.
+        prompt_tensors = [torch.tensor(ids) for ids in prompt_ids]
+        pad_multiple = getattr(self, "pad_to_multiple_of", None)
+        padded_ids = pad(
+            prompt_tensors,
+            padding_value=self._tokenizer.pad_token_id,
+            padding_side="left",
+            pad_to_multiple_of=pad_multiple,
+        )
+        attention_mask = pad(
+            [torch.ones_like(t) for t in prompt_tensors],
+            padding_value=0,
+            padding_side="left",
+            pad_to_multiple_of=pad_multiple,
+        )
+        inputs = Trainer._prepare_inputs(self, {"input_ids": padded_ids, "attention_mask": attention_mask})
+        with (
+            profiling_context(self, "fast_generate"),
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            was_training = unwrapped_model.training
+            unwrapped_model.eval()
+            try:
+                sequences = unwrapped_model.generate(
+                    **inputs, generation_config=self.generation_config, custom_generate=self.fast_sampler
+                )
+            finally:
+                unwrapped_model.train(was_training)
+
+        # Cut after the first EOS, exactly as TRL's regular path does.
+        device = sequences.device
+        completion_ids = sequences[:, inputs["input_ids"].size(1) :]
+        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=device))
+        eos_idx = torch.full((is_eos.size(0),), is_eos.size(1), dtype=torch.long, device=device)
+        eos_idx[is_eos.any(dim=1)] = is_eos.int().argmax(dim=1)[is_eos.any(dim=1)]
+        sequence_indices = torch.arange(is_eos.size(1), device=device).expand(is_eos.size(0), -1)
+        completion_mask = (sequence_indices <= eos_idx.unsqueeze(1)).int()
+        completion_ids = [
+            c[m].tolist() for c, m in zip(completion_ids.cpu(), completion_mask.bool().cpu(), strict=True)
+        ]
+        return completion_ids, None
 
     # ------------------------------------------------------------------ decoding + metrics
     def _generate(self, prompts: list):

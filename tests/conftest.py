@@ -18,6 +18,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 sys.path.insert(0, str(REPO))
+if "TRITON_INTERPRET" not in os.environ:  # no GPU: Triton kernels (where installed) run in Triton's CPU interpreter,
+    import torch  # which must be chosen before anything imports Triton
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 import rlvr_vocab.config  # noqa: E402,F401  (registers the schema)
 

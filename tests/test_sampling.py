@@ -1,6 +1,7 @@
 """The fast sampler: same tokens as transformers when greedy, same distribution as TRL when sampling, TRL's EOS
-cut, the reasoning mask, an end-to-end GRPO run. Runs on the CPU (eager decode); the same tests run on CUDA
-(CUDA-graph decode) where a GPU is present."""
+cut, the reasoning mask, compaction of finished rows, the typed plan, the Triton decode kernel against the eager
+maths, an end-to-end GRPO run. Runs on the CPU (eager decode; the Triton kernel under Triton's interpreter where
+Triton is installed); the same tests run on CUDA (CUDA-graph decode) where a GPU is present."""
 
 from __future__ import annotations
 
@@ -10,13 +11,22 @@ import pytest
 import torch
 from conftest import make_trainer, tiny_llama
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
 
-from rlvr_vocab import sampling
 from rlvr_vocab.config import ReasoningVocabConfig
 from rlvr_vocab.models import build_tiny_model, build_tiny_tokenizer
-from rlvr_vocab.reasoning_vocab import extend_model
-from rlvr_vocab.sampling import FastSampler, generate_completions
+from rlvr_vocab.reasoning_vocab import ReasoningMaskProcessor, extend_model
+from rlvr_vocab.sampling import (
+    BlockAt,
+    BlockBefore,
+    FastSampler,
+    ReasoningSpan,
+    RepetitionPenalty,
+    Warper,
+    build_plan,
+)
+from rlvr_vocab.sampling import sampler as sampler_module
+from rlvr_vocab.sampling.attention import decode_mask, eager_decode_attention
 
 TINY = OmegaConf.create(
     {
@@ -43,7 +53,7 @@ PROMPTS = [
 @pytest.fixture(autouse=True)
 def no_compile(monkeypatch):
     """CUDA runs of these tests use CUDA graphs without torch.compile (seconds, not minutes); one test compiles."""
-    monkeypatch.setattr(sampling, "COMPILE", False)
+    monkeypatch.setattr(sampler_module, "COMPILE", False)
 
 
 @pytest.fixture
@@ -88,14 +98,13 @@ class Recorder:
     [{}, {"repetition_penalty": 1.3, "min_new_tokens": 12, "suppress_tokens": [20, 21]}],
     ids=["plain", "processors"],
 )
-def test_greedy_matches_transformers_generate(tok, device, window, extra, monkeypatch):
-    monkeypatch.setattr(sampling, "WINDOW", window)  # small windows: many window switches in 40 tokens
+def test_greedy_matches_transformers_generate(tok, device, window, extra):
     model = tiny_qwen3(tok, device)
     boost(model, [tok.eos_token_id], 2.0)
     inputs = batch(tok, PROMPTS, device)
     kwargs = dict(do_sample=False, max_new_tokens=40, pad_token_id=tok.pad_token_id, **extra)
     ref = model.generate(**inputs, **kwargs)
-    sampler = FastSampler()
+    sampler = FastSampler(window=window)  # small windows: many window switches in 40 tokens
     out = model.generate(**inputs, **kwargs, custom_generate=sampler)
     assert sampler.last_used_fast_path
     n = min(ref.shape[1], out.shape[1])
@@ -119,8 +128,31 @@ def test_unsupported_processor_falls_back_to_transformers(tok):
     ref = model.generate(**inputs, **kwargs)
     sampler = FastSampler()
     out = model.generate(**inputs, **kwargs, custom_generate=sampler)
-    assert not sampler.last_used_fast_path
+    assert not sampler.last_used_fast_path and sampler.stats["fallbacks"] == 1
     assert torch.equal(out, ref)
+
+
+def test_unsupported_model_falls_back_to_transformers(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    model = GPT2LMHeadModel(config).eval()
+    inputs = batch(tok, PROMPTS, "cpu")
+    kwargs = dict(do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+    ref = model.generate(**inputs, **kwargs)
+    sampler = FastSampler()
+    out = model.generate(**inputs, **kwargs, custom_generate=sampler)
+    assert "gpt2" in sampler_module.unsupported_model(model)
+    assert not sampler.last_used_fast_path and sampler.stats["fallbacks"] == 1
+    assert torch.equal(out, ref)
+
+
+def test_bad_sampler_settings_are_refused():
+    with pytest.raises(ValueError, match="attention='flash'"):
+        FastSampler(attention="flash")
+    with pytest.raises(ValueError, match="min_rows"):
+        FastSampler(min_rows=0)
 
 
 # ------------------------------------------------------------------------------------ same distribution
@@ -207,9 +239,9 @@ def test_eos_cut_and_padding_identical_to_trl(tok, tmp_path):
     model = tiny_llama(tok, seed=5)  # greedy: two of the eight prompts end early (EOS), six run to the limit
     trainer = make_trainer(model, tok, None, tmp_path, generation_kwargs={"do_sample": False})
     ids = prompt_ids(tok)
-    ours, logps = generate_completions(trainer, ids)
+    ours, logps = trainer._generate_single_turn(ids, None, {}, trainer.num_generations)
     theirs, _ = GRPOTrainer._generate_single_turn(trainer, ids, None, {}, trainer.num_generations)
-    assert trainer._fast_sampler.last_used_fast_path and logps is None
+    assert trainer.fast_sampler.last_used_fast_path and logps is None
     assert ours == theirs
     ended = [c for c in ours if c and c[-1] == tok.eos_token_id]
     assert 0 < len(ended) < len(ours), "want some completions that stop early and some that run to the limit"
@@ -220,7 +252,7 @@ def test_sampled_completions_stop_at_first_eos(tok, tmp_path):
     boost(model, [tok.eos_token_id], 2.5)
     trainer = make_trainer(model, tok, None, tmp_path)
     torch.manual_seed(0)
-    completions, _ = generate_completions(trainer, prompt_ids(tok, 16))
+    completions, _ = trainer._generate_single_turn(prompt_ids(tok, 16), None, {}, trainer.num_generations)
     eos = tok.eos_token_id
     for c in completions:
         assert eos not in c[:-1]
@@ -238,8 +270,8 @@ def test_sampler_logprobs_equal_training_logprobs(tok, tmp_path, n_reasoning, te
     trainer = make_trainer(model, tok, vocab, tmp_path, temperature=temperature)
     ids = prompt_ids(tok, 6)
     torch.manual_seed(0)
-    completions, _ = generate_completions(trainer, ids)
-    gen_logps = trainer._fast_sampler.last_logprobs
+    completions, _ = trainer._generate_single_turn(ids, None, {}, trainer.num_generations)
+    gen_logps = trainer.fast_sampler.last_logprobs
     # rebuild TRL's batch: left-padded prompts, right-padded completions with a mask up to the first EOS
     p = max(len(x) for x in ids)
     c = max(len(x) for x in completions)
@@ -286,25 +318,329 @@ def test_reasoning_mask_holds(tok, device, patched_generate):
     assert (nxt == vocab.close_id).any() and (nxt == vocab.open_id).any()
 
 
+def test_reasoning_mask_holds_on_the_compacted_path(tok):
+    """Rows end at spread lengths (the bench hook), the batch is compacted three times, the mask still holds."""
+    model = tiny_llama(tok, seed=5, tied=True)
+    vocab = extend_model(model, tok, 40, OmegaConf.structured(ReasoningVocabConfig()))
+    boost(model, list(range(vocab.standard_size, vocab.standard_size + vocab.size)), 3.0)
+    boost(model, [vocab.open_id, vocab.close_id], 2.0)
+    prompts = ["<|im_start|>assistant\n"] * 16 + ["<|im_start|>assistant\n<think>"] * 16
+    inputs = batch(tok, prompts, "cpu")
+    ends = torch.tensor([3 + (7 * i) % 29 for i in range(32)])  # token index of each row's EOS: 3..31
+    sampler = FastSampler(reasoning_vocab=vocab, min_rows=1, stop_check_every=4, force_eos_at=ends)
+    torch.manual_seed(1)
+    seqs = model.generate(
+        **inputs, do_sample=True, max_new_tokens=40, pad_token_id=tok.pad_token_id, custom_generate=sampler
+    )
+    assert sampler.last_used_fast_path and sampler.stats["compactions"] >= 3
+    p = inputs.input_ids.shape[1]
+    nxt = seqs[:, p:]
+    alive = (nxt == tok.eos_token_id).cumsum(1) - (nxt == tok.eos_token_id).int() == 0
+    inside = vocab.span_state(seqs)[:, p - 1 : -1]
+    is_reasoning = nxt >= vocab.standard_size
+    assert not (is_reasoning & ~inside & alive).any(), "a reasoning id was sampled outside the thinking span"
+    assert is_reasoning[16:].any(), "reasoning ids never sampled inside the span"
+    first_eos = torch.where(nxt == tok.eos_token_id, torch.arange(nxt.shape[1]), 10**6).min(1).values
+    assert (first_eos <= ends).all() and (first_eos == ends).sum() >= 24, "EOS not forced at the given lengths"
+
+
+# ------------------------------------------------------------------------------------------ compaction
+def sample_with(model, inputs, tok, **sampler_kwargs):
+    sampler = FastSampler(**sampler_kwargs)
+    torch.manual_seed(3)
+    out = model.generate(
+        **inputs,
+        do_sample=True,
+        temperature=0.9,
+        top_k=40,
+        repetition_penalty=1.2,
+        max_new_tokens=36,
+        pad_token_id=tok.pad_token_id,
+        custom_generate=sampler,
+    )
+    return out, sampler
+
+
+def test_compaction_samples_the_same_tokens(tok):
+    """Compaction on and off, same seed: the same tokens (the noise is drawn per original row) and log-probs (to
+    rounding: a matmul over fewer rows may round differently)."""
+    model = tiny_qwen3(tok, seed=1)
+    boost(model, [tok.eos_token_id], 0.5)  # completions end at lengths from 1 to 25 by themselves
+    inputs = batch(tok, [PROMPTS[i % 4] + " x" * (i % 5) for i in range(24)], "cpu")
+    plain, off = sample_with(model, inputs, tok, compaction=False, stop_check_every=2)
+    compacted, on = sample_with(model, inputs, tok, compaction=True, min_rows=1, stop_check_every=2)
+    assert off.stats["compactions"] == 0 and on.stats["compactions"] >= 3
+    lengths = (plain[:, inputs.input_ids.shape[1] :] != tok.pad_token_id).sum(1)
+    assert lengths.min() < 6 and lengths.max() > 20, "want completions that end early and late"
+    assert torch.equal(compacted, plain)
+    torch.testing.assert_close(on.last_logprobs, off.last_logprobs, rtol=1e-5, atol=1e-5)
+    assert on.stats["steps"] == off.stats["steps"]
+    assert on.stats["row_steps"] < 0.5 * off.stats["row_steps"], "finished rows kept costing"
+
+
+def test_force_eos_hook_ends_rows_and_is_checked(tok):
+    model = tiny_qwen3(tok)
+    inputs = batch(tok, PROMPTS, "cpu")
+    kwargs = dict(do_sample=False, max_new_tokens=20, pad_token_id=tok.pad_token_id)
+    ends = torch.tensor([0, 5, 19, -1])
+    sampler = FastSampler(force_eos_at=ends, min_rows=1, stop_check_every=2)
+    out = model.generate(**inputs, **kwargs, custom_generate=sampler)[:, inputs.input_ids.shape[1] :]
+    free = model.generate(**inputs, **kwargs)[:, inputs.input_ids.shape[1] :]
+    for row, end in enumerate(ends.tolist()):
+        if end < 0:
+            assert torch.equal(out[row], free[row][: out.shape[1]])
+        else:
+            assert out[row, end] == tok.eos_token_id and torch.equal(out[row, :end], free[row, :end])
+            assert (out[row, end + 1 :] == tok.pad_token_id).all()
+    sampler.force_eos_at = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="force_eos_at"):
+        model.generate(**inputs, **kwargs, custom_generate=sampler)
+
+
+@pytest.mark.slow
+def test_compiled_decode_serves_every_batch_size_and_window(tok):
+    """torch.compile (CPU inductor here): the same tokens, and no recompilation per batch size or window."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_qwen3(tok, seed=1)
+    boost(model, [tok.eos_token_id], 0.5)
+    inputs = batch(tok, [PROMPTS[i % 4] + " x" * (i % 5) for i in range(24)], "cpu")
+    plain, _ = sample_with(model, inputs, tok, compaction=False, stop_check_every=2)
+    frames = counters["frames"]["ok"]
+    settings = dict(compile=True, min_rows=2, stop_check_every=2, window=4)  # sizes 24, 8, 4, 2; ~10 windows
+    compacted, on = sample_with(model, inputs, tok, **settings)
+    assert on.stats["compactions"] >= 2 and on.stats["failures"] == 0 and not on._compile_failed
+    assert torch.equal(compacted, plain)
+    assert counters["frames"]["ok"] - frames == 2, "one compilation of the forward and one of the pick"
+    again, _ = sample_with(model, batch(tok, PROMPTS * 4, "cpu"), tok, **settings)  # other batch and length
+    assert counters["frames"]["ok"] - frames == 2
+
+
+# ------------------------------------------------------------------------------------------ the plan
+def prepared(model, inputs, **kwargs):
+    """What transformers hands a custom_generate: (processors, criteria, config)."""
+    seen = {}
+
+    def capture(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        seen.update(lp=logits_processor, sc=stopping_criteria, gc=generation_config)
+        return input_ids
+
+    model.generate(**inputs, custom_generate=capture, **kwargs)
+    return seen["lp"], seen["sc"], seen["gc"]
+
+
+def test_build_plan_gives_typed_steps_in_transformers_order(tok):
+    model = tiny_qwen3(tok)
+    vocab = extend_model(model, tok, 8, OmegaConf.structured(ReasoningVocabConfig()))
+    inputs = batch(tok, PROMPTS, "cpu")
+    p = inputs.input_ids.shape[1]
+    common = dict(
+        do_sample=True,
+        temperature=0.7,
+        top_k=5,
+        repetition_penalty=1.3,
+        suppress_tokens=[20],
+        begin_suppress_tokens=[21],
+        max_new_tokens=9,
+        pad_token_id=tok.pad_token_id,
+    )
+    lp, sc, gc = prepared(model, inputs, min_new_tokens=4, **common)
+    plan, reason = build_plan(lp, sc, gc, p)
+    assert reason is None
+    kinds = {
+        "RepetitionPenaltyLogitsProcessor": RepetitionPenalty,
+        "MinLengthLogitsProcessor": BlockBefore,
+        "MinNewTokensLengthLogitsProcessor": BlockBefore,
+        "SuppressTokensLogitsProcessor": BlockBefore,
+        "SuppressTokensAtBeginLogitsProcessor": BlockAt,
+        "ReasoningMaskProcessor": ReasoningSpan,
+        "TemperatureLogitsWarper": Warper,
+        "TopKLogitsWarper": Warper,
+    }
+    assert [type(s) for s in plan.steps] == [kinds[type(x).__name__] for x in lp]
+    by_type = {type(x).__name__: s for x, s in zip(lp, plan.steps, strict=True)}
+    assert by_type["RepetitionPenaltyLogitsProcessor"].penalty == 1.3
+    assert by_type["MinNewTokensLengthLogitsProcessor"] == BlockBefore(4, (tok.eos_token_id,))
+    assert by_type["SuppressTokensAtBeginLogitsProcessor"] == BlockAt(0, (21,))
+    assert by_type["ReasoningMaskProcessor"].vocab is vocab
+    assert plan.max_length == p + 9 and plan.eos_ids == (tok.eos_token_id,) and not plan.greedy
+    # per-call thresholds are device data, not part of what a graph bakes in
+    other, _ = build_plan(*prepared(model, inputs, min_new_tokens=6, **common), p)
+    assert other.signature() == plan.signature() and other.thresholds() != plan.thresholds()
+    colder, _ = build_plan(*prepared(model, inputs, min_new_tokens=4, **{**common, "temperature": 0.5}), p)
+    assert colder.signature() != plan.signature()
+
+
+def test_build_plan_applies_the_mask_of_an_unpatched_model_and_names_what_it_cannot_replay(tok):
+    model = tiny_qwen3(tok)
+    vocab = extend_model(model, tok, 8, OmegaConf.structured(ReasoningVocabConfig()))
+    del model.generate  # transformers adds no ReasoningMaskProcessor
+    inputs = batch(tok, PROMPTS, "cpu")
+    p = inputs.input_ids.shape[1]
+    kwargs = dict(do_sample=True, temperature=0.7, max_new_tokens=5, pad_token_id=tok.pad_token_id)
+    plan, _ = build_plan(*prepared(model, inputs, **kwargs), p, vocab=vocab)
+    kinds = [type(s) for s in plan.steps]
+    first_warper = kinds.index(Warper)
+    assert kinds.count(ReasoningSpan) == 1 and kinds[first_warper - 1] is ReasoningSpan  # before the first warper
+    mask = LogitsProcessorList([ReasoningMaskProcessor(vocab)])
+    plan, _ = build_plan(*prepared(model, inputs, logits_processor=mask, **kwargs), p, vocab=vocab)
+    assert sum(isinstance(s, ReasoningSpan) for s in plan.steps) == 1
+    plan, reason = build_plan(*prepared(model, inputs, no_repeat_ngram_size=2, **kwargs), p)
+    assert plan is None and reason == "logits processor NoRepeatNGramLogitsProcessor"
+    gc = GenerationConfig(do_sample=False, num_beams=2, max_new_tokens=5)
+    plan, reason = build_plan(LogitsProcessorList(), [], gc, p)
+    assert plan is None and reason == "generation mode beam_search"
+
+
+# ------------------------------------------------------------------------------------- decode attention
+def naive_attention(query, keys, values, length, bias, scaling):
+    """float64 softmax attention with repeat_kv: the definition the decode ops must match."""
+    b, h, _, d = query.shape
+    g = h // keys.shape[1]
+    k = keys[:, :, :length].double().repeat_interleave(g, 1)
+    v = values[:, :, :length].double().repeat_interleave(g, 1)
+    scores = query.double() @ k.transpose(-1, -2) * scaling + bias[:, None, None, :length].double()
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # [B, 1, H, D]
+
+
+def decode_inputs(b, kv_heads, group, head_dim, cache_len, length, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    query = rand(b, 1, kv_heads * group, head_dim).transpose(1, 2)  # the layout transformers hands over
+    key_new, value_new = (rand(b, 1, kv_heads, head_dim).transpose(1, 2) for _ in range(2))
+    keys, values = rand(b, kv_heads, cache_len, head_dim), rand(b, kv_heads, cache_len, head_dim)
+    bias = torch.zeros(b, cache_len, device=device)
+    for row in range(b):  # left padding: row r's first (5 r) % length slots are masked
+        bias[row, : (5 * row) % (length - 1)] = float("-inf")
+    return query, key_new, value_new, keys, values, torch.tensor([length], device=device), bias
+
+
+def relative_error(got, want):
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
+
+
+@pytest.mark.parametrize("group", [1, 2, 8])
+def test_eager_decode_attention_writes_the_slot_and_matches_the_definition(group):
+    q, kn, vn, keys, values, length, bias = decode_inputs(3, 2, group, 16, 40, 29, torch.float32, "cpu")
+    before = keys.clone()
+    out = eager_decode_attention(q, kn, vn, keys, values, length, decode_mask(bias, length, 32, 2, q.dtype), 0.25)
+    assert torch.equal(keys[:, :, 28], kn[:, :, 0]) and torch.equal(values[:, :, 28], vn[:, :, 0])
+    assert torch.equal(keys[:, :, :28], before[:, :, :28]) and torch.equal(keys[:, :, 29:], before[:, :, 29:])
+    assert relative_error(out, naive_attention(q, keys, values, 29, bias, 0.25)) < 1e-5
+
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_decode(monkeypatch):
+    """The Triton kernels, on CUDA, or on CPU tensors under Triton's interpreter (skipped without Triton)."""
+    pytest.importorskip("triton")
+    from rlvr_vocab.sampling import triton_decode as module
+
+    if TRITON_DEVICE == "cpu":
+        if not module.interpreted():
+            pytest.skip("Triton was imported without TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
+        # Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with
+        # int(array), which NumPy >= 2.4 refuses; read the element instead.
+        from triton.runtime import interpreter
+
+        original = interpreter._patch_lang_tensor
+
+        def patched(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+    return module
+
+
+@pytest.mark.parametrize(
+    "b, kv_heads, group, head_dim, cache_len, length, splits",
+    [
+        (2, 2, 2, 64, 300, 200, None),  # splits chosen by the kernel's rule
+        (2, 2, 2, 64, 300, 200, 1),  # one split: the output written by the split kernel itself
+        (3, 1, 8, 128, 200, 131, 3),  # GQA group 8, head_dim 128, length off the block
+        (2, 4, 1, 64, 130, 65, 4),  # no grouping; one split gets no slot at all
+        (2, 2, 3, 8, 70, 2, 2),  # group and head_dim padded up to tl.dot's 16; the first decode slot
+    ],
+)
+def test_triton_decode_kernel_matches_the_eager_maths(
+    triton_decode, b, kv_heads, group, head_dim, cache_len, length, splits
+):
+    q, kn, vn, keys, values, n, bias = decode_inputs(
+        b, kv_heads, group, head_dim, cache_len, length, torch.float32, TRITON_DEVICE
+    )
+    ref_keys, ref_values = keys.clone(), values.clone()
+    got = triton_decode.decode_attention(q, kn, vn, keys, values, n, bias, head_dim**-0.5, splits)
+    mask = decode_mask(bias, n, cache_len, kv_heads, q.dtype)
+    want = eager_decode_attention(q, kn, vn, ref_keys, ref_values, n, mask, head_dim**-0.5)
+    assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values), "the K/V write differs"
+    assert got.shape == (b, 1, kv_heads * group, head_dim) and got.is_contiguous()
+    assert relative_error(got, want) < 1e-4
+    assert relative_error(got, naive_attention(q, keys, values, length, bias, head_dim**-0.5)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else []))
+def test_triton_decode_kernel_in_16_bits(triton_decode, dtype):
+    """fp16 (and bf16 on CUDA: the interpreter's bf16 dot is wrong): fp32 accumulation, 16-bit tolerance."""
+    q, kn, vn, keys, values, n, bias = decode_inputs(2, 2, 4, 64, 256, 150, dtype, TRITON_DEVICE)
+    got = triton_decode.decode_attention(q, kn, vn, keys, values, n, bias, 0.125, 2)
+    assert got.dtype == dtype
+    assert relative_error(got, naive_attention(q, keys, values, 150, bias, 0.125)) < 1e-2
+
+
+def test_greedy_with_the_triton_kernel_matches_transformers_generate(tok, triton_decode):
+    model = tiny_qwen3(tok, TRITON_DEVICE)
+    inputs = batch(tok, PROMPTS, TRITON_DEVICE)
+    kwargs = dict(do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id, repetition_penalty=1.3)
+    ref = model.generate(**inputs, **kwargs)
+    sampler = FastSampler(attention="triton")
+    out = model.generate(**inputs, **kwargs, custom_generate=sampler)
+    assert sampler.last_used_fast_path and sampler.session.attention == "triton"
+    assert torch.equal(out, ref)
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["eager", "auto"])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_graphs_are_captured_and_reused(tok, monkeypatch, compiled):
-    monkeypatch.setattr(sampling, "WINDOW", 16)
+def test_cuda_graphs_are_captured_and_reused(tok, compiled, attention):
     model = tiny_qwen3(tok, "cuda")
     inputs = batch(tok, PROMPTS, "cuda")
-    sampler = FastSampler(compile=compiled)
+    sampler = FastSampler(compile=compiled, attention=attention, window=16)
     kwargs = dict(do_sample=False, max_new_tokens=60, min_new_tokens=60, pad_token_id=tok.pad_token_id)
     ref = model.generate(**inputs, **kwargs)
     out = model.generate(**inputs, **kwargs, custom_generate=sampler)
     s = sampler.session
-    assert not s.graphs_failed and len(s.graphs) >= 3
+    assert not s.graphs_failed and sampler.stats["failures"] == 0
+    if attention == "eager":
+        assert s.attention == "eager" and len(s.graphs) >= 3  # one per 16-slot window
+    else:
+        assert s.attention == "triton" and list(s.graphs) == [(4, None)]  # one graph serves every length
     graphs = dict(s.graphs)
     again = model.generate(**inputs, **kwargs, custom_generate=sampler)
     assert sampler.session.graphs == graphs, "the second call should replay the same graphs"
     assert torch.equal(out, ref) and torch.equal(again, ref)
     assert not sampler._compile_failed and (id(model) in sampler._compiled) == compiled
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_compaction_samples_the_same_tokens(tok, compiled):
+    model = tiny_qwen3(tok, "cuda", seed=1)
+    boost(model, [tok.eos_token_id], 0.5)
+    inputs = batch(tok, [PROMPTS[i % 4] + " x" * (i % 5) for i in range(24)], "cuda")
+    plain, off = sample_with(model, inputs, tok, compile=compiled, compaction=False, stop_check_every=2)
+    compacted, on = sample_with(model, inputs, tok, compile=compiled, min_rows=1, stop_check_every=2)
+    assert on.stats["compactions"] >= 2 and on.stats["failures"] == 0
+    assert torch.equal(compacted, plain)
+    assert on.stats["compiles"] <= 2, "one compiled forward and one compiled pick for every batch size"
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -1,0 +1,195 @@
+"""Decode attention over the static cache: one custom op, two implementations (eager maths, Triton kernel).
+
+The op ``rlvr_vocab::decode_attention`` writes the new token's K/V into the cache at slot ``length - 1`` and
+attends one query token per row to slots ``[0, length)`` plus an additive per-row bias (the prompts' left
+padding). It is a ``torch.library.custom_op``: opaque to ``torch.compile`` (a fake impl gives the output
+shape), so the valid length, a device tensor, is read when the op runs or is captured, never traced.
+
+* ``eager``: two batched matmuls (``baddbmm``, ``bmm``) per layer with the query heads of one KV head as the
+  rows of one matmul, so K and V are read once (SDPA with a padding mask repeats K/V per query head, 3-5x
+  the bytes). It reads the first W slots, W the width of the step's ``decode_mask`` (the length rounded up
+  to a window, built once per step for all layers), so on CUDA one captured graph serves one window. Runs
+  anywhere; the CPU path and the fallback.
+* ``triton``: the flash-decoding kernel of ``triton_decode`` (split over the context, GQA fused, K/V write
+  fused, early exit at the device-side length), so one captured graph serves every length. CUDA, or CPU
+  tensors under ``TRITON_INTERPRET=1``.
+
+``decode_attention`` is the function registered with transformers' ``AttentionInterface`` under
+``DECODE_ATTENTION``; the sampler passes the cache and the length to it through the model's ``**kwargs``
+(``rlvr_decode``), which transformers hands down to every attention call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DECODE_ATTENTION = "rlvr_static_decode"  # name registered with transformers' AttentionInterface
+IMPLEMENTATIONS = ("eager", "triton")
+
+
+def triton_importable() -> bool:
+    """Is Triton installed (the kernel may still fail to compile: the sampler checks it on first use)?"""
+    from rlvr_vocab.sampling import triton_decode
+
+    return triton_decode.triton is not None
+
+
+def decode_mask(
+    bias: torch.Tensor, length: torch.Tensor, window: int, kv_heads: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The eager maths' additive mask of one step, shared by every layer: [B, Hkv, 1, W], W = ``window``.
+
+    ``bias``: [B, L] fp32 (0, or -inf on the prompts' left padding); slots from ``length`` on are -inf too.
+    """
+    b = bias.shape[0]
+    w = min(window, bias.shape[-1])
+    slots = torch.arange(w, device=bias.device)
+    mask = torch.where(slots < length, bias[:, :w], float("-inf")).to(dtype)
+    return mask[:, None, None, :].expand(b, kv_heads, 1, w).contiguous()
+
+
+def eager_decode_attention(
+    query: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    length: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The reference maths: write slot ``length - 1``, attend to the first W slots with ``mask`` added.
+
+    Shapes as ``triton_decode.decode_attention``; ``mask``: ``decode_mask``'s [B, Hkv, 1, W]; returns
+    [B, 1, H, D]. Scores are computed in the input dtype and the softmax in fp32, then rounded to the value
+    dtype for ``p @ V`` (as transformers' eager attention).
+    """
+    slot = (length - 1).long()
+    key_cache.index_copy_(2, slot, key_new)
+    value_cache.index_copy_(2, slot, value_new)
+    b, h, _, d = query.shape
+    hkv = key_cache.shape[1]
+    g = h // hkv
+    w = mask.shape[-1]
+    scores = torch.baddbmm(  # mask + scaling * q @ k^T in one kernel: [B*Hkv, G, W]
+        mask.reshape(b * hkv, 1, w),
+        query.reshape(b * hkv, g, d),
+        key_cache[:, :, :w].transpose(-1, -2).reshape(b * hkv, d, w),
+        alpha=scaling,
+    )
+    probs = scores.softmax(-1, dtype=torch.float32).to(value_cache.dtype)
+    out = torch.bmm(probs, value_cache[:, :, :w].reshape(b * hkv, w, d))  # [B*Hkv, G, D] == [B, 1, H, D]
+    return out.reshape(b, 1, h, d)
+
+
+@torch.library.custom_op("rlvr_vocab::decode_attention", mutates_args=("key_cache", "value_cache"))
+def _decode_attention_op(
+    query: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    length: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    impl: str,
+) -> torch.Tensor:
+    """The op behind ``decode_attention``. ``mask``: triton: the bias [B, 1, 1, L] fp32; eager: ``decode_mask``."""
+    if impl == "triton":
+        from rlvr_vocab.sampling import triton_decode
+
+        bias = mask.reshape(mask.shape[0], -1)
+        return triton_decode.decode_attention(query, key_new, value_new, key_cache, value_cache, length, bias, scaling)
+    return eager_decode_attention(query, key_new, value_new, key_cache, value_cache, length, mask, scaling)
+
+
+@_decode_attention_op.register_fake
+def _(query, key_new, value_new, key_cache, value_cache, length, mask, scaling, impl):
+    b, h, _, d = query.shape
+    return query.new_empty(b, 1, h, d)
+
+
+def decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    rlvr_decode: dict | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature, for the decode step: ([B, 1, H, D], None).
+
+    ``query``: [B, H, 1, D]; ``key``/``value``: this token's [B, Hkv, 1, D] (the sampler passes no cache
+    object, so the layer hands them over unchanged); ``attention_mask``: for ``triton`` the per-row additive
+    bias [B, 1, 1, L] fp32, for ``eager`` the step's ``decode_mask``; ``rlvr_decode``: ``keys``/``values``
+    (the cache buffers per layer, [B, Hkv, L, D]), ``length`` (int64 [1], device) and ``impl``. Query head
+    ``h`` uses KV head ``h // (H / Hkv)``, as transformers' ``repeat_kv``.
+    """
+    if rlvr_decode is None:
+        raise RuntimeError(f"attn_implementation={DECODE_ATTENTION!r} is only for FastSampler's decode step")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    layer = module.layer_idx
+    out = _decode_attention_op(
+        query,
+        key,
+        value,
+        rlvr_decode["keys"][layer],
+        rlvr_decode["values"][layer],
+        rlvr_decode["length"],
+        attention_mask,
+        scaling,
+        rlvr_decode["impl"],
+    )
+    return out, None
+
+
+def check_triton(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, device: torch.device) -> str | None:
+    """Run the Triton kernel once against the eager maths on random inputs: None if it agrees, else why not.
+
+    Two context splits and one, a length that is not a multiple of the block, some left padding; the
+    tolerance is that of the dtype (fp32 1e-4, 16-bit 2e-2, relative to the largest output).
+    """
+    from rlvr_vocab.sampling import triton_decode
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    b, cache_len, length = 3, 320, 197
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+    query = rand(b, 1, heads, head_dim).transpose(1, 2)
+    key_new = rand(b, 1, kv_heads, head_dim).transpose(1, 2)
+    value_new = rand(b, 1, kv_heads, head_dim).transpose(1, 2)
+    keys, values = rand(b, kv_heads, cache_len, head_dim), rand(b, kv_heads, cache_len, head_dim)
+    bias = torch.zeros(b, cache_len, device=device)
+    bias[1, :5] = float("-inf")
+    bias[2, :60] = float("-inf")
+    n = torch.tensor([length], device=device)
+    scaling = head_dim**-0.5
+    mask = decode_mask(bias, n, cache_len, kv_heads, dtype)
+    want = eager_decode_attention(query, key_new, value_new, keys.clone(), values.clone(), n, mask, scaling).float()
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for splits in (3, 1):
+        k, v = keys.clone(), values.clone()
+        try:
+            got = triton_decode.decode_attention(query, key_new, value_new, k, v, n, bias, scaling, splits).float()
+        except Exception as err:  # noqa: BLE001 - a compile or launch failure is the answer
+            return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+        if not error <= tolerance:  # also catches NaN
+            return f"relative error {error:.2e} against the eager maths with {splits} splits"
+        if not (
+            torch.equal(k[:, :, length - 1], key_new[:, :, 0]) and torch.equal(v[:, :, length - 1], value_new[:, :, 0])
+        ):
+            return "the new K/V were not written to the cache"
+    return None
+
+
+def register() -> None:
+    """Make ``config._attn_implementation = DECODE_ATTENTION`` route transformers' attention calls here."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)

@@ -1,0 +1,448 @@
+"""FastSampler: one prefill, then a decode loop over a static KV cache, CUDA-graph captured and compiled.
+
+Where the time of a decode step goes, and what this does about it (BENCHMARKS.md has the measurements):
+
+* reading the weights once per step (~1.2 GB for Qwen3-0.6B) and the KV cache up to the current length:
+  the floor. The attention is the Triton flash-decoding kernel of ``triton_decode`` (split over the context,
+  GQA fused, the K/V write fused, exit at the device-side length), or, on the CPU and as the fallback, two
+  batched matmuls over the first ``window`` slots (``attention.eager_decode_attention``);
+* launching some 15 kernels per layer: on CUDA the decode forward and the logits processing are
+  ``torch.compile``d (batch and cache length dynamic, so one compilation serves every batch size and
+  length) and each step is one captured CUDA graph. With the Triton kernel one graph per live-batch size
+  serves every length; the eager attention needs one per ``window`` (128 slots);
+* host syncs: none inside the loop except a stop check every ``stop_check_every`` steps;
+* finished rows: at each stop check, when the live rows fit in half the current batch (power-of-two
+  buckets, at least ``min_rows``), they are compacted to the front of every buffer and the loop continues
+  on the smaller batch, so the cost follows the live sequences. The noise is drawn per original row, so
+  compaction changes no sampled token.
+
+The cache and graphs are kept for the next call when the KV cache is at most ``keep_bytes`` and freed
+otherwise, so long completions leave the memory to the training step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from loguru import logger
+
+from rlvr_vocab.sampling import attention as attn
+from rlvr_vocab.sampling.cache import StaticKVCache
+from rlvr_vocab.sampling.plan import Plan, build_plan
+from rlvr_vocab.sampling.state import DecodeState, pick
+
+WINDOW = 128  # cache slots per window of the eager attention
+CACHE_ROUND = 256  # the cache length is rounded up to a multiple of this many slots
+CACHE_SLACK = 512  # a kept session serves a call that needs up to this many slots fewer than it holds
+STOP_CHECK_EVERY = 16  # decode steps between host-side stop checks (and compactions)
+MIN_ROWS = 8  # compaction never goes below this many rows
+KEEP_BYTES = 4 * 2**30  # keep cache + graphs between calls when the KV cache is at most this large
+COMPILE = True  # torch.compile the decode step on CUDA (FastSampler(compile=...) overrides it)
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")  # plain softmax attention, no sliding window / sinks / softcap
+ATTENTION_CHOICES = ("auto", "triton", "eager")
+
+
+def unsupported_model(model) -> str | None:
+    """Why the fast path cannot reproduce transformers' sampling for this model (None: it can)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if config.is_encoder_decoder:
+        return "encoder-decoder model"
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    if config._attn_implementation not in ("sdpa", "eager"):
+        return f"attn_implementation={config._attn_implementation!r} (sdpa or eager needed)"
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"])):
+        return "sliding-window / hybrid attention layers"
+    return None
+
+
+@contextlib.contextmanager
+def _attention_implementation(config, name: str):
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _mark_dynamic(tensor: torch.Tensor | None, *dims: int) -> None:
+    if tensor is not None:
+        for d in dims:
+            if tensor.shape[d] > 1:
+                torch._dynamo.maybe_mark_dynamic(tensor, d)
+
+
+class Session:
+    """Everything one batch needs across decode steps (and across calls, when kept): cache, state, graphs."""
+
+    def __init__(self, key: tuple, model, batch: int, cache_len: int, device: torch.device, attention: str):
+        self.key = key
+        self.cache_len = cache_len
+        self.cache = StaticKVCache(model.config.num_hidden_layers, cache_len)
+        self.state = DecodeState(batch, cache_len, device)
+        self.attention = attention  # the decode attention in use: "triton" or "eager"
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (live rows, window or None) -> captured step
+        self.warmed: set[tuple] = set()  # keys whose step ran once uncaptured (compiles, Triton JIT)
+        self.pool = None
+        self.graphs_failed = False
+
+
+class FastSampler:
+    """``custom_generate`` for ``model.generate``: static cache, flash-decoding, CUDA graphs, compaction.
+
+    Use: ``model.generate(**inputs, generation_config=gc, custom_generate=FastSampler(...))``. After a call,
+    ``last_used_fast_path`` says whether it ran (else transformers' ``_sample`` did), ``last_logprobs`` holds
+    the processed log-probs of the sampled tokens [B, n], ``stats`` counts ``captures`` (CUDA graphs),
+    ``compiles`` (torch.compile wrappers created), ``compactions``, ``fallbacks`` (calls given to
+    transformers' loop), ``failures`` (Triton / compile / capture failures, each followed by the eager
+    way), ``replays`` (graph replays), ``steps`` (decode steps) and ``row_steps`` (rows computed, summed over
+    decode steps: what compaction saves).
+
+    Args:
+        reasoning_vocab: apply its span mask even where ``model.generate`` does not add the processor.
+        compile: ``torch.compile`` the decode forward and the logits processing (None: on CUDA only). Falls
+            back to eager, with one log line, if compilation fails.
+        attention: ``auto`` (the Triton kernel on CUDA when it compiles and passes a check against the
+            eager maths, else eager), ``triton`` or ``eager`` (forced; a forced Triton failure raises).
+        compaction: drop finished rows from the batch (see the module docstring).
+        min_rows: compaction never goes below this batch size.
+        window: slots per window of the eager attention.
+        stop_check_every: decode steps between host-side stop checks (and compactions).
+        force_eos_at: BENCH ONLY. int64 [B]: for row b, token number ``force_eos_at[b]`` of each call is EOS
+            (-1: never). Lets a benchmark spread completion lengths on random weights. Changes the
+            distribution; never set it in training.
+        keep_bytes: keep the cache and graphs between calls when the KV cache is at most this large.
+    """
+
+    def __init__(
+        self,
+        reasoning_vocab=None,
+        compile: bool | None = None,
+        attention: str = "auto",
+        compaction: bool = True,
+        min_rows: int = MIN_ROWS,
+        window: int = WINDOW,
+        stop_check_every: int = STOP_CHECK_EVERY,
+        force_eos_at: torch.Tensor | None = None,
+        keep_bytes: int = KEEP_BYTES,
+    ):
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"FastSampler(attention={attention!r}): choose one of {ATTENTION_CHOICES}")
+        if min_rows < 1 or window < 1 or stop_check_every < 1:
+            raise ValueError("FastSampler: min_rows, window and stop_check_every must be >= 1")
+        self.reasoning_vocab = reasoning_vocab
+        self.compile = compile
+        self.attention = attention
+        self.compaction = compaction
+        self.min_rows = min_rows
+        self.window = window
+        self.stop_check_every = stop_check_every
+        self.force_eos_at = force_eos_at
+        self.keep_bytes = keep_bytes
+        self.session: Session | None = None
+        self.last_logprobs: torch.Tensor | None = None  # [B, n] processed log-probs of the last call's tokens
+        self.last_used_fast_path = False
+        self.stats = dict(
+            captures=0, compiles=0, compactions=0, fallbacks=0, failures=0, replays=0, steps=0, row_steps=0
+        )
+        self._compiled: dict[int, object] = {}  # id(model) -> compiled forward
+        self._pickers: dict[tuple, object] = {}  # plan signature -> compiled pick
+        self._compile_failed = False
+        self._triton_checked: set[tuple] = set()  # (dtype, heads, kv heads, head dim) checked against eager
+        self._triton_failure: str | None = None  # why the Triton kernel is not used (auto), once it failed
+        self._logged: set[str] = set()
+        attn.register()
+
+    def _log_once(self, message: str) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            logger.info(message)
+
+    # transformers calls decoding_method(model, input_ids, logits_processor=..., stopping_criteria=...,
+    # generation_config=..., **model_kwargs)
+    def __call__(self, model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        reason = unsupported_model(model)
+        plan = None
+        if reason is None:
+            plan, reason = build_plan(
+                logits_processor, stopping_criteria, generation_config, input_ids.shape[1], self.reasoning_vocab
+            )
+        if plan is None:
+            from transformers.generation.utils import GenerationMixin
+
+            self._log_once(f"generation_backend=fast: {reason}; using transformers' sampling loop for it")
+            self.last_used_fast_path = False
+            self.stats["fallbacks"] += 1
+            return GenerationMixin._sample(
+                model,
+                input_ids,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+                generation_config=generation_config,
+                synced_gpus=False,
+                streamer=None,
+                **model_kwargs,
+            )
+        self.last_used_fast_path = True
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = model_kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
+        return self.generate(model, input_ids, attention_mask, position_ids, plan)
+
+    # ------------------------------------------------------------------------------------ one batch
+    @torch.no_grad()
+    def generate(self, model, input_ids, attention_mask, position_ids, plan: Plan) -> torch.Tensor:
+        """Prompt + sampled tokens [B, p + n] (n: tokens until every row finished, at most max_length - p)."""
+        batch, prompt_len = input_ids.shape
+        new_tokens = plan.max_length - prompt_len
+        if self.force_eos_at is not None and self.force_eos_at.numel() != batch:
+            raise ValueError(f"FastSampler(force_eos_at=...) has {self.force_eos_at.numel()} rows, the batch {batch}")
+        s = self._session(model, batch, prompt_len + new_tokens, input_ids.device, plan)
+        try:
+            logits = self._prefill(model, s, input_ids, attention_mask, position_ids)
+            st = s.state
+            st.start(plan, input_ids, attention_mask, position_ids, logits.shape[-1], self.force_eos_at)
+            st.draw_noise()
+            pick(plan, logits, st.tensors())  # token 0
+            n = self._decode(model, s, plan, prompt_len, new_tokens)
+            self.last_logprobs = st.logp[:, :n].clone()
+            return torch.cat([input_ids, st.out[:, :n]], dim=1)
+        finally:
+            if s.cache.nbytes() > self.keep_bytes:
+                self.session = None  # leave the memory to the training step
+
+    def _session(self, model, batch: int, needed: int, device, plan: Plan) -> Session:
+        params = tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
+        # what captured graphs bake in: the model's weights, the batch, the plan, whether EOS is forced
+        key = (id(model), batch, str(device), plan.signature(), hash(params), self.force_eos_at is not None)
+        s = self.session
+        if s is not None and s.key == key and needed <= s.cache_len <= needed + CACHE_SLACK:
+            return s
+        self.session = None  # free the old one first
+        cache_len = math.ceil(needed / CACHE_ROUND) * CACHE_ROUND
+        self.session = Session(key, model, batch, cache_len, device, self._resolve_attention(model, device))
+        return self.session
+
+    def _prefill(self, model, s: Session, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        p = input_ids.shape[1]
+        real = attention_mask.bool()
+        eye = torch.eye(p, dtype=torch.bool, device=input_ids.device)
+        causal = torch.ones(p, p, dtype=torch.bool, device=input_ids.device).tril()
+        # padding rows attend to themselves only (no all-masked rows, so no NaN reaches the cache)
+        mask = (causal & (real[:, None, :] | eye))[:, None]
+        if model.config._attn_implementation == "eager":
+            bias = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device)
+            mask = bias.masked_fill_(~mask, torch.finfo(model.dtype).min)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,  # 4-D: transformers uses it as it is
+            position_ids=position_ids,
+            past_key_values=s.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].to(dtype=torch.float32, copy=True)
+
+    # ------------------------------------------------------------------------------------ attention choice
+    def _resolve_attention(self, model, device: torch.device) -> str:
+        """The decode attention of a new session: "triton" or "eager"."""
+        if self.attention == "eager":
+            return "eager"
+        if self.attention == "triton":
+            from rlvr_vocab.sampling import triton_decode
+
+            if not attn.triton_importable():
+                raise RuntimeError("FastSampler(attention='triton'): Triton is not installed")
+            if device.type != "cuda" and not triton_decode.interpreted():
+                raise RuntimeError(
+                    "FastSampler(attention='triton') on CPU tensors needs TRITON_INTERPRET=1 set before Triton is "
+                    "imported (Triton's interpreter)"
+                )
+            return "triton"
+        if device.type != "cuda" or not attn.triton_importable():
+            return "eager"
+        if self._triton_failure is None:
+            config = model.config
+            heads = config.num_attention_heads
+            kv_heads = getattr(config, "num_key_value_heads", None) or heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            shape = (model.dtype, heads, kv_heads, head_dim)
+            if shape not in self._triton_checked:
+                self._triton_checked.add(shape)
+                self._triton_failure = attn.check_triton(model.dtype, heads, kv_heads, head_dim, device)
+                self.stats["failures"] += self._triton_failure is not None
+        if self._triton_failure is not None:
+            self._log_once(
+                f"generation_backend=fast: Triton decode attention unusable ({self._triton_failure}); eager"
+            )
+            return "eager"
+        return "triton"
+
+    # ------------------------------------------------------------------------------------ compile
+    def _use_compile(self, model) -> bool:
+        wanted = self.compile if self.compile is not None else (COMPILE and next(model.parameters()).is_cuda)
+        return bool(wanted) and not self._compile_failed
+
+    def _forward(self, model):
+        """The decode forward: compiled (once per model; batch and cache length dynamic) or the model itself."""
+        if not self._use_compile(model):
+            return model
+        compiled = self._compiled.get(id(model))
+        if compiled is None:
+            compiled = self._compiled[id(model)] = torch.compile(model, dynamic=False)
+            self.stats["compiles"] += 1
+        return compiled
+
+    def _picker(self, model, plan: Plan):
+        """``pick`` for this plan: compiled alongside a compiled forward (fuses the passes over [n, V])."""
+        if not self._use_compile(model):
+            return lambda logits, t: pick(plan, logits, t)
+        key = plan.signature()
+        picker = self._pickers.get(key)
+        if picker is None:
+
+            def run(logits, t, _plan=plan):
+                pick(_plan, logits, t)
+
+            picker = self._pickers[key] = torch.compile(run, dynamic=False)
+            self.stats["compiles"] += 1
+        return picker
+
+    # ------------------------------------------------------------------------------------ decoding
+    def _run_step(self, model, s: Session, plan: Plan) -> None:
+        """One decode step on the live rows: forward (writes the fed token's K/V), then pick the next token."""
+        st = s.state
+        n = st.n
+        forward, picker = self._forward(model), self._picker(model, plan)
+        keys, values = s.cache.views(n)
+        ids, pos, mask = st.tok[:n, None], st.pos[:n, None], st.bias[:n]
+        if s.attention == "eager":  # one mask for every layer, W = st.window slots wide
+            mask = attn.decode_mask(mask[:, 0, 0], st.length, st.window, keys[0].shape[1], keys[0].dtype)
+        t = st.tensors()
+        if forward is not model:  # batch and cache length dynamic: one compilation for every shape
+            for x in (ids, pos, t["seen"], t["inside"], t["finished"], t["tok"], t["pos"], t["rows"], t["noise"]):
+                _mark_dynamic(x, 0)
+            for x in (t["out"], t["logp"]):  # [B, cache length]
+                _mark_dynamic(x, 0, 1)
+            _mark_dynamic(mask, 0, 3)
+            for x in keys + values:
+                _mark_dynamic(x, 0, 2)
+        out = forward(
+            input_ids=ids,
+            position_ids=pos,
+            attention_mask=mask,
+            use_cache=False,
+            logits_to_keep=1,
+            rlvr_decode={"keys": keys, "values": values, "length": st.length, "impl": s.attention},
+        )
+        logits = out.logits[:, -1]
+        if forward is not model:
+            _mark_dynamic(logits, 0)
+        st.draw_noise()
+        picker(logits, t)
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += n
+
+    def _run_safely(self, model, s: Session, plan: Plan) -> None:
+        """``_run_step``; a failure of the Triton kernel (auto) or of torch.compile switches it off and retries.
+
+        A retry is safe: the forward only rewrites the fed token's K/V slot, and ``pick`` runs after it.
+        """
+        while True:
+            try:
+                self._run_step(model, s, plan)
+                return
+            except Exception as err:  # noqa: BLE001 - any failure of the fast parts: the eager way, said once
+                what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                if s.attention == "triton" and self.attention == "auto":
+                    self._triton_failure = what
+                    s.attention = "eager"
+                    self._log_once(f"generation_backend=fast: Triton decode attention failed ({what}); eager")
+                elif self._use_compile(model):
+                    self._compile_failed = True
+                    self._log_once(f"generation_backend=fast: torch.compile failed ({what}); eager")
+                else:
+                    raise
+                self.stats["failures"] += 1
+
+    def _decode(self, model, s: Session, plan: Plan, prompt_len: int, new_tokens: int) -> int:
+        """Tokens 1..new_tokens-1 (token 0 came from the prefill). Returns how many tokens were produced."""
+        st = s.state
+        cuda = st.tok.is_cuda
+        produced = 1
+        with _attention_implementation(model.config, attn.DECODE_ATTENTION):
+            for t in range(1, new_tokens):
+                if plan.eos_ids and t % self.stop_check_every == 0:
+                    live = st.live_count()  # the loop's only host sync
+                    if live == 0:
+                        break
+                    self._maybe_compact(s, live)
+                length = prompt_len + t  # valid slots once this step's fed token is written
+                st.window = min(s.cache_len, math.ceil(length / self.window) * self.window)
+                if cuda and not s.graphs_failed:
+                    self._graph_step(model, s, plan)
+                else:
+                    self._run_safely(model, s, plan)
+                produced += 1
+        return produced
+
+    def _maybe_compact(self, s: Session, live: int) -> None:
+        """Move the live rows to the front when they fit in half the batch (power-of-two buckets)."""
+        st = s.state
+        target = max(self.min_rows, 1 << max(live - 1, 0).bit_length())
+        if not self.compaction or target > st.n // 2:
+            return
+        index = st.live_first(target)
+        st.compact(index)
+        s.cache.compact(index)
+        self.stats["compactions"] += 1
+
+    def _graph_step(self, model, s: Session, plan: Plan) -> None:
+        """Replay the captured step of this (batch, window); the first time run it uncaptured, then capture."""
+        st = s.state
+        key = (st.n, st.window if s.attention == "eager" else None)
+        graph = s.graphs.get(key)
+        if graph is None and key in s.warmed:
+            graph = self._capture(model, s, plan, key)
+        if graph is not None:
+            graph.replay()
+            self.stats["replays"] += 1
+            self.stats["steps"] += 1
+            self.stats["row_steps"] += st.n
+            return
+        if key in s.warmed:  # capture failed: eager from now on (s.graphs_failed is set)
+            self._run_safely(model, s, plan)
+            return
+        # warm-up on a side stream, as capture wants: compiles, autotunes and JITs the kernels of this key
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._run_safely(model, s, plan)
+        torch.cuda.current_stream().wait_stream(stream)
+        s.warmed.add((st.n, st.window if s.attention == "eager" else None))
+
+    def _capture(self, model, s: Session, plan: Plan, key: tuple):
+        try:
+            if s.pool is None:
+                s.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=s.pool):
+                self._run_step(model, s, plan)
+            self.stats["steps"] -= 1  # captured, not run
+            self.stats["row_steps"] -= s.state.n
+        except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly, correctly, and say so once
+            s.graphs_failed = True
+            self.stats["failures"] += 1
+            self._log_once(f"generation_backend=fast: CUDA graph capture failed ({type(err).__name__}: {err}); eager")
+            torch.cuda.synchronize()
+            return None
+        s.graphs[key] = graph
+        self.stats["captures"] += 1
+        return graph

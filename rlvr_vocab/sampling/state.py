@@ -1,0 +1,189 @@
+"""Per-row decode state of one batch: reset per call, the graph-safe token pick, and compaction of live rows.
+
+Every per-row tensor is allocated for the call's batch ``B``; the live batch is its first ``n`` rows, and
+``rows[i]`` is the original row of live row ``i``. The outputs (``out``, ``logp``) and the sampling noise stay
+in the original row order: ``pick`` writes token ``t`` of live row ``i`` to ``out[rows[i], t]`` and draws it
+with the noise row ``rows[i]`` of a [B, V] draw. So which random numbers a sequence gets does not depend on
+which other sequences are still live, and a compacted run samples the same tokens as an uncompacted one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlvr_vocab.sampling.plan import BlockAt, BlockBefore, Plan, StepInputs
+
+
+class DecodeState:
+    """The tensors a decode step reads and writes, for a batch of ``batch`` rows and ``cache_len`` slots."""
+
+    def __init__(self, batch: int, cache_len: int, device: torch.device):
+        long = dict(dtype=torch.long, device=device)
+        self.batch = batch
+        self.n = batch  # live rows (the first n)
+        self.device = device
+        self.tok = torch.zeros(batch, **long)  # last sampled token, fed to the next decode step
+        self.pos = torch.zeros(batch, **long)  # its position id
+        self.rows = torch.arange(batch, **long)  # original row of each live row
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.inside = torch.zeros(batch, dtype=torch.bool, device=device)  # reasoning span state
+        # additive attention bias per cache slot: -inf on the prompts' left padding, 0 elsewhere
+        self.bias = torch.zeros(batch, 1, 1, cache_len, dtype=torch.float32, device=device)
+        self.out = torch.zeros(batch, cache_len, **long)  # sampled tokens, original row order
+        self.logp = torch.zeros(batch, cache_len, dtype=torch.float32, device=device)  # their processed log-probs
+        self.step = torch.zeros(1, **long)  # index of the token being sampled
+        self.length = torch.zeros(1, **long)  # valid cache slots once this step's token is written
+        self.window = cache_len  # slots the eager attention reads this step (the length rounded up)
+        self.thresholds: torch.Tensor | None = None  # per-step thresholds of this call
+        self.columns: list[torch.Tensor | None] = []  # per-step constant column masks [V]
+        self.eos: torch.Tensor | None = None  # EOS ids
+        self.eos_columns: torch.Tensor | None = None  # bool [V]: EOS columns (the forced-EOS hook)
+        self.seen: torch.Tensor | None = None  # bool [B, V + 1]: ids seen so far (repetition penalty)
+        self.noise: torch.Tensor | None = None  # fp32 [B, V]: exponential noise of one step
+        self.force_eos_at: torch.Tensor | None = None  # int64 [B]: token index at which EOS is forced (bench)
+
+    # ------------------------------------------------------------------------------------ per call
+    def start(
+        self,
+        plan: Plan,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        vocab_size: int,
+        force_eos_at: torch.Tensor | None,
+    ) -> None:
+        """Reset every per-row tensor for a new call (the prefill has written slots ``[0, p)``)."""
+        batch, p = input_ids.shape
+        device = self.device
+        self.n = batch
+        self.rows.copy_(torch.arange(batch, device=device))
+        self.step.zero_()
+        # the pick of token 0 (from the prefill's logits) advances these to the first decode step's values:
+        # token 0 is fed at the next position and written to slot p
+        self.length.fill_(p)
+        self.pos.copy_(position_ids[:, -1])
+        self.finished.zero_()
+        self.out.fill_(plan.pad_id)
+        self.logp.zero_()
+        self.bias.zero_()
+        self.bias[:, 0, 0, :p].masked_fill_(attention_mask == 0, float("-inf"))
+        reasoning = plan.reasoning()
+        self.inside.copy_(reasoning.vocab.span_state(input_ids)[:, -1] if reasoning else torch.zeros_like(self.inside))
+        if plan.repetition_skip is not None:
+            if self.seen is None:  # one spare column receives the ignored prompt tokens
+                self.seen = torch.zeros(batch, vocab_size + 1, dtype=torch.bool, device=device)
+            skip = torch.as_tensor(plan.repetition_skip, device=device).reshape(-1, 1)
+            counted = torch.arange(p, device=device)[None, :] >= skip
+            self.seen.zero_()
+            self.seen.scatter_(1, input_ids.masked_fill(~counted, vocab_size), True)
+        if not self.columns:
+            for step in plan.steps:
+                cols = None
+                if isinstance(step, (BlockBefore, BlockAt)):
+                    cols = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+                    cols[[t for t in step.ids if 0 <= t < vocab_size]] = True
+                self.columns.append(cols)
+        thresholds = torch.tensor(plan.thresholds() or [0], dtype=torch.long)
+        if self.thresholds is None:
+            self.thresholds = torch.zeros(thresholds.shape, dtype=torch.long, device=device)
+        self.thresholds.copy_(thresholds)  # in place: captured graphs read this tensor
+        if plan.eos_ids and self.eos is None:
+            self.eos = torch.tensor(plan.eos_ids, dtype=torch.long, device=device)
+            self.eos_columns = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.eos_columns[[t for t in plan.eos_ids if 0 <= t < vocab_size]] = True
+        if not plan.greedy and self.noise is None:
+            self.noise = torch.empty(batch, vocab_size, dtype=torch.float32, device=device)
+        if force_eos_at is None:
+            self.force_eos_at = None
+        else:
+            if not plan.eos_ids:
+                raise ValueError("FastSampler(force_eos_at=...) needs an eos_token_id in the generation config")
+            if self.force_eos_at is None:
+                self.force_eos_at = torch.empty(batch, dtype=torch.long, device=device)
+            self.force_eos_at.copy_(force_eos_at.reshape(batch))
+
+    # ------------------------------------------------------------------------------------ per step
+    def tensors(self) -> dict:
+        """What ``pick`` reads and writes, for the live rows (views; a dict, so compiled code sees tensors only)."""
+        n = self.n
+        return {
+            "step": self.step,
+            "thresholds": self.thresholds,
+            "columns": self.columns,
+            "seen": None if self.seen is None else self.seen[:n],
+            "inside": self.inside[:n],
+            "finished": self.finished[:n],
+            "tok": self.tok[:n],
+            "pos": self.pos[:n],
+            "rows": self.rows[:n],
+            "length": self.length,
+            "out": self.out,
+            "logp": self.logp,
+            "noise": self.noise,
+            "eos": self.eos,
+            "eos_columns": self.eos_columns,
+            "force_eos_at": self.force_eos_at,
+        }
+
+    def draw_noise(self) -> torch.Tensor | None:
+        """Exponential noise for every original row (live or not), in place; None when greedy.
+
+        torch's CUDA ``exponential_`` never returns 0, so ``p / E`` is the exponential race exactly.
+        """
+        return None if self.noise is None else self.noise.exponential_()
+
+    # ------------------------------------------------------------------------------------ compaction
+    def live_count(self) -> int:
+        """Live rows among the first ``n`` (a host sync)."""
+        return self.n - int(self.finished[: self.n].sum())
+
+    def live_first(self, m: int) -> torch.Tensor:
+        """``m`` row indices: the live rows in order, then finished ones as filler (device, no sync)."""
+        order = torch.sort(self.finished[: self.n].to(torch.uint8), stable=True).indices
+        return order[:m]
+
+    @torch.no_grad()
+    def compact(self, index: torch.Tensor) -> None:
+        """Rows ``index`` become the live rows ``0..len(index)-1`` (the KV cache is compacted by its owner)."""
+        m = index.numel()
+        for t in (self.tok, self.pos, self.rows, self.finished, self.inside, self.bias, self.seen):
+            if t is not None:
+                t[:m] = t.index_select(0, index)
+        self.n = m
+
+
+def pick(plan: Plan, logits: torch.Tensor, t: dict) -> None:
+    """Process the logits in transformers' order, pick each live row's token, update the state. Graph-safe.
+
+    Greedy: argmax. Sampling: ``argmax(softmax(scores) / E)``, ``E`` the row's exponential noise (the law of
+    ``torch.multinomial``). A finished row gets the pad token (log-prob 0). Advances the step, the positions
+    and the cache length.
+    """
+    inputs: StepInputs = {k: t[k] for k in ("step", "thresholds", "columns", "seen", "inside")}
+    scores = plan.process(logits.float(), inputs)
+    rows, step, finished = t["rows"], t["step"], t["finished"]
+    if t["force_eos_at"] is not None:  # bench-only: this row's token number force_eos_at is EOS
+        forced = (t["force_eos_at"].index_select(0, rows) == step)[:, None]
+        eos_only = torch.where(t["eos_columns"], 0.0, float("-inf"))
+        scores = torch.where(forced, eos_only, scores)
+    if t["noise"] is None:
+        nxt = scores.argmax(-1)
+    else:
+        nxt = (scores.softmax(-1) / t["noise"].index_select(0, rows)).argmax(-1)
+    logp = scores.gather(1, nxt[:, None]).squeeze(1) - scores.logsumexp(-1)
+    nxt = torch.where(finished, plan.pad_id, nxt)
+    logp = torch.where(finished, 0.0, logp)
+    cols = step.expand(rows.shape[0])
+    t["out"].index_put_((rows, cols), nxt)
+    t["logp"].index_put_((rows, cols), logp)
+    if t["eos"] is not None:
+        finished |= (nxt[:, None] == t["eos"]).any(-1)
+    reasoning = plan.reasoning()
+    if reasoning is not None:
+        t["inside"].copy_(reasoning.vocab.step_state(t["inside"], nxt))
+    if t["seen"] is not None:
+        t["seen"].scatter_(1, nxt[:, None], True)
+    t["tok"].copy_(nxt)
+    t["pos"].add_(1)
+    t["length"].add_(1)
+    step.add_(1)

@@ -1,0 +1,298 @@
+"""Flash-decoding in Triton: one query token per row against the static KV cache, split over the context.
+
+One decode step of one layer is one or two kernels:
+
+* ``_split_kernel``, grid ``(B * Hkv, S)``: program ``(b, kv head, split)`` reads its slice of the cache once,
+  block by block, and serves all ``G = H / Hkv`` query heads of its KV head group (GQA fused: the ``G`` query
+  rows are the rows of one ``tl.dot``, padded to 16). The valid length is read from a device tensor, and the
+  ``S`` splits divide ``[0, length)`` evenly at every step, so one captured CUDA graph serves every length and
+  no program reads past it. The program whose slice holds the new token's slot also writes the new K/V rows
+  into the cache (and uses them from registers), so the cache write costs no kernel of its own. Scores,
+  softmax and the output are accumulated in fp32 (online softmax); the probabilities are rounded to the
+  value dtype before ``p @ V``, as the eager reference does.
+* ``_reduce_kernel``, grid ``(B * H,)``, only when ``S > 1``: merges the partial (output, log-sum-exp) pairs.
+
+Masking: slot ``n`` of row ``b`` is read when ``n < length`` and, with a bias, gets ``bias[b, n]`` added
+(0 or -inf: the left padding of the prompts). Importable without Triton (``triton`` is then None and the
+caller uses the eager op); kernels are defined at import, so ``TRITON_INTERPRET=1`` must be set before the
+first import to run them on CPU tensors (tests do that).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs and CI: the eager attention is used
+    triton = None
+    tl = None
+
+BLOCK_N = 64  # cache slots per block of the inner loop
+WAVES = 4  # programs per SM aimed at when choosing the number of context splits
+MIN_DOT = 16  # tl.dot needs every dimension >= 16: query heads and head_dim are padded up to it
+
+
+def interpreted() -> bool:
+    """Were the kernels built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_split_kernel, InterpretedFunction)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(
+        Q,
+        KNew,
+        VNew,
+        K,
+        V,
+        Bias,
+        Length,
+        Out,
+        PartO,
+        PartL,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_knb,
+        stride_knh,
+        stride_knd,
+        stride_vnb,
+        stride_vnh,
+        stride_vnd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_bb,
+        stride_ob,
+        stride_oh,
+        stride_pb,
+        stride_ph,
+        stride_ps,
+        scale,
+        HKV: tl.constexpr,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SPLITS: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // HKV
+        kvh = pid % HKV
+        length = tl.load(Length).to(tl.int32)
+        slot = length - 1  # the new token's cache slot
+        per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
+        start = split * per_split
+        end = tl.minimum(start + per_split, length)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_ok = offs_g < G
+        d_ok = offs_d < D
+        heads = kvh * G + offs_g
+        q = tl.load(
+            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        k_new = tl.load(KNew + b * stride_knb + kvh * stride_knh + offs_d * stride_knd, mask=d_ok, other=0.0)
+        v_new = tl.load(VNew + b * stride_vnb + kvh * stride_vnh + offs_d * stride_vnd, mask=d_ok, other=0.0)
+        k_row = K + b * stride_kb + kvh * stride_kh
+        v_row = V + b * stride_vb + kvh * stride_vh
+        if (slot >= start) & (slot < end):  # this program owns the new slot: write it (nobody else reads it)
+            tl.store(k_row + slot * stride_kn + offs_d * stride_kd, k_new, mask=d_ok)
+            tl.store(v_row + slot * stride_vn + offs_d * stride_vd, v_new, mask=d_ok)
+
+        m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        den = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        for n0 in range(start, end, BLOCK):
+            offs_n = n0 + tl.arange(0, BLOCK)
+            n_ok = offs_n < end
+            kv_ok = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_row + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+            v = tl.load(v_row + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+            is_new = (offs_n == slot)[:, None]
+            k = tl.where(is_new, k_new[None, :], k)
+            v = tl.where(is_new, v_new[None, :], v)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK] fp32
+            if HAS_BIAS:
+                s += tl.load(Bias + b * stride_bb + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN from -inf - -inf
+            alpha = tl.exp(m - m_ref)
+            p = tl.exp(s - m_ref[:, None])
+            den = den * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+
+        safe = tl.where(den > 0, den, 1.0)
+        out = acc / safe[:, None]
+        if SPLITS == 1:
+            ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+            tl.store(ptrs, out.to(Out.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        else:
+            lse = tl.where(den > 0, m + tl.log(safe), float("-inf"))
+            base = b * stride_pb + heads * stride_ph + split * stride_ps
+            tl.store(PartO + base[:, None] * BLOCK_D + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+            tl.store(PartL + base, lse, mask=g_ok)
+
+    @triton.jit
+    def _reduce_kernel(
+        PartO,
+        PartL,
+        Out,
+        stride_pb,
+        stride_ph,
+        stride_ps,
+        stride_ob,
+        stride_oh,
+        H: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        SPLITS: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_ok = offs_s < SPLITS
+        base = b * stride_pb + h * stride_ph + offs_s * stride_ps
+        lse = tl.load(PartL + base, mask=s_ok, other=float("-inf"))
+        top = tl.max(lse, 0)
+        w = tl.where(s_ok & (lse > float("-inf")), tl.exp(lse - top), 0.0)
+        parts = tl.load(PartO + base[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
+
+
+def num_splits(rows: int, cache_len: int, device: torch.device) -> int:
+    """Context splits per (row, KV head) program: about ``WAVES`` programs per SM, at most one split per block.
+
+    ``rows``: batch x KV heads. On the CPU (Triton's interpreter, which runs programs one by one) the "GPU"
+    has one SM.
+
+    Example:
+        >>> num_splits(256, 1024, torch.device("cpu")), num_splits(1, 300, torch.device("cpu"))
+        (1, 4)
+    """
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    wanted = -(-WAVES * sms // max(rows, 1))
+    return max(1, min(wanted, -(-cache_len // BLOCK_N), 64))
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    length: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Write the new K/V at slot ``length - 1`` and attend to slots ``[0, length)``: [B, 1, H, D].
+
+    ``query``: [B, H, 1, D]; ``key_new``/``value_new``: [B, Hkv, 1, D]; ``key_cache``/``value_cache``:
+    [B, Hkv, L, D] (last dim contiguous); ``length``: int64 [1] on the device; ``bias``: [B, L] additive (or
+    None); ``splits``: context splits (None: ``num_splits``).
+    """
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    b, h, _, d = query.shape
+    hkv, cache_len = key_cache.shape[1], key_cache.shape[2]
+    g = h // hkv
+    splits = splits or num_splits(b * hkv, cache_len, query.device)
+    block_d = max(MIN_DOT, triton.next_power_of_2(d))
+    block_g = max(MIN_DOT, triton.next_power_of_2(g))
+    out = query.new_empty(b, 1, h, d)
+    if splits > 1:
+        part_o = torch.empty(b, h, splits, block_d, dtype=torch.float32, device=query.device)
+        part_l = torch.empty(b, h, splits, dtype=torch.float32, device=query.device)
+    else:
+        part_o = part_l = out  # unused
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    bias_arg = bias if bias is not None else length
+    _split_kernel[(b * hkv, splits)](
+        query,
+        key_new,
+        value_new,
+        key_cache,
+        value_cache,
+        bias_arg,
+        length,
+        out,
+        part_o,
+        part_l,
+        query.stride(0),
+        query.stride(1),
+        query.stride(3),
+        key_new.stride(0),
+        key_new.stride(1),
+        key_new.stride(3),
+        value_new.stride(0),
+        value_new.stride(1),
+        value_new.stride(3),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        key_cache.stride(3),
+        value_cache.stride(0),
+        value_cache.stride(1),
+        value_cache.stride(2),
+        value_cache.stride(3),
+        bias.stride(0) if bias is not None else 0,
+        out.stride(0),
+        out.stride(2),
+        h * splits if splits > 1 else 0,
+        splits if splits > 1 else 0,
+        1,
+        scaling,
+        HKV=hkv,
+        G=g,
+        D=d,
+        BLOCK_G=block_g,
+        BLOCK_D=block_d,
+        BLOCK=BLOCK_N,
+        SPLITS=splits,
+        HAS_BIAS=bias is not None,
+        PRECISION=precision,
+        num_warps=4,
+    )
+    if splits > 1:
+        _reduce_kernel[(b * h,)](
+            part_o,
+            part_l,
+            out,
+            h * splits,
+            splits,
+            1,
+            out.stride(0),
+            out.stride(2),
+            H=h,
+            D=d,
+            BLOCK_D=block_d,
+            SPLITS=splits,
+            BLOCK_S=triton.next_power_of_2(splits),
+        )
+    return out
