@@ -25,6 +25,7 @@ finish in time (estimated from the floor, plus a compile when its shape is new) 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import time
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         label = wanted if has_option else "eager (only path)"
         if not has_option and wanted != "eager":
             result = {"row": row.name, "attention": wanted, "skipped": "this sampler has no attention= option"}
+        elif wanted == "triton" and importlib.util.find_spec("triton") is None:
+            result = {"row": row.name, "attention": wanted, "skipped": "Triton is not installed"}
         else:
             from bench.floor import floor_ms_per_step
 

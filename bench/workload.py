@@ -112,8 +112,10 @@ def sampler_options(sampler=None) -> dict[str, bool]:
 
     params = inspect.signature(FastSampler.__init__).parameters
     instance = sampler if sampler is not None else FastSampler()
+    if sampler is not None:  # a given sampler (or stand-in) says what it has
+        params = {}
     return {
-        "attention": "attention" in params,
+        "attention": "attention" in params or hasattr(instance, "attention"),
         "force_eos_at": "force_eos_at" in params or hasattr(instance, "force_eos_at"),
         "logits_hook": "logits_hook" in params or hasattr(instance, "logits_hook"),
         "stats": isinstance(getattr(instance, "stats", None), dict),
@@ -172,7 +174,8 @@ def force_eos(sampler, lengths, eos_id: int) -> str | None:
 
     options = sampler_options(sampler)
     if options["force_eos_at"]:
-        sampler.force_eos_at = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
+        # the sampler takes the 0-based index of the EOS token: length - 1
+        sampler.force_eos_at = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long) - 1
         return "force_eos_at"
     if options["logits_hook"]:
         if lengths is None:
