@@ -209,20 +209,26 @@ def test_two_node_job_trains_one_replica_per_node(tmp_path):
 
 @pytest.mark.slurm
 @needs_two_nodes
-def test_two_node_job_stops_together_on_the_time_limit_signal_requeues_and_resumes(tmp_path):
-    """What --signal=B:USR1@120 does at the time limit, sent now to the batch shell: it forwards USR1 to srun,
-    srun to the task on each node; both ranks stop at the same step, one checkpoint is saved, the job requeues,
-    the two-node rerun resumes from it and finishes with each step logged once."""
+@pytest.mark.parametrize("how", ["time_limit_signal", pytest.param("scontrol_requeue", marks=pytest.mark.slow)])
+def test_two_node_job_stops_together_requeues_and_resumes(tmp_path, how):
+    """time_limit_signal: what --signal=B:USR1@120 does at the time limit, sent now to the batch shell, which
+    forwards USR1 to srun, srun to the task on each node. scontrol_requeue: Slurm sends SIGTERM to every process
+    of the job and requeues it (preemption by requeue). Either way both ranks stop at the same step, one
+    checkpoint is saved, the job requeues, the two-node rerun resumes from it and finishes, each step logged once."""
     # No periodic checkpoint: the only one before the end is the one the signal asks for.
     run_dir, log, max_steps = tmp_path / "run", tmp_path / "job.out", 16
     cmd = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", f"--output={log}", "slurm/train_baseline.sh"]
     cmd += [*LEARNS, LR, f"training.max_steps={max_steps}", "training.save_steps=1000", f"hydra.run.dir={run_dir}"]
     job_id = subprocess.run(cmd, cwd=REPO, env=_job_env(), capture_output=True, text=True, check=True).stdout.strip()
     metrics = run_dir / "metrics.jsonl"
+    signal = "USR1" if how == "time_limit_signal" else "TERM"
     try:
         _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, 240, "step 2", log, job_id)
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-        _wait_for(lambda: _job(job_id).get("Restarts") == "1", 120, "the job to requeue itself", log, job_id)
+        if how == "time_limit_signal":
+            subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+        else:
+            subprocess.run(["scontrol", "requeue", job_id], check=True)
+        _wait_for(lambda: _job(job_id).get("Restarts") == "1", 120, "the job to requeue", log, job_id)
         _wait_for(
             lambda: _job(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", None),
             300,
@@ -234,8 +240,9 @@ def test_two_node_job_stops_together_on_the_time_limit_signal_requeues_and_resum
         subprocess.run(["scancel", job_id], check=False)
     job_log = log.read_text()
     assert _job(job_id).get("JobState") == "COMPLETED", job_log[-3000:]
-    assert job_log.count("received SIGUSR1") == 1 and f"requeueing job {job_id}" in job_log
-    stops = re.findall(r"Stopped at step (\d+) after SIGUSR1", job_log)
+    if how == "time_limit_signal":  # the job requeues itself; after scontrol requeue Slurm does
+        assert job_log.count("received SIGUSR1") == 1 and f"requeueing job {job_id}" in job_log
+    stops = re.findall(rf"Stopped at step (\d+) after SIG{signal}", job_log)
     assert len(stops) == 2 and len(set(stops)) == 1, job_log[-3000:]  # both ranks, the same step
     stop = int(stops[0])
     assert 2 <= stop < max_steps
