@@ -19,7 +19,7 @@
 # Env: SLURM_CI_NODES       nodes: 2 (default, network namespaces) or 1 (this host only)
 #      SLURM_START_TIMEOUT  seconds to wait for the nodes and a test job (default 90)
 #      SLURM_PARTITION      name of the default partition (default "debug")
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap around setup_network also fires inside it
 
 NODES=${SLURM_CI_NODES:-2}
 TIMEOUT=${SLURM_START_TIMEOUT:-90}
@@ -84,7 +84,8 @@ setup_network() {
         log "creating bridge $BRIDGE ($CTLD_ADDR/24)"
         ip link add "$BRIDGE" type bridge
     fi
-    ip addr show dev "$BRIDGE" | grep -q "inet $CTLD_ADDR/24" || ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
+    # (the address lists are read first: `ip | grep -q` fails under pipefail when grep stops reading early)
+    [[ $(ip addr show dev "$BRIDGE") == *"inet $CTLD_ADDR/24"* ]] || ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
     local i ns addr host_if
     for i in 1 2; do
@@ -96,7 +97,7 @@ setup_network() {
         fi
         ip link set "$host_if" master "$BRIDGE" up
         ip -n "$ns" link set lo up
-        ip -n "$ns" addr show dev "$NODE_IF" | grep -q "inet $addr/24" || ip -n "$ns" addr add "$addr/24" dev "$NODE_IF"
+        [[ $(ip -n "$ns" addr show dev "$NODE_IF") == *"inet $addr/24"* ]] || ip -n "$ns" addr add "$addr/24" dev "$NODE_IF"
         ip -n "$ns" link set "$NODE_IF" up
         # The node's /etc/hosts (slurmd's mount namespace binds it over /etc/hosts; `ip netns exec` does the same).
         # No resolv.conf is needed: without a default route every other address is unreachable from the node.
@@ -114,7 +115,9 @@ setup_network() {
     done
 }
 if [ "$NODES" = 2 ]; then
-    setup_network || die "could not create the private network (needs CAP_NET_ADMIN; SLURM_CI_NODES=1 avoids it)"
+    trap 'die "could not create the private network (needs CAP_NET_ADMIN; SLURM_CI_NODES=1 avoids it)"' ERR
+    setup_network
+    trap - ERR
 fi
 
 # --- slurm.conf ---------------------------------------------------------------------------------
