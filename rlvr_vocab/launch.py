@@ -15,7 +15,8 @@ slurm/_common.sh runs this file as a script (standard library only: no torch imp
   process of the step; the training processes inherit the ignore but install their own handler
   (rlvr_vocab.resume.signal_handlers), so they checkpoint while the launcher keeps waiting for them.
 
-The logic is Python rather than bash so the tests can call :func:`build_command` with a fake environment.
+The logic is Python rather than bash so the tests can call :func:`build_command` with a fake environment
+(tests/test_launch.py); tests/test_multinode.py runs the same command on a real two-node cluster.
 
 Environment (read at job start; sbatch exports the submitting shell's environment):
     ACCELERATE_CONFIG     ddp (default) | fsdp2 | a path to an accelerate config file

@@ -322,6 +322,10 @@ class PreemptionCallback(TrainerCallback):
             checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint_dir.is_dir():
                 mark_complete(checkpoint_dir, state.global_step)
+        if dist.is_available() and dist.is_initialized():
+            # No rank moves on (after a stop: exits) before the marker is on disk: on several nodes the first
+            # rank to exit makes srun --kill-on-bad-exit terminate the others, rank 0 mid-fsync included.
+            dist.barrier()
         return control
 
 

@@ -28,6 +28,7 @@ def train(cfg: DictConfig) -> dict:
     """Run GRPO as configured; returns the final metrics. ``cfg.output_dir`` must be set."""
     from rlvr_vocab import resume
     from rlvr_vocab.data import load_datasets
+    from rlvr_vocab.distributed import RankRecordCallback
     from rlvr_vocab.logging_utils import (
         MetricsFileCallback,
         finish_tracker,
@@ -55,6 +56,7 @@ def train(cfg: DictConfig) -> dict:
     # ---- data (before the model: data errors surface before an expensive load)
     train_dataset, eval_dataset = load_datasets(cfg)
     callbacks = [MetricsFileCallback(output_dir / "metrics.jsonl"), resume.PreemptionCallback()]
+    callbacks.append(RankRecordCallback(output_dir))  # several processes: <output_dir>/ranks/rank-<r>.jsonl
     heldout = None
     if cfg.eval.every_steps > 0:  # greedy held-out accuracy during training (rlvr-eval's settings)
         from rlvr_vocab.heldout import HeldOutEvalCallback
@@ -165,12 +167,15 @@ def hydra_entry(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from rlvr_vocab.distributed import export_submitit_torch_env
+
     hydra_cfg = HydraConfig.get()
     if not cfg.output_dir:
         cfg.output_dir = hydra_cfg.runtime.output_dir
     if cfg.logging.backend == "wandb" and cfg.logging.group is None and hydra_cfg.mode == RunMode.MULTIRUN:
         cfg.logging.group = f"{cfg.exp_name}-{Path(hydra_cfg.sweep.dir).name}"  # one wandb group per sweep
     try:
+        export_submitit_torch_env()  # submitit job of several tasks: RANK, MASTER_ADDR, ... from Slurm
         train(cfg)
     except ConfigError as err:
         logger.error(str(err))

@@ -43,12 +43,19 @@ In the job (export before sbatch, or set in the site file):
   ACCELERATE_CONFIG      ddp (default) | fsdp2 | path: how several GPUs/nodes share the model
   RLVR_NPROC_PER_NODE    processes per node (default: the node's GPUs)
   MASTER_PORT            rendezvous port for several GPUs (default: derived from the job id)
+  NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME   interface between nodes (NCCL on GPUs, gloo on CPU) where the default is wrong
   RLVR_MAX_REQUEUE       stop requeueing after this many restarts (default 20)
   RLVR_DRY_RUN=1         print the command instead of running it
+
+Several nodes (sbatch --nodes=N): srun starts one task per node; each runs accelerate launch with its own
+--machine_rank (\$SLURM_NODEID, read inside the task) and the first node as rendezvous. The run dir must be on
+a filesystem all nodes share. Every rank appends where it ran and a hash of its weights to <run dir>/ranks/.
 
 Preemption: the job gets SIGUSR1 120 s before its time limit; training saves a checkpoint after the
 current step and exits 75; the job requeues itself and the rerun resumes from that checkpoint. A job keeps
 its id across requeues, so its run dir is outputs/<exp_name>/slurm-<job id> unless you pass hydra.run.dir.
+With several processes, accelerate's launcher reports the ranks' exit 75 as a ChildFailedError and srun exits
+non-zero: expected; "Stopped at step N" from every rank is what tells that the checkpoint was saved.
   scancel --signal=USR1 --batch JOBID   checkpoint now and requeue (e.g. to pick up new code)
   scancel --signal=TERM --full JOBID    checkpoint now and stop (exit 75; rerun the job's command to resume)
 Logs: logs/<job name>-<job id>.out (Slurm does not create logs/: mkdir -p logs once).

@@ -66,6 +66,9 @@ def _wait_for(predicate, timeout: float, what: str, log: Path | None = None, job
         time.sleep(0.5)
 
 
+_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", None)  # JobState at the end
+
+
 def _trainer_state(run_dir: Path) -> dict:
     return json.loads((run_dir / "trainer_state.json").read_text())
 
@@ -76,11 +79,13 @@ def _logged_steps(state: dict) -> list[int]:
 
 def test_sbatch_script_trains(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    cmd = ["sbatch", "--wait", "--parsable", "--gpus-per-node=0", f"--output={log}", "slurm/train_baseline.sh"]
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", f"--output={log}", "slurm/train_baseline.sh"]
     cmd += ["debug=default", "training.max_steps=2", f"hydra.run.dir={run_dir}"]
-    done = subprocess.run(cmd, cwd=REPO, env=_job_env(), capture_output=True, text=True, timeout=240)
+    job_id = subprocess.run(cmd, cwd=REPO, env=_job_env(), capture_output=True, text=True, check=True).stdout.strip()
+    # As sbatch --wait, which polls with growing gaps (it returned ~10 s after the job ended).
+    _wait_for(lambda: _job(job_id).get("JobState") in _ENDED, 240, "the end", log, job_id)
     job_log = log.read_text() if log.exists() else "(no job log)"
-    assert done.returncode == 0, done.stderr + job_log[-3000:]
+    assert _job(job_id).get("JobState") == "COMPLETED", job_log[-3000:]
     assert "training exited with 0" in job_log
     assert "grpo_train.py experiment=baseline debug=default" in job_log
     state = _trainer_state(run_dir)
