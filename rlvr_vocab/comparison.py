@@ -46,6 +46,7 @@ CURVES = {  # PNG name -> (metric in metrics.jsonl, axis label)
     "think_length": ("think/length", "tokens inside the thinking span"),
     "reasoning_fraction": ("reasoning/span_token_fraction", "reasoning-vocab share of span tokens"),
     "closed": ("think/closed_fraction", "completions that close the span"),
+    "heldout_format": ("heldout/closed_boxed_rate", "held-out: span closed, boxed answer after it"),
 }
 
 
@@ -260,8 +261,10 @@ def tail_mean(points: list[tuple[int, float]], fraction: float = 0.1) -> float |
 def run_metrics(run: Run, target: float | None, tail: float = 0.1) -> dict[str, Any]:
     """One run's numbers (None where the run did not log what a number needs)."""
     held = curve(run.records, HELDOUT)
+    closed_boxed = curve(run.records, "heldout/closed_boxed_rate") or curve(run.records, "heldout/format_rate")
     out: dict[str, Any] = {
         "final_pass@1": held[-1][1] if held else None,
+        "final_format": closed_boxed[-1][1] if closed_boxed else None,
         "auc_pass@1": area_under(held),
         "steps_to_target": steps_to(held, target) if target is not None and held else None,
         "last_step": max((int(r.get("step", 0)) for r in run.records), default=0),
@@ -356,6 +359,7 @@ def compare_values(
 # ------------------------------------------------------------------------------------------ the comparison
 NUMBERS = (
     "final_pass@1",
+    "final_format",
     "auc_pass@1",
     "steps_to_target",
     "train_reward",
@@ -376,10 +380,37 @@ def _arm_stats(values: dict[str, list[float | None]], reps: int) -> dict[str, An
     return stats
 
 
+def truncate(runs: list[Run], max_step: int) -> list[Run]:
+    """The runs as they stood at ``max_step``: records after it dropped; refuses a run that did not get there."""
+    short = [
+        f"{r.path} (step {run_metrics(r, None)['last_step']})"
+        for r in runs
+        if run_metrics(r, None)["last_step"] < max_step
+    ]
+    if short:
+        raise CompareError(f"--max-step {max_step}: these runs stopped before it:\n  " + "\n  ".join(short))
+    return [
+        Run(r.path, r.config, [x for x in r.records if int(x.get("step", 0)) <= max_step], r.overrides, r.sweep)
+        for r in runs
+    ]
+
+
 def compare(
-    runs: list[Run], by: Sequence[str], target: float | None = None, reps: int = 10000, require_finished: bool = True
+    runs: list[Run],
+    by: Sequence[str],
+    target: float | None = None,
+    reps: int = 10000,
+    require_finished: bool = True,
+    max_step: int | None = None,
 ) -> dict[str, Any]:
-    """The whole comparison as plain data (what compare.json holds)."""
+    """The whole comparison as plain data (what compare.json holds).
+
+    ``max_step``: compare the runs as they stood at that step (every run must have reached it); runs that
+    stopped early (preempted, out of time) can then be compared on equal footing.
+    """
+    if max_step is not None:
+        runs = truncate(runs, max_step)
+        require_finished = False
     arms = group_runs(runs, by)
     if require_finished:
         short = [
@@ -429,6 +460,7 @@ def compare(
         differences.append(row)
     return {
         "by": list(by),
+        "max_step": max_step,
         "target": target,
         "num_runs": len(runs),
         "arms": out_arms,
@@ -448,6 +480,7 @@ def markdown(result: dict[str, Any]) -> str:
     """compare.md: one row per arm (mean [95% CI] over seeds), then each arm against the baseline."""
     names = {
         "final_pass@1": "final held-out pass@1",
+        "final_format": "final held-out format (span closed, boxed answer after it)",
         "auc_pass@1": "held-out AUC",
         "steps_to_target": "steps to target",
         "train_reward": "training reward",
@@ -458,7 +491,9 @@ def markdown(result: dict[str, Any]) -> str:
     }
     target = result["target"]
     lines = [
-        f"Arms by {', '.join(result['by'])}; {result['num_runs']} runs. Mean [95% bootstrap CI] over seeds.",
+        f"Arms by {', '.join(result['by'])}; {result['num_runs']} runs"
+        + (f", as they stood at step {result['max_step']}" if result.get("max_step") is not None else "")
+        + ". Mean [95% bootstrap CI] over seeds.",
         f"Steps to target: first held-out eval at pass@1 >= {target:.3f}." if target is not None else "",
         "",
         "| arm | seeds | " + " | ".join(names[n] for n in NUMBERS) + " |",
@@ -484,8 +519,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {names[n]} | {d['mean_diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | "
                 f"{d['prob_improvement']:.2f} [{d['pi_ci_low']:.2f}, {d['pi_ci_high']:.2f}] | {d['paired']} |"
             )
-    lines += ["", "Per run:", "", "| arm | seed | " + " | ".join(names[n] for n in NUMBERS[:4]) + " | dir |"]
-    lines.append("|---|---|" + "---|" * 5)
+    lines += ["", "Per run:", "", "| arm | seed | " + " | ".join(names[n] for n in NUMBERS[:5]) + " | dir |"]
+    lines.append("|---|---|" + "---|" * 6)
     for arm in result["arms"]:
         for run in arm["runs"]:
             m = run["metrics"]
@@ -543,6 +578,8 @@ def plot_curves(runs_by_arm: dict[str, list[Run]], out_dir: Path) -> list[Path]:
 
 def write_report(result: dict[str, Any], runs: list[Run], out_dir: Path) -> list[Path]:
     """compare.json, compare.md and the curve PNGs in ``out_dir``."""
+    if result.get("max_step") is not None:
+        runs = truncate(runs, result["max_step"])
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "compare.json"
     json_path.write_text(json.dumps(result, indent=1, default=str))

@@ -93,6 +93,11 @@ def test_unfinished_runs_are_refused_unless_allowed(tmp_path):
     with pytest.raises(CompareError, match="unfinished runs"):
         compare(runs, ["model.reasoning_vocab_size"], reps=100)
     assert compare(runs, ["model.reasoning_vocab_size"], reps=100, require_finished=False)["arms"]
+    # as they stood at step 10: the held-out eval of step 10 is the final one, later records are dropped
+    at10 = compare(runs, ["model.reasoning_vocab_size"], reps=100, max_step=10)
+    assert at10["max_step"] == 10 and at10["arms"][0]["stats"]["final_pass@1"]["mean"] == pytest.approx(0.2)
+    with pytest.raises(CompareError, match="--max-step 30: these runs stopped before it"):
+        compare(runs, ["model.reasoning_vocab_size"], reps=100, max_step=30)
 
 
 def test_mini_sweep_through_the_one_gpu_launcher_feeds_rlvr_compare(tmp_path):

@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: 80%% of the baseline arm's mean final pass@1)")  # fmt: skip
     parser.add_argument("--reps", type=int, default=10000, help="bootstrap resamples")
     parser.add_argument("--allow-unfinished", action="store_true", help="compare runs that stopped before max_steps")
+    parser.add_argument("--max-step", type=int, default=None, help="compare the runs as they stood at this step")
     args = parser.parse_args(argv)
     try:
         runs, swept = find_runs(args.paths)
         by = args.by or [k for k in swept if k != "seed"] or list(DEFAULT_BY)
-        result = compare(runs, by, args.target, args.reps, require_finished=not args.allow_unfinished)
+        result = compare(runs, by, args.target, args.reps, not args.allow_unfinished, args.max_step)
         written = write_report(result, runs, Path(args.out))
     except CompareError as err:
         print(f"rlvr-compare: {err}", file=sys.stderr)
