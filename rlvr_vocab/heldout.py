@@ -7,6 +7,7 @@ The same settings as ``rlvr-eval`` (``eval.split``, ``max_samples``, ``batch_siz
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from transformers import Trainer, TrainerCallback
 
 from rlvr_vocab.cli.evaluate import correctness_reward, eval_settings, evaluate_model, select_rows, span_reward
 
-SAMPLES_FILE = "heldout_samples.jsonl"  # the final eval's completions, one problem a line (reasoning ids marked)
+SAMPLES_FILE = "heldout_samples.jsonl"  # the latest eval's completions, one problem a line (reasoning ids marked)
 
 
 class HeldOutEvalCallback(TrainerCallback):
@@ -30,7 +31,7 @@ class HeldOutEvalCallback(TrainerCallback):
     ranks in a forward); the random state is restored afterwards, so training samples as without it.
     With a thinking span it also logs ``heldout/closed_rate`` (the span closed), ``heldout/closed_boxed_rate``
     (closed, and a boxed answer after it) and ``heldout/think_length``; correctness judges the answer after the
-    span. The final eval's completions go to ``heldout_samples.jsonl`` in the run dir.
+    span. The latest eval's completions go to ``heldout_samples.jsonl`` in the run dir (rewritten at each eval).
     """
 
     def __init__(self, cfg: DictConfig, train_dataset, eval_dataset):
@@ -97,17 +98,18 @@ class HeldOutEvalCallback(TrainerCallback):
                 f"held-out step {step}: pass@1 {summary['pass@1']:.3f}, format {summary['format_rate']:.3f}{closed} "
                 f"({len(self.rows)} problems, {metrics['heldout/seconds']:.1f} s)"
             )
-            if step >= trainer.state.max_steps:
-                self._write_samples(step, records, model, tokenizer)
+            self._write_samples(step, records, model, tokenizer)  # the latest eval's (a stopped run keeps some)
         return metrics
 
     def _write_samples(self, step: int, records: list[dict], model, tokenizer) -> None:
-        """The final eval's completions, for reading what the policy writes (reasoning ids marked ⟦ ⟧)."""
+        """The latest eval's completions, for reading what the policy writes (reasoning ids marked ⟦ ⟧)."""
         vocab = getattr(model, "reasoning_vocab", None) or getattr(self.trainer, "reasoning_vocab", None)
         path = Path(self.trainer.args.output_dir) / SAMPLES_FILE
-        with path.open("w") as f:
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as f:
             for record in records:
                 row = {"step": step, **{k: v for k, v in record.items() if k != "samples"}}
                 if vocab is not None and record.get("completion_ids") is not None:
                     row["rendered"] = vocab.render(tokenizer, record["completion_ids"])
                 f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)

@@ -180,3 +180,8 @@ def hydra_entry(cfg: DictConfig) -> None:
     except ConfigError as err:
         logger.error(str(err))
         sys.exit(2)
+    except Exception:
+        # Under a multirun launcher Hydra keeps the exception in the job's result and the point's log would end
+        # in "Job completed successfully": the traceback goes to the log (and the run dir's log) here.
+        logger.exception(f"Training failed (output dir {cfg.output_dir})")
+        raise

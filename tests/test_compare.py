@@ -129,3 +129,17 @@ def test_mini_sweep_through_the_one_gpu_launcher_feeds_rlvr_compare(tmp_path):
     assert result["arms"][0]["stats"]["reasoning_span_fraction"]["n"] == 0
     assert {p.name for p in out.glob("*.png")} >= {"heldout.png", "reward.png", "think_length.png"}
     assert "minus" in (out / "compare.md").read_text()
+
+
+def test_a_point_that_fails_in_a_sweep_leaves_its_traceback_in_its_log(tmp_path):
+    """Seen on the GPU: two points ran out of memory and their logs said only 'Job completed successfully'."""
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable, "grpo_train.py", "-m", "hydra/launcher=one_gpu", "experiment=debug",
+        "model.tiny.num_key_value_heads=3", f"paths.cache_dir={CACHE_DIR}", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    [log] = list(sweep.glob(".submitit/*/*_log.out"))
+    text = log.read_text()
+    assert "Training failed" in text and "Traceback" in text
