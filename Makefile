@@ -41,7 +41,7 @@ format: install  ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff format rlvr_vocab tests bench grpo_train.py
 
 check-rewards: install  ## Score gold and wrong answers of GSM8K test through the configured rewards
-	$(PY) -m rlvr_vocab.cli.check_rewards dataset=gsm8k dataset.path=../shared/data/gsm8k/test.jsonl
+	$(PY) -m rlvr_vocab.cli.check_rewards dataset=gsm8k dataset.path=data/gsm8k/test.jsonl
 
 bench-gpu: install  ## GPU benchmarks in two time-boxed calls of ~9 min (BENCHMARKS.md; results in bench/results/)
 	$(PY) -m bench.gpu_session --part 1 --out bench/results/part1 --budget-s 520

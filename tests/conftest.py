@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
+GSM8K_DIR = REPO / "data" / "gsm8k"  # shipped with the repo (MIT, LICENSE beside it)
 # One conversion cache per checkout (the GGUF is de-quantised once, ~30 s, then reused by every test).
 CACHE_DIR = REPO / ".cache"
 
@@ -108,5 +108,5 @@ def make_cfg(tmp_path):
 @pytest.fixture
 def gsm8k_dir():
     if not (GSM8K_DIR / "test.jsonl").is_file():
-        pytest.skip(f"GSM8K files not found at {GSM8K_DIR} (../shared/data/gsm8k beside the repo)")
+        pytest.skip(f"GSM8K files not found at {GSM8K_DIR} (data/gsm8k in the repo)")
     return GSM8K_DIR

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import GSM8K_DIR
 from omegaconf import OmegaConf
 
 from rlvr_vocab.rewards import REWARD_REGISTRY, Accuracy, build_reward, get_reward_funcs, gold_is_parseable
@@ -29,7 +30,6 @@ from rlvr_vocab.rewards.graded import BinaryBoxed, BoxedAccuracy, last_number_re
 from rlvr_vocab.rewards.text import repair_latex_shorthand
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
 REWARD_MODULES = ["text", "accuracy", "graded", "format", "cookbook", "registry"]
 
 # MATH / DeepScaleR-style gold answers as the datasets write them: fractions (also TeX shorthand),
@@ -119,7 +119,7 @@ def conv(text: str) -> list[dict[str, str]]:
 def gsm8k_golds(split: str = "test") -> list[str]:
     path = GSM8K_DIR / f"{split}.jsonl"
     if not path.is_file():
-        pytest.skip(f"GSM8K not found at {path} (expected ../shared/data/gsm8k beside the repo)")
+        pytest.skip(f"GSM8K not found at {path} (shipped in data/gsm8k)")
     with path.open() as f:
         return [json.loads(line)["answer"].rsplit("####", 1)[1].strip().replace(",", "") for line in f]
 

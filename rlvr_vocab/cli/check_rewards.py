@@ -5,7 +5,7 @@ two completions written in the format it reads (``\boxed{}`` for most): one hold
 answer, which must score ``correct_reward``, and one holding a deterministically WRONG answer
 (``wrong_answer``: last number + 1, ...), which must not. Format-only rewards are reported as means.
 
-    rlvr-check-rewards dataset=gsm8k dataset.path=../shared/data/gsm8k/test.jsonl output_file=check.json
+    rlvr-check-rewards dataset=gsm8k dataset.path=data/gsm8k/test.jsonl output_file=check.json
     rlvr-check-rewards reward=cookbook check_rewards.split=eval check_rewards.max_failures=20
 
 Settings (``check_rewards.<key>`` or a top-level ``<key>``): ``split`` (train | eval, default train),

@@ -1,8 +1,8 @@
 """rlvr-eval: accuracy of a model, a checkpoint, a LoRA adapter, or every checkpoint of a run, on a dataset split.
 
     # the configured model on GSM8K test (offline files), 200 problems, greedy pass@1
-    rlvr-eval model=qwen3_0.6b dataset.path=../shared/data/gsm8k/train.jsonl \\
-        dataset.eval_path=../shared/data/gsm8k/test.jsonl eval.max_samples=200 output_file=eval.json
+    rlvr-eval model=qwen3_0.6b dataset.path=data/gsm8k/train.jsonl \\
+        dataset.eval_path=data/gsm8k/test.jsonl eval.max_samples=200 output_file=eval.json
     # every checkpoint-N of a run (a run folder as eval.model_path), plus 8 samples each for pass@8 / maj@8
     rlvr-eval experiment=reasoning eval.model_path=outputs/reasoning/<run> eval.num_samples=8
     # a LoRA adapter: the configured model= is the base
