@@ -35,6 +35,7 @@ def train(cfg: DictConfig) -> dict:
         start_tracker,
     )
     from rlvr_vocab.models import load_model_and_tokenizer, resolve_bf16
+    from rlvr_vocab.preflight import check_model_available
     from rlvr_vocab.rewards.registry import get_reward_funcs
 
     # ---- config: every check that needs no model or data runs first
@@ -43,7 +44,11 @@ def train(cfg: DictConfig) -> dict:
     if not cfg.output_dir:
         raise ConfigError("output_dir is not set (grpo_train.py sets it to the Hydra run dir).")
     bf16 = resolve_bf16(cfg.training.bf16)
-    reward_funcs, reward_weights = get_reward_funcs(cfg.reward)
+    try:
+        reward_funcs, reward_weights = get_reward_funcs(cfg.reward)
+    except ValueError as err:  # an unknown name, a bad weight or argument: a config error like any other
+        raise ConfigError(str(err)) from err
+    check_model_available(cfg.model)  # before the data: an uncached hub model offline is named at once
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, output_dir)
