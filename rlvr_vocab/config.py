@@ -245,6 +245,14 @@ register_configs()
 GENERATION_TO_GRPO = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
+# GRPOConfig switches that sample without calling model.generate, so without the reasoning-vocabulary mask
+# (TRL's vLLM engine, transformers' continuous-batching generate_batch): refused with a reasoning vocabulary.
+UNMASKED_SAMPLING_FIELDS = {
+    "use_vllm": "TRL's vLLM engine",
+    "use_transformers_continuous_batching": "transformers' continuous-batching generate_batch",
+}
+
+
 def _suggest(key: str, options) -> str:
     close = difflib.get_close_matches(key, list(options), n=1)
     return f" Did you mean '{close[0]}'?" if close else ""
@@ -444,6 +452,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.source={m.source!r}: choose hub, gguf or tiny.")
     if m.reasoning_vocab_size < 0:
         raise ConfigError(f"model.reasoning_vocab_size={m.reasoning_vocab_size} must be >= 0 (0 = baseline).")
+    for key, engine in UNMASKED_SAMPLING_FIELDS.items():
+        if m.reasoning_vocab_size > 0 and (t.get("extra") or {}).get(key):
+            raise ConfigError(
+                f"training.extra.{key}=true samples through {engine}, which does not apply the reasoning-vocabulary "
+                f"mask (model.reasoning_vocab_size={m.reasoning_vocab_size}): reasoning ids would be sampled outside "
+                "the thinking span. Remove it (training.generation_backend=fast or trl apply the mask), or set "
+                "model.reasoning_vocab_size=0."
+            )
     if m.reasoning.init not in ("first_n", "frequent"):
         raise ConfigError(f"model.reasoning.init={m.reasoning.init!r}: choose first_n or frequent.")
     if m.reasoning.repeat_policy not in (None, "cycle"):

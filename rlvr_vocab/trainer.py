@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 from trl import GRPOConfig, GRPOTrainer
 
-from rlvr_vocab.reasoning_vocab import ReasoningVocab
+from rlvr_vocab.config import UNMASKED_SAMPLING_FIELDS
+from rlvr_vocab.reasoning_vocab import ReasoningVocab, check_mask_held
 
 
 @dataclass
@@ -169,6 +170,16 @@ def add_reasoning_lm_head(model, vocab: ReasoningVocab, temperature: float, chun
     model.forward = types.MethodType(forward, model)
 
 
+def _refuse_unmasked_sampling(args) -> None:
+    """With a reasoning vocabulary, refuse the GRPOConfig switches whose sampler bypasses ``model.generate``."""
+    for name, engine in UNMASKED_SAMPLING_FIELDS.items():
+        if getattr(args, name, False):
+            raise ValueError(
+                f"{name}=True samples through {engine}, which does not apply the reasoning-vocabulary mask; "
+                "use generation_backend='fast' or 'trl' with a reasoning vocabulary."
+            )
+
+
 # ------------------------------------------------------------------------------------------ trainer
 class RLVRGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with the reasoning vocabulary wired through sampling, log-probs and checkpoints."""
@@ -176,6 +187,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, reasoning_vocab: ReasoningVocab | None = None, ref_model=None, **kwargs):
         from rlvr_vocab.peft_utils import trl_reference_model
 
+        if reasoning_vocab is not None:
+            _refuse_unmasked_sampling(kwargs.get("args", args[2] if len(args) > 2 else None))
         with trl_reference_model(ref_model):  # TRL would reload config._name_or_path (fails for tiny/GGUF/rows)
             super().__init__(*args, **kwargs)
         self.reasoning_vocab = reasoning_vocab
@@ -252,6 +265,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
         if vocab is None:
             return result
         prompt_ids, completion_ids, tool_mask, completions, *rest = result
+        check_mask_held(vocab, prompt_ids, completion_ids)  # whatever path sampled them (rollout_func included)
         mode = "train" if self.model.training else "eval"
         n_tokens = sum(len(c) for c in completion_ids)
         n_reasoning, n_inside = 0, 0
