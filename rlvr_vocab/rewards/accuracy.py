@@ -282,7 +282,13 @@ class Accuracy:
 
 # ------------------------------------------------------------------------------ off the main thread
 def _worker_main(conn, parsing_timeout: int | None, verify_timeout: int | None, repair: bool) -> None:
+    import signal
+
     import math_verify  # noqa: F401 -- import before announcing readiness
+
+    # Ctrl-C reaches the whole process group: the trainer turns it into "save and stop after this step",
+    # and this grader must live to finish the step (it exits when the parent closes the pipe).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     conn.send("ready")
     while True:
