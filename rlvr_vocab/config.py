@@ -213,6 +213,13 @@ class EvalConfig:
     every_steps: int = 0  # training: greedy held-out eval every N optimizer steps, logged as heldout/* (0: off)
 
 
+@dataclass
+class ResumeConfig:
+    """Rerunning into a run dir that has checkpoints (rlvr_vocab/rundir.py decides what may change)."""
+
+    allow_config_change: bool = False  # resume although keys that change training differ from the run dir's config
+
+
 # ------------------------------------------------------------------------------------------- top level
 @dataclass
 class Config:
@@ -225,6 +232,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     # Tool settings (CLIs read these; training ignores them).
     output_file: str | None = None  # CLIs: where to write their JSON result
     eval: EvalConfig = field(default_factory=EvalConfig)  # rlvr-eval / rlvr-infer settings

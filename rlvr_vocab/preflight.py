@@ -50,13 +50,13 @@ def check_data_file(path: str | os.PathLike, key: str) -> None:
 
     Example:
         >>> import tempfile
-        >>> with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
-        ...     _ = f.write('{"question": "1+1", "answer": "2"}\\n{"question": "2+2", "answer": \\n')
-        >>> try:
-        ...     check_data_file(f.name, "dataset.path")
-        ... except ConfigError as err:
-        ...     print(str(err).split(": ", 1)[1][:36])
-        line 2 is not valid JSON (Expecting
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = (Path(d) / "t.jsonl").write_text('{"question": "1+1", "answer": "2"}\\n{"question": "2+2", "an\\n')
+        ...     try:
+        ...         check_data_file(Path(d) / "t.jsonl", "dataset.path")
+        ...     except ConfigError as err:
+        ...         print(str(err).split(": ", 1)[1].split(" (")[0])
+        line 2 is not valid JSON
     """
     path = Path(path)
     if path.stat().st_size == 0:

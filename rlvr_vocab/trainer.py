@@ -10,6 +10,7 @@ With ``model.reasoning_vocab_size=0`` this is TRL's GRPOTrainer unchanged (plus 
 
 from __future__ import annotations
 
+import copy
 import functools
 import types
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rlvr_vocab.config import UNMASKED_SAMPLING_FIELDS
 from rlvr_vocab.reasoning_vocab import ReasoningVocab, check_mask_held
+from rlvr_vocab.redact import is_secret_key, scrub_secrets
 
 
 @dataclass
@@ -35,6 +37,29 @@ class RLVRGRPOConfig(GRPOConfig):
     logprob_chunk_size: int = field(
         default=1024, metadata={"help": "Completion tokens per chunk in the reasoning-vocab log-prob pass."}
     )
+
+    # Pickling is how the Trainer writes training_args.bin into every checkpoint and the final model, and
+    # to_dict() is what trackers (wandb, tensorboard, trackio) record: neither carries a secret-looking value
+    # (hub_token, ...). Copies in memory keep them (push_to_hub still works).
+    def __getstate__(self) -> dict:
+        return {
+            k: None if isinstance(v, str) and v and is_secret_key(k) else scrub_secrets(v)
+            for k, v in self.__dict__.items()
+        }
+
+    def __copy__(self):
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def to_dict(self) -> dict:
+        return scrub_secrets(super().to_dict())
 
 
 # ---------------------------------------------------------------------------------- masked log-probs

@@ -61,3 +61,4 @@ def test_an_empty_training_file_is_a_config_error_with_exit_code_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"dataset.path='{empty}' is empty (0 bytes)" in proc.stderr
     assert "Traceback" not in proc.stderr and "StopIteration" not in proc.stderr
+    assert not run.exists()  # the folder Hydra made for the refused start is gone again
