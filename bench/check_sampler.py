@@ -388,7 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small models on the CPU (seconds)")
     parser.add_argument("--checks", nargs="*", default=["logprobs", "distribution", "mask"], help="which, in order")
-    parser.add_argument("--attention", default="auto", help="sampler attention path: auto (Triton on CUDA when it checks out, else eager) | triton | eager")
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        help="sampler attention path: auto (Triton on CUDA when it checks out, else eager) | triton | eager",
+    )
     parser.add_argument("--batch", type=int, default=None, help="logprobs rows (default 32; tiny 8)")
     parser.add_argument("--tokens", type=int, default=None, help="logprobs tokens (default 512; tiny 16)")
     parser.add_argument("--rows", type=int, default=None, help="distribution samples (default 4096; tiny 1024)")

@@ -71,7 +71,14 @@ def sampler_piece(name: str, rows: list[str], est: float, min_s: float, max_s: f
 def part_pieces(part: int) -> list[Piece]:
     """The pieces of a part, in the order they run (estimates: one H200, eager-attention sampler)."""
     if part == 1:
-        core = ["32x512@triton", "32x512@eager", "256x1024@triton", "eos-spread@triton", "32x4096@triton", "256x1024@eager"]
+        core = [
+            "32x512@triton",
+            "32x512@eager",
+            "256x1024@triton",
+            "eos-spread@triton",
+            "32x4096@triton",
+            "256x1024@eager",
+        ]
         rest = ["128x1024@triton", "256x1024-rv@triton"]
         rest += [f"{r}@eager" for r in ["32x512", "256x1024", "eos-spread", "32x4096", "128x1024", "256x1024-rv"]]
         return [

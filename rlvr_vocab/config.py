@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +218,13 @@ class EvalConfig:
     every_steps: int = 0  # training: greedy held-out eval every N optimizer steps, logged as heldout/* (0: off)
 
 
+@dataclass
+class ResumeConfig:
+    """Rerunning into a run dir that has checkpoints (rlvr_vocab/rundir.py decides what may change)."""
+
+    allow_config_change: bool = False  # resume although keys that change training differ from the run dir's config
+
+
 # ------------------------------------------------------------------------------------------- top level
 @dataclass
 class Config:
@@ -228,6 +237,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     # Tool settings (CLIs read these; training ignores them).
     output_file: str | None = None  # CLIs: where to write their JSON result
     eval: EvalConfig = field(default_factory=EvalConfig)  # rlvr-eval / rlvr-infer settings
@@ -261,6 +271,14 @@ def parse_think(value: Any) -> str | bool:
 
 
 GENERATION_TO_GRPO = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+# GRPOConfig switches that sample without calling model.generate, so without the reasoning-vocabulary mask
+# (TRL's vLLM engine, transformers' continuous-batching generate_batch): refused with a reasoning vocabulary.
+UNMASKED_SAMPLING_FIELDS = {
+    "use_vllm": "TRL's vLLM engine",
+    "use_transformers_continuous_batching": "transformers' continuous-batching generate_batch",
+}
 
 
 def _suggest(key: str, options) -> str:
@@ -299,6 +317,10 @@ def grpo_config_kwargs(cfg: DictConfig) -> dict[str, Any]:
             )
     for key in GENERATION_TO_GRPO:
         if key in gen:
+            if key in extra:
+                raise ConfigError(
+                    f"training.extra.{key} and model.generation_kwargs.{key} are both set: set one of them only."
+                )
             kwargs[key] = gen.pop(key)
     if gen.pop("do_sample", True) is not True:
         raise ConfigError("model.generation_kwargs.do_sample=false: GRPO needs sampled completions; remove it.")
@@ -307,6 +329,134 @@ def grpo_config_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kwargs["seed"] = cfg.seed
     kwargs["run_name"] = cfg.exp_name
     return kwargs
+
+
+# ------------------------------------------------------------------------------------------ value ranges
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at_least(lo: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _number(v) and v >= lo), f">= {lo}"
+
+
+def _above(lo: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _number(v) and v > lo), f"> {lo}"
+
+
+def _whole_at_least(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo), f"a whole number >= {lo}"
+
+
+def _fraction(low_open: bool) -> tuple[Callable[[Any], bool], str]:
+    if low_open:
+        return (lambda v: _number(v) and 0 < v <= 1), "in (0, 1]"
+    return (lambda v: _number(v) and 0 <= v <= 1), "in [0, 1]"
+
+
+# GRPOConfig field -> (test, what the value must be). The value is checked wherever the user set it
+# (training.<field>, training.extra.<field>, model.generation_kwargs.<field>); null means "the default".
+GRPO_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "learning_rate": _at_least(0),
+    "warmup_steps": _at_least(0),
+    "weight_decay": _at_least(0),
+    "max_grad_norm": _at_least(0),
+    "per_device_train_batch_size": _whole_at_least(1),
+    "per_device_eval_batch_size": _whole_at_least(1),
+    "gradient_accumulation_steps": _whole_at_least(1),
+    "steps_per_generation": _whole_at_least(1),
+    "generation_batch_size": _whole_at_least(1),
+    "num_iterations": _whole_at_least(1),
+    "beta": _at_least(0),
+    "epsilon": _above(0),
+    "epsilon_high": _above(0),
+    "save_steps": _above(0),
+    "save_total_limit": _whole_at_least(1),
+    "logging_steps": _above(0),
+    "eval_steps": _above(0),
+    "dataloader_num_workers": _whole_at_least(0),
+    "logprob_chunk_size": _whole_at_least(1),
+    "num_completions_to_print": _whole_at_least(0),
+    "temperature": _above(0),
+    "top_p": _fraction(low_open=True),
+    "top_k": _whole_at_least(0),
+    "min_p": _fraction(low_open=False),
+    "repetition_penalty": _above(0),
+}
+GRPO_CHOICES: dict[str, tuple] = {
+    "save_strategy": ("no", "steps", "epoch", "best"),
+    "eval_strategy": ("no", "steps", "epoch"),
+    "scale_rewards": ("group", "batch", "none", True, False),
+}
+# Other keys: (key, test, what the value must be); null passes where the schema allows it.
+OTHER_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("seed", lambda v: isinstance(v, int) and 0 <= v < 2**32, "a whole number in [0, 2**32)"),
+    ("dataset.max_train_samples", *_whole_at_least(1)),  # null: every row
+    ("dataset.max_eval_samples", *_whole_at_least(1)),
+    ("eval.every_steps", *_whole_at_least(0)),
+    ("eval.batch_size", *_whole_at_least(1)),
+    ("eval.num_samples", *_whole_at_least(1)),
+    ("eval.max_samples", *_whole_at_least(1)),
+    ("eval.max_new_tokens", *_whole_at_least(1)),
+    ("check_rewards.limit", *_whole_at_least(1)),
+    ("check_rewards.max_failures", *_whole_at_least(0)),
+]
+NULL_MEANS = {  # what null means for the keys above that accept it (said in the error)
+    "dataset.max_train_samples": "every row",
+    "dataset.max_eval_samples": "every row",
+    "eval.max_samples": "every row",
+    "eval.max_new_tokens": "training.max_completion_length",
+    "check_rewards.limit": "every row",
+}
+LORA_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("r", *_whole_at_least(1)),
+    ("alpha", *_above(0)),
+    ("dropout", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+]
+GENERATOR_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("num_train", *_whole_at_least(1)),
+    ("num_eval", *_whole_at_least(0)),
+]
+
+
+def _where(cfg: DictConfig, field_name: str) -> str:
+    """The config key a GRPOConfig field was set from."""
+    if field_name in (cfg.training.get("extra") or {}):
+        return f"training.extra.{field_name}"
+    if field_name in GENERATION_TO_GRPO and field_name in (cfg.model.get("generation_kwargs") or {}):
+        return f"model.generation_kwargs.{field_name}"
+    return f"training.{field_name}"
+
+
+def check_value_ranges(cfg: DictConfig, grpo_kwargs: dict[str, Any]) -> None:
+    """Refuse values outside their range (a negative learning rate, a zero batch, temperature 0, ...)."""
+    for name, value in grpo_kwargs.items():
+        if value is None:
+            continue
+        if name in GRPO_RANGES and not GRPO_RANGES[name][0](value):
+            raise ConfigError(f"{_where(cfg, name)}={value!r}: must be {GRPO_RANGES[name][1]}.")
+        if name in GRPO_CHOICES and value not in GRPO_CHOICES[name]:
+            choices = ", ".join(str(c) for c in GRPO_CHOICES[name])
+            raise ConfigError(f"{_where(cfg, name)}={value!r}: choose one of {choices}.")
+    max_steps, epochs = grpo_kwargs.get("max_steps", -1), grpo_kwargs.get("num_train_epochs", 1.0)
+    if not isinstance(max_steps, int) or (max_steps <= 0 and not (_number(epochs) and epochs > 0)):
+        raise ConfigError(
+            f"training.max_steps={max_steps!r} with training.num_train_epochs={epochs!r} trains nothing: set "
+            "training.max_steps >= 1 (or training.max_steps=-1 and training.num_train_epochs > 0)."
+        )
+    checks = [(key, OmegaConf.select(cfg, key, default=None), test, what) for key, test, what in OTHER_RANGES]
+    if cfg.model.lora.enabled:
+        checks += [(f"model.lora.{k}", cfg.model.lora[k], test, what) for k, test, what in LORA_RANGES]
+    if cfg.dataset.name == "arithmetic" and not cfg.dataset.path:
+        generator = cfg.dataset.generator
+        checks += [(f"dataset.generator.{k}", generator[k], test, what) for k, test, what in GENERATOR_RANGES]
+    for key, value, test, what in checks:
+        if value is not None and not test(value):
+            null = f" (or null: {NULL_MEANS[key]})" if key in NULL_MEANS else ""
+            raise ConfigError(f"{key}={value!r}: must be {what}{null}.")
+    for i, w in enumerate(cfg.reward.weights or []):
+        if not _number(w):
+            raise ConfigError(f"reward.weights[{i}]={w!r}: must be a finite number.")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -330,6 +480,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.source={m.source!r}: choose hub, gguf or tiny.")
     if m.reasoning_vocab_size < 0:
         raise ConfigError(f"model.reasoning_vocab_size={m.reasoning_vocab_size} must be >= 0 (0 = baseline).")
+    for key, engine in UNMASKED_SAMPLING_FIELDS.items():
+        if m.reasoning_vocab_size > 0 and (t.get("extra") or {}).get(key):
+            raise ConfigError(
+                f"training.extra.{key}=true samples through {engine}, which does not apply the reasoning-vocabulary "
+                f"mask (model.reasoning_vocab_size={m.reasoning_vocab_size}): reasoning ids would be sampled outside "
+                "the thinking span. Remove it (training.generation_backend=fast or trl apply the mask), or set "
+                "model.reasoning_vocab_size=0."
+            )
     if m.reasoning.init not in ("first_n", "frequent"):
         raise ConfigError(f"model.reasoning.init={m.reasoning.init!r}: choose first_n or frequent.")
     if m.reasoning.repeat_policy not in (None, "cycle"):
@@ -354,4 +512,4 @@ def validate(cfg: DictConfig) -> None:
     from rlvr_vocab.peft_utils import check_qlora
 
     check_qlora(m.lora, m.source)  # model.lora.load_in_4bit needs CUDA + bitsandbytes + an adapter
-    grpo_config_kwargs(cfg)  # every training key must reach GRPOConfig
+    check_value_ranges(cfg, grpo_config_kwargs(cfg))  # every training key must reach GRPOConfig, in range

@@ -16,6 +16,7 @@ from loguru import logger
 from omegaconf import DictConfig
 
 from rlvr_vocab.config import ConfigError
+from rlvr_vocab.preflight import check_data_file
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -156,11 +157,13 @@ def _load_raw(ds_cfg: DictConfig, path: str | None, split: str | None):
     import datasets
 
     if path:
+        key = "dataset.path" if path == ds_cfg.path else "dataset.eval_path"
         suffix = Path(path).suffix.lower()
         if suffix not in LOCAL_FORMATS:
-            raise ConfigError(f"dataset.path={path!r}: use a .jsonl, .json, .parquet or .csv file.")
+            raise ConfigError(f"{key}={path!r}: use a .jsonl, .json, .parquet or .csv file.")
         if not Path(path).is_file():
-            raise ConfigError(f"dataset.path={path!r} does not exist (relative paths start at the launch directory).")
+            raise ConfigError(f"{key}={path!r} does not exist (relative paths start at the launch directory).")
+        check_data_file(path, key)  # empty file, malformed jsonl line: named here, not as a loader traceback
         return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
     if not ds_cfg.hub_id:
         raise ConfigError(f"dataset {ds_cfg.name!r} has neither dataset.path nor dataset.hub_id set.")

@@ -1,11 +1,10 @@
-"""Experiment tracking (wandb / none), the run's metrics.jsonl, and secret-free saved configs."""
+"""Experiment tracking (wandb / none), the run's metrics.jsonl, and the secret-free config trackers record."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -14,32 +13,12 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
-
-
-def scrub_secrets(obj: Any) -> Any:
-    """Replace the values of secret-looking keys with '***' (nested dicts and lists).
-
-    Example:
-        >>> scrub_secrets({"logging": {"wandb_api_key": "abc", "project": "p"}, "hf_token": "x"})
-        {'logging': {'wandb_api_key': '***', 'project': 'p'}, 'hf_token': '***'}
-    """
-    if isinstance(obj, dict):
-        return {k: "***" if SECRET_KEY.search(str(k)) and v else scrub_secrets(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [scrub_secrets(v) for v in obj]
-    return obj
+from rlvr_vocab.redact import scrub_secrets
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     """The fully resolved config as plain data, secrets scrubbed (what is saved and sent to trackers)."""
     return scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
-
-
-def save_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
-    path = output_dir / "config.yaml"
-    path.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg))))
-    return path
 
 
 def start_tracker(cfg: DictConfig, output_dir: Path) -> str:
@@ -95,12 +74,33 @@ class MetricsFileCallback(TrainerCallback):
 
     @staticmethod
     def truncate_after(path: Path, step: int) -> None:
-        """On resume: drop lines logged after the checkpoint's step, so each step is logged once."""
+        """On resume: drop lines logged after the checkpoint's step, so each step is logged once (step -1: all).
+
+        A line that is not a JSON record (the last one, cut short when the run was killed mid-write) is
+        dropped with a warning, so it can neither stop the resume nor glue itself to the next record.
+        """
         if not path.is_file():
             return
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        if len(kept) != len(lines):
+        text = path.read_text(errors="replace")
+        lines = text.splitlines()
+        kept, torn = [], []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                torn.append(number)
+                continue
+            if not isinstance(record, dict):
+                torn.append(number)
+            elif record.get("step", 0) <= step:
+                kept.append(line)
+        if torn:
+            logger.warning(
+                f"{path}: dropped {len(torn)} line(s) that are not JSON records (cut short by a kill?): {torn}"
+            )
+        if len(kept) != len(lines) or (text and not text.endswith("\n")):
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)

@@ -172,6 +172,9 @@ def load_tokenizer(model_cfg: DictConfig, cache_dir: str):
     """The tokenizer alone (CLIs that only decode or template need no weights)."""
     from transformers import AutoTokenizer
 
+    from rlvr_vocab.preflight import check_model_available
+
+    check_model_available(model_cfg)  # an uncached hub id offline: name it, not an OSError about connecting
     if model_cfg.source == "tiny":
         tok = build_tiny_tokenizer()
     elif model_cfg.source == "gguf":

@@ -241,6 +241,41 @@ def attach_generation_mask(model, vocab: ReasoningVocab) -> None:
     model.generate = generate
 
 
+def reasoning_ids_outside_span(
+    vocab: ReasoningVocab, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+) -> list[tuple[int, int]]:
+    """(sequence, completion position) of every reasoning id that was sampled outside the thinking span.
+
+    Always empty when the sampler applied the mask; the trainer checks every generation batch with it.
+
+    Example:
+        >>> vocab = ReasoningVocab(2, 10, [3, 4], "<think>", "</think>", open_id=1, close_id=2)
+        >>> reasoning_ids_outside_span(vocab, [[5], [5, 1]], [[10, 1, 11, 2], [11, 2, 3]])
+        [(0, 0)]
+    """
+    bad = []
+    for i, (p_ids, c_ids) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        if not c_ids:
+            continue
+        ids = torch.tensor(list(p_ids) + list(c_ids))
+        inside = vocab.span_state(ids.unsqueeze(0))[0, len(p_ids) - 1 : -1]
+        outside = vocab.is_reasoning(ids[len(p_ids) :]) & ~inside
+        bad += [(i, int(t)) for t in outside.nonzero().flatten()]
+    return bad
+
+
+def check_mask_held(vocab: ReasoningVocab, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> None:
+    """Raise when a sampling path let a reasoning id through outside the span (its log-prob in training is -inf)."""
+    bad = reasoning_ids_outside_span(vocab, prompt_ids, completion_ids)
+    if bad:
+        seq, pos = bad[0]
+        raise RuntimeError(
+            f"{len(bad)} reasoning id(s) were sampled outside the thinking span (first: completion {seq}, token {pos}, "
+            f"id {completion_ids[seq][pos]}): this sampling path does not apply the reasoning-vocabulary mask. "
+            "Use training.generation_backend=fast or trl without vLLM or continuous batching."
+        )
+
+
 def load_checkpoint(path: str | os.PathLike, **model_kwargs):
     """Load (model, tokenizer) from a run dir or checkpoint, restoring the reasoning vocabulary if present."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -4,7 +4,7 @@ How a run survives a Slurm time limit or preemption (train.py wires the three pi
 
     ckpt = resume.latest_complete_checkpoint(output_dir)      # None on a fresh run
     trainer.add_callback(resume.PreemptionCallback())
-    with resume.signal_handlers():                            # SIGTERM, SIGUSR1, SIGUSR2
+    with resume.signal_handlers():                            # SIGTERM, SIGUSR1, SIGUSR2, SIGINT
         trainer.train(resume_from_checkpoint=ckpt)
 
 1. A signal only sets a flag. At the end of the current optimizer step ``PreemptionCallback`` asks the
@@ -42,7 +42,12 @@ from transformers import TrainerCallback
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early with a checkpoint saved; rerun to resume
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last, after every other file of the checkpoint
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # Slurm kill, sbatch time limit, submitit
+DEFAULT_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGINT,
+)  # Slurm kill, sbatch time limit, submitit, Ctrl-C
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What a resumable HF Trainer checkpoint holds, as file-name patterns (plain, sharded, PEFT, FSDP layouts).
@@ -251,14 +256,21 @@ def stop_requested() -> int | None:
 
 
 def request_stop(signum: int = signal.SIGTERM, frame: object = None) -> None:
-    """Signal handler (and test hook): stop at the end of the current optimizer step."""
+    """Signal handler (and test hook): stop at the end of the current optimizer step.
+
+    Ctrl-C (SIGINT) is a stop request like the others; a second Ctrl-C quits at once (KeyboardInterrupt,
+    no checkpoint of the current step).
+    """
+    name = signal.Signals(signum).name
     if _state.signum is None:
         _state.signum = signum
-        logger.warning(
-            f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then exiting"
-        )
+        again = " (Ctrl-C again to quit at once, without saving)" if signum == signal.SIGINT else ""
+        logger.warning(f"Received {name}: saving a checkpoint at the end of this step, then exiting{again}")
+    elif signum == signal.SIGINT:
+        logger.warning("Received SIGINT again: quitting now, without saving this step")
+        raise KeyboardInterrupt
     else:
-        logger.warning(f"Received {signal.Signals(signum).name} again: already stopping after this step")
+        logger.warning(f"Received {name} again: already stopping after this step")
 
 
 def rearm() -> None:
@@ -362,7 +374,7 @@ def signal_handlers(signals: Iterable[int] = DEFAULT_SIGNALS) -> Iterator[None]:
         return
     logger.warning(f"Stopped at step {stopped_at} after {signal.Signals(signum).name}; checkpoint saved")
     handler = previous.get(signum)
-    if callable(handler) and handler is not request_stop:
+    if callable(handler) and handler not in (request_stop, signal.default_int_handler):  # (that one: Ctrl-C = raise)
         logger.info(f"Calling the previous {signal.Signals(signum).name} handler {handler!r}")
         handler(signum, None)
     raise Preempted(signum, stopped_at)

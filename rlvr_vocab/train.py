@@ -24,18 +24,15 @@ def _corpus_texts(cfg: DictConfig, train_dataset) -> list[str] | None:
     return Path(path).read_text().splitlines()
 
 
-def train(cfg: DictConfig) -> dict:
-    """Run GRPO as configured; returns the final metrics. ``cfg.output_dir`` must be set."""
-    from rlvr_vocab import resume
-    from rlvr_vocab.data import load_datasets
-    from rlvr_vocab.distributed import RankRecordCallback
-    from rlvr_vocab.logging_utils import (
-        MetricsFileCallback,
-        finish_tracker,
-        save_resolved_config,
-        start_tracker,
-    )
-    from rlvr_vocab.models import load_model_and_tokenizer, resolve_bf16
+def train(cfg: DictConfig, hydra_files: dict[str, str] | None = None) -> dict:
+    """Run GRPO as configured; returns the final metrics. ``cfg.output_dir`` must be set.
+
+    ``hydra_files``: the ``.hydra/`` files (secrets scrubbed) that hydra_entry passes, written into the run dir
+    once its checks pass.
+    """
+    from rlvr_vocab import rundir
+    from rlvr_vocab.models import resolve_bf16
+    from rlvr_vocab.preflight import check_model_available
     from rlvr_vocab.rewards.registry import get_reward_funcs
 
     # ---- config: every check that needs no model or data runs first
@@ -44,17 +41,37 @@ def train(cfg: DictConfig) -> dict:
     if not cfg.output_dir:
         raise ConfigError("output_dir is not set (grpo_train.py sets it to the Hydra run dir).")
     bf16 = resolve_bf16(cfg.training.bf16)
-    reward_funcs, reward_weights = get_reward_funcs(cfg.reward)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(cfg, output_dir)
-    checkpoint = resume.latest_complete_checkpoint(output_dir)
+    try:
+        reward_funcs, reward_weights = get_reward_funcs(cfg.reward)
+    except ValueError as err:  # an unknown name, a bad weight or argument: a config error like any other
+        raise ConfigError(str(err)) from err
+    check_model_available(cfg.model)  # before the data: an uncached hub model offline is named at once
+
+    # ---- run dir: locked; a finished run or an incompatible resume stops here, with nothing written
+    run = rundir.open_run(cfg, Path(cfg.output_dir))
+    try:
+        if run.finished_step is not None:
+            return {"global_step": run.finished_step, "already_finished": True}
+        return _train(cfg, run, hydra_files, bf16, reward_funcs, reward_weights)
+    finally:
+        run.release()
+
+
+def _train(cfg: DictConfig, run, hydra_files, bf16: bool, reward_funcs: list, reward_weights: list) -> dict:
+    """Data, model, trainer, train, save: in the run dir that ``rundir.open_run`` checked and locked."""
+    from rlvr_vocab import resume
+    from rlvr_vocab.data import load_datasets
+    from rlvr_vocab.distributed import RankRecordCallback
+    from rlvr_vocab.logging_utils import MetricsFileCallback, finish_tracker, start_tracker
+    from rlvr_vocab.models import load_model_and_tokenizer
+
+    output_dir, checkpoint = run.path, run.checkpoint
     if checkpoint:
         logger.info(f"Resuming from {checkpoint}")
-        MetricsFileCallback.truncate_after(output_dir / "metrics.jsonl", _checkpoint_step(checkpoint))
 
-    # ---- data (before the model: data errors surface before an expensive load)
+    # ---- data (before the model: data errors surface before an expensive load, and before any write)
     train_dataset, eval_dataset = load_datasets(cfg)
+    run.commit(hydra_files)  # config record, .hydra/, metrics.jsonl trimmed to the checkpoint
     callbacks = [MetricsFileCallback(output_dir / "metrics.jsonl"), resume.PreemptionCallback()]
     callbacks.append(RankRecordCallback(output_dir))  # several processes: <output_dir>/ranks/rank-<r>.jsonl
     heldout = None
@@ -131,6 +148,7 @@ def train(cfg: DictConfig) -> dict:
         # ---- save: the final model, its tokenizer, the reasoning map and trainer_state.json in the run dir
         trainer.save_model(str(output_dir))
         trainer.save_state()
+        run.mark_finished(trainer.state.global_step, trainer.state.max_steps, cfg.training.num_train_epochs)
         metrics = dict(result.metrics)
         metrics["global_step"] = trainer.state.global_step
         if trainer.is_world_process_zero():
@@ -138,10 +156,6 @@ def train(cfg: DictConfig) -> dict:
         return metrics
     finally:
         finish_tracker(cfg)
-
-
-def _checkpoint_step(path: str) -> int:
-    return int(Path(path).name.rsplit("-", 1)[1])
 
 
 def _has_accelerator() -> bool:
@@ -168,7 +182,10 @@ def hydra_entry(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     from rlvr_vocab.distributed import export_submitit_torch_env
+    from rlvr_vocab.redact import scrub_argv
+    from rlvr_vocab.rundir import remove_if_empty
 
+    sys.argv[:] = scrub_argv(sys.argv)  # trackers record the command line (wandb's metadata): no secrets in it
     hydra_cfg = HydraConfig.get()
     if not cfg.output_dir:
         cfg.output_dir = hydra_cfg.runtime.output_dir
@@ -176,12 +193,29 @@ def hydra_entry(cfg: DictConfig) -> None:
         cfg.logging.group = f"{cfg.exp_name}-{Path(hydra_cfg.sweep.dir).name}"  # one wandb group per sweep
     try:
         export_submitit_torch_env()  # submitit job of several tasks: RANK, MASTER_ADDR, ... from Slurm
-        train(cfg)
+        train(cfg, hydra_files=_hydra_files(cfg, hydra_cfg))
     except ConfigError as err:
         logger.error(str(err))
+        remove_if_empty(Path(cfg.output_dir))  # the folder Hydra made for a start that was refused
         sys.exit(2)
     except Exception:
         # Under a multirun launcher Hydra keeps the exception in the job's result and the point's log would end
         # in "Job completed successfully": the traceback goes to the log (and the run dir's log) here.
         logger.exception(f"Training failed (output dir {cfg.output_dir})")
         raise
+
+
+def _hydra_files(cfg: DictConfig, hydra_cfg: DictConfig) -> dict[str, str]:
+    """What Hydra would write into ``.hydra/`` (conf/config.yaml turns that off), with secrets scrubbed."""
+    from omegaconf import OmegaConf
+
+    from rlvr_vocab.redact import scrub_secrets
+
+    def to_yaml(node) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(scrub_secrets(node)))
+
+    return {
+        "config.yaml": to_yaml(OmegaConf.to_container(cfg, resolve=False)),
+        "hydra.yaml": to_yaml({"hydra": OmegaConf.to_container(hydra_cfg, resolve=False)}),
+        "overrides.yaml": to_yaml(list(hydra_cfg.overrides.task)),
+    }

@@ -11,6 +11,7 @@ EOS cut, lives here, the only file that touches TRL's private API). With N > 0:
 
 from __future__ import annotations
 
+import copy
 import functools
 import types
 from collections.abc import Callable
@@ -23,7 +24,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 from trl import GRPOConfig, GRPOTrainer
 
-from rlvr_vocab.reasoning_vocab import ReasoningVocab
+from rlvr_vocab.config import UNMASKED_SAMPLING_FIELDS
+from rlvr_vocab.reasoning_vocab import ReasoningVocab, check_mask_held
+from rlvr_vocab.redact import is_secret_key, scrub_secrets
 from rlvr_vocab.sampling import FastSampler
 from rlvr_vocab.thinking import CompletionSpan, SpanTags, ends_inside, split_completion
 
@@ -38,6 +41,29 @@ class RLVRGRPOConfig(GRPOConfig):
     logprob_chunk_size: int = field(
         default=1024, metadata={"help": "Completion tokens per chunk in the reasoning-vocab log-prob pass."}
     )
+
+    # Pickling is how the Trainer writes training_args.bin into every checkpoint and the final model, and
+    # to_dict() is what trackers (wandb, tensorboard, trackio) record: neither carries a secret-looking value
+    # (hub_token, ...). Copies in memory keep them (push_to_hub still works).
+    def __getstate__(self) -> dict:
+        return {
+            k: None if isinstance(v, str) and v and is_secret_key(k) else scrub_secrets(v)
+            for k, v in self.__dict__.items()
+        }
+
+    def __copy__(self):
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def to_dict(self) -> dict:
+        return scrub_secrets(super().to_dict())
 
 
 # ---------------------------------------------------------------------------------- masked log-probs
@@ -173,6 +199,16 @@ def add_reasoning_lm_head(model, vocab: ReasoningVocab, temperature: float, chun
     model.forward = types.MethodType(forward, model)
 
 
+def _refuse_unmasked_sampling(args) -> None:
+    """With a reasoning vocabulary, refuse the GRPOConfig switches whose sampler bypasses ``model.generate``."""
+    for name, engine in UNMASKED_SAMPLING_FIELDS.items():
+        if getattr(args, name, False):
+            raise ValueError(
+                f"{name}=True samples through {engine}, which does not apply the reasoning-vocabulary mask; "
+                "use generation_backend='fast' or 'trl' with a reasoning vocabulary."
+            )
+
+
 # ------------------------------------------------------------------------------------------ trainer
 class RLVRGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with the reasoning vocabulary wired through sampling, log-probs and checkpoints."""
@@ -195,6 +231,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
         """
         from rlvr_vocab.peft_utils import trl_reference_model
 
+        if reasoning_vocab is not None:
+            _refuse_unmasked_sampling(kwargs.get("args", args[2] if len(args) > 2 else None))
         with trl_reference_model(ref_model):  # TRL would reload config._name_or_path (fails for tiny/GGUF/rows)
             super().__init__(*args, **kwargs)
         self.reasoning_vocab = reasoning_vocab
@@ -341,6 +379,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
         result = super()._generate(prompts)
         prompt_ids, completion_ids, tool_mask, completions, *rest = result
         vocab, tags = self.reasoning_vocab, self.span_tags
+        if vocab is not None:
+            check_mask_held(vocab, prompt_ids, completion_ids)  # whatever path sampled them (rollout_func included)
         mode = "train" if self.model.training else "eval"
         spans, answers = [], []
         n_tokens = n_think = n_reasoning = n_reasoning_inside = 0

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, compose_config
 from hydra.core.global_hydra import GlobalHydra
-from test_rewards import MATH_GOLDS, gsm8k_golds
+from test_rewards import MATH_GOLDS
 
-from rlvr_vocab.cli.check_rewards import check_rewards, format_summary, run, wrong_answer
+from rlvr_vocab.cli.check_rewards import check_rewards, format_summary, near_misses, run, wrong_answer
 from rlvr_vocab.rewards import REWARD_REGISTRY, get_reward_funcs, normalize_gold
+from rlvr_vocab.rewards.text import completion_text, last_boxed
 
 RESULT_KEYS = {"gold_correct", "gold_total", "wrong_scored_correct", "skipped", "failures"}
 
@@ -25,20 +26,6 @@ def test_wrong_answer_is_deterministic_and_differs():
     assert wrong_answer("99") == "100" and wrong_answer("-5") == "-6" and wrong_answer("007") == "008"
     assert wrong_answer(r"\binom{5}{2}") == r"\binom{6}{2}"  # C(5,3) would equal C(5,2)
     assert wrong_answer(r"\text{Room 101}") == r"(\text{Room 101})+1"  # digits in \text{} are words
-
-
-def test_check_gsm8k_test_set_with_accuracy():
-    golds = gsm8k_golds("test")
-    funcs, weights = get_reward_funcs({"funcs": ["accuracy"]})
-    result = check_rewards([{"answer": g, "problem": "q"} for g in golds], funcs, weights)
-    assert RESULT_KEYS <= set(result)
-    assert (result["gold_correct"], result["gold_total"], result["wrong_scored_correct"], result["skipped"]) == (
-        1319,
-        1319,
-        0,
-        0,
-    )
-    assert result["means"]["accuracy"] == {"gold": 1.0, "wrong": 0.0}
 
 
 def test_check_math_style_golds():
@@ -59,6 +46,43 @@ def test_check_every_reward_set_on_numeric_golds(name):
     result = check_rewards(rows, funcs, weights)
     assert result["judging_rewards"], name
     assert (result["gold_correct"], result["gold_total"], result["wrong_scored_correct"]) == (6, 6, 0), result
+
+
+def test_near_misses_join_the_wrong_answers():
+    """A reward that rounds to 6 decimals (math-verify's number comparison, alone) is caught; accuracy is not."""
+
+    def rounds_to_6(completions, answer, **kwargs):
+        return [
+            float(round(float(last_boxed(completion_text(c))), 6) == round(float(g), 6))
+            for c, g in zip(completions, answer, strict=True)
+        ]
+
+    rounds_to_6.correct_reward = 1.0
+    assert near_misses("0.0000672") == ["0.0000673"] and near_misses("2") == ["3", "2.0000001"]
+    rows = [{"answer": g} for g in ("0.0000672", "0.5", "18", "3.1415926")]
+    result = check_rewards(rows, [rounds_to_6])
+    assert result["gold_correct"] == 4 and result["wrong_scored_correct"] == 4
+    assert {f["wrong"] for f in result["failures"]} == {"0.0000673", "0.5000001", "18.0000001", "3.1415927"}
+    assert result["wrong_answers"] == 4 + 4 + 1  # wrong_answer for each; "0.6" and "19" only once (equal to it)
+    for name in ("accuracy", "boxed_accuracy", "last_number", "cookbook_number"):
+        funcs, weights = get_reward_funcs({"funcs": [name]})
+        result = check_rewards(rows, funcs, weights)
+        assert (result["gold_correct"], result["wrong_scored_correct"]) == (4, 0), (name, result["failures"])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "reward").glob("*.yaml")))
+def test_every_reward_set_scores_every_gsm8k_gold_and_no_wrong_answer(name, gsm8k_dir):
+    from omegaconf import OmegaConf
+
+    golds = [json.loads(line)["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+             for line in (gsm8k_dir / "test.jsonl").read_text().splitlines()]  # fmt: skip
+    funcs, weights = get_reward_funcs(OmegaConf.load(REPO / "conf" / "reward" / f"{name}.yaml"))
+    result = check_rewards([{"answer": g} for g in golds], funcs, weights)
+    counts = (result["gold_correct"], result["gold_total"], result["wrong_scored_correct"])
+    assert counts == (1319, 1319, 0), result["failures"][:5]
+    assert result["wrong_answers"] > 1319  # near misses too
+    if name == "accuracy":
+        assert result["means"]["accuracy"] == {"gold": 1.0, "wrong": 0.0}
 
 
 def test_check_reports_broken_rewards():

@@ -129,3 +129,47 @@ def test_bad_value_type_is_rejected():
 
     with pytest.raises(ConfigCompositionException):
         compose_config("training.max_steps=ten")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.learning_rate=-1", "training.learning_rate=-1.0: must be >= 0"),
+        ("training.learning_rate=nan", "training.learning_rate=nan: must be >= 0"),
+        (
+            "training.per_device_train_batch_size=0",
+            "training.per_device_train_batch_size=0: must be a whole number >= 1",
+        ),
+        ("training.gradient_accumulation_steps=0", "training.gradient_accumulation_steps=0"),
+        ("model.generation_kwargs.temperature=0", "model.generation_kwargs.temperature=0: must be > 0"),
+        ("model.generation_kwargs.top_p=1.5", r"model.generation_kwargs.top_p=1.5: must be in \(0, 1\]"),
+        ("+training.extra.min_p=-0.1", r"training.extra.min_p=-0.1: must be in \[0, 1\]"),
+        ("training.save_steps=0", "training.save_steps=0.0: must be > 0"),
+        ("training.save_total_limit=0", "training.save_total_limit=0"),
+        ("training.beta=-0.1", "training.beta"),
+        ("training.epsilon=0", "training.epsilon"),
+        ("training.num_iterations=0", "training.num_iterations"),
+        ("training.save_strategy=sometimes", "training.save_strategy='sometimes': choose one of no, steps, epoch"),
+        ("training.max_steps=-1 training.num_train_epochs=0", "trains nothing"),
+        (
+            "dataset.max_train_samples=0",
+            r"dataset.max_train_samples=0: must be a whole number >= 1 \(or null: every row\)",
+        ),
+        ("dataset.max_eval_samples=0", "dataset.max_eval_samples=0"),
+        ("eval.batch_size=0", "eval.batch_size=0"),
+        ("eval.every_steps=-1", "eval.every_steps=-1"),
+        ("seed=-1", "seed=-1"),
+        ("experiment=debug dataset.generator.num_train=0", "dataset.generator.num_train=0"),
+        ("model.lora.enabled=true model.lora.r=0", "model.lora.r=0"),
+        ("reward.weights=[nan]", r"reward.weights\[0\]=nan"),
+        ("+training.extra.temperature=0.5 model.generation_kwargs.temperature=0.7", "set one of them only"),
+    ],
+)
+def test_values_out_of_range_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(*override.split()))
+
+
+def test_values_in_range_pass():
+    validate(compose_config("training.learning_rate=0", "training.max_steps=-1", "training.num_train_epochs=0.5",
+                            "model.generation_kwargs.top_p=1", "training.max_grad_norm=0", "dataset.max_train_samples=1"))  # fmt: skip

@@ -81,3 +81,32 @@ def test_unparseable_gold_rows_are_dropped_and_counted(tmp_path, make_cfg, caplo
 def test_missing_local_file_is_a_clear_error(make_cfg):
     with pytest.raises(ConfigError, match="dataset.path"):
         load_datasets(make_cfg("dataset=gsm8k", "dataset.path=/nonexistent/train.jsonl"))
+
+
+# ------------------------------------------------------------------------- bad files: named before any load
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", "", r"dataset.path='.*empty.jsonl' is empty \(0 bytes\)"),
+        ("blank.jsonl", "\n  \n", "has only blank lines"),
+        ("torn.jsonl", '{"question": "1+1", "answer": "2"}\n{"question": "2+', "line 2 is not valid JSON"),
+        ("bad.jsonl", '{"question": "q", "answer": "1"}\n\n[1, 2]\n', "line 3 is a JSON list, not an object"),
+        ("empty.json", "[]", "holds an empty JSON list"),
+        ("empty.csv", "", "is empty"),
+    ],
+)
+def test_bad_local_files_name_the_file_and_line(make_cfg, tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    cfg = make_cfg("dataset=gsm8k", f"dataset.path={path}", "dataset.answer_format=plain")
+    with pytest.raises(ConfigError, match=message):
+        load_datasets(cfg)
+
+
+def test_a_bad_eval_file_names_dataset_eval_path(make_cfg, tmp_path):
+    good, bad = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    good.write_text('{"question": "1+1", "answer": "2"}\n')
+    bad.write_text('{"question": "1+1", "answer": "2"}\n{oops}\n')
+    cfg = make_cfg("dataset=gsm8k", f"dataset.path={good}", f"dataset.eval_path={bad}", "dataset.answer_format=plain")
+    with pytest.raises(ConfigError, match=r"dataset.eval_path='.*test.jsonl': line 2 is not valid JSON"):
+        load_datasets(cfg)

@@ -120,6 +120,34 @@ def test_signal_saves_then_resume_finishes_with_each_step_logged_once(tmp_path):
     assert _logged_steps({"log_history": trainer.state.log_history}) == [1, 2, 3, 4, 5, 6]
 
 
+def test_ctrl_c_saves_at_the_step_boundary_and_a_second_quits_at_once(tmp_path):
+    """SIGINT is a stop request like SIGTERM (checkpoint, EXIT_PREEMPTED); a second SIGINT raises KeyboardInterrupt."""
+    from transformers import TrainerCallback
+
+    before = signal.getsignal(signal.SIGINT)
+    trainer = _tiny_trainer(tmp_path, max_steps=6, save_steps=100, callbacks=[_signal_at_step(2, signal.SIGINT)])
+    with pytest.raises(resume.Preempted) as stopped:
+        with resume.signal_handlers():
+            trainer.train()
+    assert stopped.value.code == resume.EXIT_PREEMPTED and stopped.value.signum == signal.SIGINT
+    assert resume.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert signal.getsignal(signal.SIGINT) is before
+
+    class _TwiceAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    again = tmp_path / "again"
+    trainer = _tiny_trainer(again, max_steps=6, save_steps=100, callbacks=[_TwiceAt()])
+    with pytest.raises(KeyboardInterrupt):
+        with resume.signal_handlers():
+            trainer.train()
+    assert trainer.state.global_step == 1 and not list(again.glob("checkpoint-*"))  # quit at once: no save
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_previous_handler_runs_after_the_checkpoint_is_complete(tmp_path):
     """Under submitit its requeue handler owns SIGUSR2: it must run only once the model is on disk."""
     seen = []

@@ -224,7 +224,7 @@ def test_accuracy_hand_written(accuracy):
         (r"\boxed{19}", "18", 0.0),
         (r"\boxed{-18}", "18", 0.0),
         (r"\boxed{\frac{3}{4}}", r"\frac43", 0.0),
-        (r"\boxed{1.0000002}", "1.0000001", 1.0),  # math-verify compares to 6 decimals
+        (r"\boxed{1.0000002}", "1.0000001", 0.0),  # math-verify alone rounds to 6 decimals and says 1.0
         (r"The answer is 18.", "18", 0.0),  # TRL: LaTeX extraction only, no bare numbers
         (r"\boxed{}", "18", 0.0),
         (r"\boxed{18", "18", 0.0),  # unclosed box
@@ -608,3 +608,50 @@ def test_fuzz_every_reward_never_raises():
             assert all(r is None or (isinstance(r, float) and r == r) for r in rewards), (name, kind)
     elapsed = time.perf_counter() - started
     assert elapsed < 60, f"fuzz took {elapsed:.0f} s"
+
+
+# ------------------------------------------------------------------------------------------ near misses
+# (gold, wrong answer): the gold's last significant digit changed, or a change past the 6th decimal place,
+# which math-verify's rounding to 6 decimals calls equal.
+NEAR_MISSES = [
+    ("0.0000672", "0.0000673"),
+    ("0.0000672", "0.00006721"),
+    ("0.5", "0.5000001"),
+    ("3.1415926", "3.1415927"),
+    ("-0.0000001", "-0.0000002"),
+    ("0.0000001", "0"),
+    ("1234567.1234567", "1234567.1234568"),
+]
+NEAR_MISSES_AS_EXPRESSIONS = [("0.0000672", r"6.73\times10^{-5}"), ("0.5", r"\frac{1000001}{2000000}")]
+# The same numbers written otherwise: still right.
+NUMBERS_WRITTEN_OTHERWISE = [
+    ("0.0000672", "0.00006720"),
+    ("0.0000672", r"6.72\times10^{-5}"),
+    ("0.5", r"\frac{1}{2}"),
+    ("0.25", r"\frac14"),
+    ("18", "18.0"),
+    ("1000", "1,000"),
+    (r"\frac43", "1.333333"),  # a fraction gold: math-verify's rounding decides, as before
+]
+
+
+@pytest.mark.parametrize("name", ["accuracy", "boxed_accuracy", "binary_boxed", "last_number", "cookbook_number"])
+def test_a_change_in_the_last_digit_of_a_number_gold_is_wrong(name):
+    reward = build_reward(name)
+    wrap = (lambda a: f"<SOLUTION>{a}</SOLUTION>") if name.startswith("cookbook") else boxed
+    cases = NEAR_MISSES + (
+        NEAR_MISSES_AS_EXPRESSIONS if name in ("accuracy", "boxed_accuracy", "binary_boxed") else []
+    )
+    rewards = reward([conv(wrap(w)) for _, w in cases], answer=[g for g, _ in cases])
+    paid = [case for case, r in zip(cases, rewards, strict=True) if r == reward.correct_reward]
+    assert paid == []
+    right = reward([conv(wrap(g)) for g, _ in cases], answer=[g for g, _ in cases])
+    assert right == [reward.correct_reward] * len(cases)
+
+
+@pytest.mark.parametrize("name", ["accuracy", "boxed_accuracy"])
+def test_the_same_number_written_otherwise_is_still_right(name):
+    reward = build_reward(name)
+    cases = [c for c in NUMBERS_WRITTEN_OTHERWISE if name == "accuracy" or "times" not in c[1]]  # arithmetic in a box
+    rewards = reward([conv(boxed(a)) for _, a in cases], answer=[g for g, _ in cases])
+    assert rewards == [1.0] * len(cases)

@@ -684,3 +684,66 @@ def test_train_runs_on_the_fast_backend(make_cfg, monkeypatch, n_reasoning):
         if p.shape == trained.get_parameter(name).shape and not torch.equal(p, trained.get_parameter(name))
     ]
     assert changed, "no parameter changed in two GRPO steps"
+
+
+# ----------------------------------------------------------------------------- every sampling path: the mask
+MASKED_BACKENDS = {"fast": {"generation_backend": "fast"}, "trl": {"generation_backend": "trl"}}
+UNMASKED_SWITCHES = {"trl-continuous-batching": "use_transformers_continuous_batching", "vllm": "use_vllm"}
+SPAN_PROMPTS = ["<|im_start|>assistant\n"] * 8 + ["<|im_start|>assistant\n<think>"] * 8
+
+
+def reasoning_trainer(tok, tmp_path, **kwargs):
+    """A trainer whose policy would sample reasoning ids everywhere (and often the closing tag)."""
+    model = tiny_llama(tok, seed=5, tied=True)
+    vocab = extend_model(model, tok, 40, OmegaConf.structured(ReasoningVocabConfig()))
+    boost(model, list(range(vocab.standard_size, vocab.standard_size + vocab.size)), 3.0)
+    boost(model, [vocab.close_id], 1.5)  # (a boosted <think> makes this tiny tied model repeat it forever)
+    return make_trainer(model, tok, vocab, tmp_path, max_completion_length=32, **kwargs), vocab
+
+
+@pytest.mark.parametrize("backend", [*MASKED_BACKENDS, *UNMASKED_SWITCHES])
+def test_no_reasoning_id_outside_a_span_on_any_sampling_path(tok, tmp_path, backend):
+    """Through the trainer's own generation path: masked backends sample reasoning ids inside spans only; the
+    switches whose sampler bypasses model.generate are refused, by validate() before any load and by the trainer."""
+    from conftest import compose_config
+
+    from rlvr_vocab.config import ConfigError, validate
+
+    if backend in UNMASKED_SWITCHES:
+        key = UNMASKED_SWITCHES[backend]
+        cfg = compose_config("experiment=debug", "model.reasoning_vocab_size=8", f"+training.extra.{key}=true")
+        with pytest.raises(ConfigError, match=rf"training.extra.{key}=true .*does not apply the reasoning-vocabulary"):
+            validate(cfg)
+        validate(compose_config("experiment=debug", f"+training.extra.{key}=true"))  # fine without reasoning rows
+        with pytest.raises(ValueError, match=f"{key}=True .*does not apply the reasoning-vocabulary mask"):
+            reasoning_trainer(tok, tmp_path, **{key: True})
+        return
+    trainer, vocab = reasoning_trainer(tok, tmp_path, **MASKED_BACKENDS[backend])
+    torch.manual_seed(0)
+    prompt_ids, completion_ids, *_ = trainer._generate(SPAN_PROMPTS)
+    inside_seen = outside_seen = 0
+    for p_ids, c_ids in zip(prompt_ids, completion_ids, strict=True):
+        ids = torch.tensor(p_ids + c_ids)
+        inside = vocab.span_state(ids[None])[0, len(p_ids) - 1 : -1]
+        reasoning = ids[len(p_ids) :] >= vocab.standard_size
+        assert not (reasoning & ~inside).any(), "a reasoning id was sampled outside the thinking span"
+        inside_seen += int((reasoning & inside).sum())
+        outside_seen += int((~inside).sum())
+    assert inside_seen > 0 and outside_seen > 0, "want reasoning ids inside spans and tokens outside them"
+    if backend == "fast":
+        assert trainer._fast_sampler.last_used_fast_path
+
+
+def test_a_sampler_without_the_mask_stops_training(tok, tmp_path):
+    """The trainer checks every generation batch: a path that lets a reasoning id through outside a span raises."""
+    from rlvr_vocab.reasoning_vocab import reasoning_ids_outside_span
+
+    trainer, vocab = reasoning_trainer(tok, tmp_path, generation_backend="trl")
+    del trainer.model.generate  # the plain transformers generate: no ReasoningMaskProcessor
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="sampled outside the thinking span"):
+        trainer._generate(SPAN_PROMPTS)
+    ids = tok(SPAN_PROMPTS[0]).input_ids
+    assert reasoning_ids_outside_span(
+        vocab, [ids, ids], [[vocab.standard_size], [vocab.open_id, vocab.standard_size]]
+    ) == [(0, 0)]

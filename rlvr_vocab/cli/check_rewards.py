@@ -1,9 +1,11 @@
 r"""Check the configured rewards against the dataset's own gold answers, before spending GPU hours.
 
 For every row, each answer-judging reward in ``reward.funcs`` (those with a ``correct_reward``) scores
-two completions written in the format it reads (``\boxed{}`` for most): one holding the row's gold
-answer, which must score ``correct_reward``, and one holding a deterministically WRONG answer
-(``wrong_answer``: last number + 1, ...), which must not. Format-only rewards are reported as means.
+completions written in the format it reads (``\boxed{}`` for most): one holding the row's gold
+answer, which must score ``correct_reward``, and deterministically WRONG ones, which must not:
+``wrong_answer`` (first number + 1, ...) and, for a plain-number gold, ``near_misses`` (the last digit
+changed, or a change in the 7th decimal place, which math-verify's 6-decimal rounding would hide).
+Format-only rewards are reported as means.
 
     rlvr-check-rewards dataset=gsm8k dataset.path=data/gsm8k/test.jsonl output_file=check.json
     rlvr-check-rewards reward=cookbook check_rewards.split=eval check_rewards.max_failures=20
@@ -26,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 import rlvr_vocab.config  # noqa: F401  (registers the structured-config schema with Hydra)
-from rlvr_vocab.rewards.text import BOXED_TEMPLATE
+from rlvr_vocab.rewards.text import BOXED_TEMPLATE, to_number
 
 BATCH_SIZE = 256  # rows per reward call
 
@@ -63,6 +65,27 @@ def wrong_answer(gold: str) -> str:
     return f"({gold})+1"
 
 
+def near_misses(gold: str) -> list[str]:
+    r"""Wrong answers a hair from a plain-number gold: its last digit changed, and a change in the 7th decimal.
+
+    Both are wrong, and both are what rounding to 6 decimal places (math-verify's) would call equal;
+    a gold that is not a plain number (``\frac{4}{3}``, ``p - q``) has none.
+
+    Example:
+        >>> near_misses("0.0000672"), near_misses("18"), near_misses("-0.5"), near_misses("1,000"), near_misses("x")
+        (['0.0000673'], ['19', '18.0000001'], ['-0.6', '-0.5000001'], ['1,001', '1,000.0000001'], [])
+    """
+    gold = str(gold).strip()
+    if to_number(gold) is None or not gold[-1:].isdigit():
+        return []
+    last = gold[:-1] + str((int(gold[-1]) + 1) % 10)
+    decimals = len(gold.rsplit(".", 1)[1]) if "." in gold else 0
+    if decimals >= 7:
+        return [last]
+    seventh = gold + ("" if decimals else ".") + "0" * (6 - decimals) + "1"
+    return [last, seventh]
+
+
 def _judges(func: Callable) -> bool:
     return getattr(func, "correct_reward", None) is not None
 
@@ -91,7 +114,8 @@ def check_rewards(
 
     A row is ``skipped`` when no judging reward applies to it (all return None for the gold), e.g. an
     unparseable gold; otherwise its gold is correct when every applicable judging reward gives its
-    ``correct_reward``, and its wrong answer ``scored correct`` when any of them gives it.
+    ``correct_reward``, and it counts in ``wrong_scored_correct`` when any of them gives that to any of the
+    row's wrong answers (``wrong_answer`` and ``near_misses``; ``wrong_answers`` counts them all).
 
     Example:
         >>> from rlvr_vocab.rewards import get_reward_funcs
@@ -106,9 +130,10 @@ def check_rewards(
     judges = [f for f in funcs if _judges(f)]
     template = getattr(judges[0], "answer_template", BOXED_TEMPLATE) if judges else BOXED_TEMPLATE
     golds = [str(row.get("answer", "")) for row in rows]
-    wrongs = [wrong_answer(g) for g in golds]
+    # every wrong answer of every row: (row index, wrong answer); each row has one or more
+    wrongs = [(i, w) for i, g in enumerate(golds) for w in dict.fromkeys([wrong_answer(g), *near_misses(g)])]
 
-    # scores[name] = (gold scores, wrong scores), one per row
+    # scores[name] = (gold scores, one per row; wrong scores, one per entry of ``wrongs``)
     scores: dict[str, tuple[list, list]] = {}
     for func in funcs:
         tmpl = getattr(func, "answer_template", template) if _judges(func) else template
@@ -117,57 +142,61 @@ def check_rewards(
         for start in range(0, len(rows), BATCH_SIZE):
             batch = rows[start : start + BATCH_SIZE]
             gold_scores += _call(func, batch, [tmpl.replace("{answer}", g) for g in golds[start : start + BATCH_SIZE]])
-            wrong_scores += _call(
-                func, batch, [tmpl.replace("{answer}", w) for w in wrongs[start : start + BATCH_SIZE]]
-            )
+        for start in range(0, len(wrongs), BATCH_SIZE):
+            batch = wrongs[start : start + BATCH_SIZE]
+            wrong_scores += _call(func, [rows[i] for i, _ in batch], [tmpl.replace("{answer}", w) for _, w in batch])
         scores[_name(func)] = (gold_scores, wrong_scores)
+    wrongs_of: list[list[int]] = [[] for _ in rows]  # row -> its entries in ``wrongs``
+    for k, (i, _) in enumerate(wrongs):
+        wrongs_of[i].append(k)
 
     failures: list[dict[str, Any]] = []
     per_reward = {
         _name(f): {"gold_correct": 0, "gold_total": 0, "wrong_scored_correct": 0, "skipped": 0} for f in judges
     }
     gold_correct = wrong_correct = skipped = 0
-    for i, (gold, wrong) in enumerate(zip(golds, wrongs, strict=True)):
+    for i, gold in enumerate(golds):
         applicable = [f for f in judges if scores[_name(f)][0][i] is not None]
+        paid = set()  # entries of ``wrongs`` that some applicable judge scored as correct
         for f in judges:
             counts = per_reward[_name(f)]
-            g, w = scores[_name(f)][0][i], scores[_name(f)][1][i]
+            g = scores[_name(f)][0][i]
             if g is None:
                 counts["skipped"] += 1
                 continue
             counts["gold_total"] += 1
             counts["gold_correct"] += g == f.correct_reward
-            counts["wrong_scored_correct"] += w == f.correct_reward
             if g != f.correct_reward:
                 failures.append({"row": i, "kind": "gold_not_correct", "reward": _name(f), "answer": gold, "score": g})
-            if w == f.correct_reward:
-                failures.append(
-                    {"row": i, "kind": "wrong_scored_correct", "reward": _name(f), "answer": gold, "wrong": wrong}
-                )
+            paid_here = [k for k in wrongs_of[i] if scores[_name(f)][1][k] == f.correct_reward]
+            counts["wrong_scored_correct"] += bool(paid_here)
+            paid.update(paid_here)
+            failures += [
+                {"row": i, "kind": "wrong_scored_correct", "reward": _name(f), "answer": gold, "wrong": wrongs[k][1]}
+                for k in paid_here
+            ]
         if not applicable:
             skipped += 1
             continue
         gold_correct += all(scores[_name(f)][0][i] == f.correct_reward for f in applicable)
-        wrong_correct += any(scores[_name(f)][1][i] == f.correct_reward for f in applicable)
+        wrong_correct += bool(paid)
 
     def mean(values: list) -> float | None:
         present = [v for v in values if v is not None]
         return sum(present) / len(present) if present else None
 
     def total(which: int) -> float | None:
-        per_row = [
-            [scores[_name(f)][which][i] for f in funcs if scores[_name(f)][which][i] is not None]
-            for i in range(len(rows))
-        ]
+        n = len(rows) if which == 0 else len(wrongs)
         weighted = [
             sum(w * (scores[_name(f)][which][i] or 0.0) for f, w in zip(funcs, weights, strict=True))
-            for i, present in enumerate(per_row)
-            if present
+            for i in range(n)
+            if any(scores[_name(f)][which][i] is not None for f in funcs)
         ]
         return sum(weighted) / len(weighted) if weighted else None
 
     return {
         "rows": len(rows),
+        "wrong_answers": len(wrongs),
         "gold_correct": gold_correct,
         "gold_total": len(rows) - skipped,
         "wrong_scored_correct": wrong_correct,

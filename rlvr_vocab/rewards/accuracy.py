@@ -20,6 +20,10 @@ One addition to the completion side, ``repair_completions`` (default on): TeX sh
 math-verify's completion parser reads it as nothing, so a model copying MATH's style of writing
 would score 0 for a right answer. A test checks that everything else agrees with TRL's function.
 
+One deviation toward strictness, ``digits_agree``: math-verify compares numbers after rounding to 6
+decimal places, so ``0.0000673`` scored 1.0 against a gold of ``0.0000672``. Where the gold is a plain
+number, an answer must now agree with it in every digit the gold writes.
+
 Rewards: 1.0 right, 0.0 wrong or no parseable answer in the completion, None when the GOLD cannot be
 parsed (the row does not count; ``gold_is_parseable`` lets data.py drop such rows up front). Inside
 ``$...$`` that only happens for an empty gold: math-verify falls back to exact string matching for
@@ -32,10 +36,18 @@ import logging
 import multiprocessing
 import re
 import threading
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
-from rlvr_vocab.rewards.text import BOXED_TEMPLATE, completion_text, last_boxed, repair_latex_shorthand
+from rlvr_vocab.rewards.text import (
+    BOXED_TEMPLATE,
+    completion_text,
+    decimal_unit,
+    last_boxed,
+    repair_latex_shorthand,
+    to_number,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +174,50 @@ def _score_pair(
             parsing_timeout=parsing_timeout,
         )
         reward = float(verify(list(gold_parsed), answer_parsed, timeout_seconds=verify_timeout))
+        if reward == 1.0 and not digits_agree(gold_latex, answer_parsed):
+            reward = 0.0  # math-verify rounds to 6 decimals: 0.0000673 "equals" 0.0000672
         # parse returns [sympy object, the extracted LaTeX]; the string is cheap and safe to log.
         text = next((a for a in reversed(answer_parsed) if isinstance(a, str)), "[unparseable]")
         return reward, text[:200]
     except Exception:  # a reward must not take down a training step
         log.debug("accuracy grading failed", exc_info=True)
         return 0.0, "[error]"
+
+
+def digits_agree(gold_latex: str, answer_parsed: list) -> bool:
+    r"""Whether a numeric answer agrees with a plain-number gold in every digit the gold writes.
+
+    math-verify compares numbers after rounding both to 6 decimal places, so ``0.0000673`` equals a gold of
+    ``0.0000672`` and ``0.5000001`` equals ``0.5``. For a gold that is a plain decimal number, an answer
+    written as a plain number must equal it exactly (``0.50`` and ``1,000`` still do); an answer written as
+    an expression (``\frac{1}{2}``, ``6.72\times10^{-5}``) must be within half a unit of the gold's last
+    digit. Anything else (a symbolic gold, a non-numeric answer) is left to math-verify: True.
+
+    Example:
+        >>> from math_verify import parse
+        >>> digits_agree("$0.0000672$", parse("$0.0000673$")), digits_agree("$0.5$", parse(r"$\frac{1}{2}$"))
+        (False, True)
+        >>> digits_agree("$0.0000672$", parse(r"$6.73\times10^{-5}$")), digits_agree(r"$\frac{4}{3}$", parse("$1.333333$"))
+        (False, True)
+    """
+    gold_text = gold_latex.strip().strip("$")
+    gold = to_number(gold_text)
+    if gold is None:
+        return True
+    text = next((a for a in reversed(answer_parsed) if isinstance(a, str)), None)
+    written = to_number(text) if text is not None else None
+    if written is not None:
+        return written == gold
+    value = next((a for a in answer_parsed if not isinstance(a, str)), None)
+    if value is None or not getattr(value, "is_number", False):
+        return True
+    try:
+        import sympy
+
+        approx = Fraction(str(sympy.N(value, 30)))
+    except (TypeError, ValueError, ArithmeticError):  # complex, infinite, ... : math-verify's verdict stands
+        return True
+    return 2 * abs(approx - gold) <= decimal_unit(gold_text)
 
 
 class Accuracy:
@@ -232,7 +282,13 @@ class Accuracy:
 
 # ------------------------------------------------------------------------------ off the main thread
 def _worker_main(conn, parsing_timeout: int | None, verify_timeout: int | None, repair: bool) -> None:
+    import signal
+
     import math_verify  # noqa: F401 -- import before announcing readiness
+
+    # Ctrl-C reaches the whole process group: the trainer turns it into "save and stop after this step",
+    # and this grader must live to finish the step (it exits when the parent closes the pipe).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     conn.send("ready")
     while True:

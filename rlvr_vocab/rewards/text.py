@@ -128,6 +128,20 @@ def to_number(token: str) -> Fraction | None:
         return None
 
 
+def decimal_unit(token: str) -> Fraction | None:
+    """The place value of the last digit written in a plain number (``0.0672`` -> 1/10000); None if not one.
+
+    Example:
+        >>> decimal_unit("0.0000672"), decimal_unit("18"), decimal_unit("1,000"), decimal_unit("2.50"), decimal_unit("x")
+        (Fraction(1, 10000000), Fraction(1, 1), Fraction(1, 1), Fraction(1, 100), None)
+    """
+    if to_number(token) is None:
+        return None
+    s = token.strip().rstrip(".").strip()
+    decimals = len(s.rsplit(".", 1)[1]) if "." in s else 0
+    return Fraction(1, 10**decimals)
+
+
 # Two numbers joined by an operator: arithmetic still to be done (13 + 45, 2\times 29, 116/2, 10^{3}).
 _OPERATION_RE = re.compile(
     r"(?:\d|\))\s*(?:[-+*/^×÷·]|\\times|\\cdot|\\div|\\ast)\s*(?:\d|\.\d|\(|\{|\\left|\\[dtc]?frac|\\sqrt)"
