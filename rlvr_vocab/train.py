@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 from omegaconf import DictConfig
 
 from rlvr_vocab.config import ConfigError, grpo_config_kwargs, validate
+
+if TYPE_CHECKING:
+    from rlvr_vocab.rundir import RunDir
 
 
 def _corpus_texts(cfg: DictConfig, train_dataset) -> list[str] | None:
@@ -57,7 +61,7 @@ def train(cfg: DictConfig, hydra_files: dict[str, str] | None = None) -> dict:
         run.release()
 
 
-def _train(cfg: DictConfig, run, hydra_files, bf16: bool, reward_funcs: list, reward_weights: list) -> dict:
+def _train(cfg: DictConfig, run: RunDir, hydra_files, bf16: bool, reward_funcs: list, reward_weights: list) -> dict:
     """Data, model, trainer, train, save: in the run dir that ``rundir.open_run`` checked and locked."""
     from rlvr_vocab import resume
     from rlvr_vocab.data import load_datasets
