@@ -79,6 +79,7 @@ MAY_DIFFER = (
     "training.extra.disable_tqdm",
     "training.extra.report_to",
     "model.reasoning.keep_initial_checkpoint",  # only a fresh start saves checkpoint-0
+    "model.reasoning.span_check_steps",  # when the span guard warns
     "dataset.eval_path",
     "dataset.eval_split",
     "dataset.max_eval_samples",
@@ -106,8 +107,9 @@ NEVER_DIFFER = (
     "model.reasoning.init",
     "model.reasoning.frequency_corpus",
     "model.reasoning.repeat_policy",
-    "model.reasoning.think_open",
-    "model.reasoning.think_close",
+    "model.think_open",  # the span tags are rows of the model and tokens of its tokenizer
+    "model.think_close",
+    "model.tag_init",
     "model.lora.enabled",
     "model.lora.r",
     "model.lora.target_modules",

@@ -731,7 +731,7 @@ def test_no_reasoning_id_outside_a_span_on_any_sampling_path(tok, tmp_path, back
         outside_seen += int((~inside).sum())
     assert inside_seen > 0 and outside_seen > 0, "want reasoning ids inside spans and tokens outside them"
     if backend == "fast":
-        assert trainer._fast_sampler.last_used_fast_path
+        assert trainer.fast_sampler.last_used_fast_path
 
 
 def test_a_sampler_without_the_mask_stops_training(tok, tmp_path):
