@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 from torch.utils.checkpoint import checkpoint
+from transformers import TrainerCallback
 from transformers.utils import ModelOutput
 from trl import GRPOConfig, GRPOTrainer
 
@@ -210,6 +211,60 @@ def _refuse_unmasked_sampling(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ trainer
+class NonFiniteGradientError(RuntimeError):
+    """Raised before an optimizer step whose gradients are not finite; the weights were not updated."""
+
+
+def _non_finite_grads(model) -> tuple[list[str], int]:
+    """The names of the parameters whose gradient holds a NaN or an inf, and how many have a gradient."""
+    params = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    if not params:
+        return [], 0
+    finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm([g for _, g in params])]))
+    if bool(finite.all()):
+        return [], len(params)
+    return [name for (name, _), ok in zip(params, finite.tolist(), strict=True) if not ok], len(params)
+
+
+class NonFiniteGradientGuard(TrainerCallback):
+    """Stop training at the first step whose gradients hold a NaN or an inf, before the optimizer applies them.
+
+    Without it, one bad step turns every weight into NaN (gradient clipping multiplies every gradient by the NaN
+    norm), and the run goes on sampling garbage and logging ``loss 0`` (transformers' ``logging_nan_inf_filter``)
+    until ``max_steps``. The trainer calls :meth:`note` after each micro-batch's backward, before clipping spreads
+    the NaN, so the error names where it started; the check itself runs before the optimizer step, where every
+    rank holds the same reduced gradients (all ranks stop together).
+    """
+
+    def __init__(self):
+        self.origin: str | None = None
+
+    def note(self, model, loss, micro_batch: int) -> None:
+        """Record the first micro-batch of this step whose loss or gradients are not finite."""
+        if self.origin is not None:
+            return
+        bad, total = _non_finite_grads(model)
+        loss_value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float("nan")
+        if bad or not torch.isfinite(torch.tensor(loss_value)):
+            names = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
+            self.origin = (
+                f"first seen in micro-batch {micro_batch} (loss {loss_value:.4g}): "
+                f"{len(bad)} of {total} gradients non-finite ({names or 'none yet'})"
+            )
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        bad, total = _non_finite_grads(model)
+        if not bad:
+            self.origin = None
+            return
+        origin = self.origin or f"{len(bad)} of {total} gradients non-finite"
+        raise NonFiniteGradientError(
+            f"step {state.global_step + 1}: non-finite gradients, {origin}. The optimizer step was not taken, so "
+            "the weights are still finite and the last checkpoint is intact. Lower training.learning_rate or "
+            "training.max_grad_norm, or set training.bf16=false, and resume or restart the run."
+        )
+
+
 class RLVRGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with the reasoning vocabulary wired through sampling, log-probs and checkpoints."""
 
@@ -245,12 +300,23 @@ class RLVRGRPOTrainer(GRPOTrainer):
         # the rollout sampler of generation_backend=fast (kept across steps: its cache and CUDA graphs)
         self.fast_sampler = FastSampler(reasoning_vocab=reasoning_vocab)
         self._logged_fallback = False
+        self.grad_guard = NonFiniteGradientGuard()  # a NaN gradient stops the run before it reaches the weights
+        self.add_callback(self.grad_guard)
+        self._micro_batches = 0  # micro-batches trained (the guard names which one of a step went bad)
         if reasoning_vocab is not None:
             for target in (self.model, self.ref_model):
                 if target is None:
                     continue
                 base = target.get_base_model() if hasattr(target, "get_base_model") else target
                 add_reasoning_lm_head(base, reasoning_vocab, self.temperature, self.args.logprob_chunk_size)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """TRL's step, then the NaN guard's note on this micro-batch (before clipping mixes the gradients)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        index = self._micro_batches % self.args.gradient_accumulation_steps + 1  # 1-based, within the step
+        self._micro_batches += 1
+        self.grad_guard.note(model, loss, index)
+        return loss
 
     # ------------------------------------------------------------------ log-probs
     def _get_per_token_logps_and_entropies(

@@ -159,3 +159,25 @@ def test_held_out_eval_during_training_logs_a_curve_and_leaves_training_unchange
 
     a, b = load_file(with_eval / "model.safetensors"), load_file(without / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_gradient_stops_training_before_the_weights_change(tmp_path):
+    """One NaN gradient must not reach the weights: the run stops at that step, naming it and the parameter."""
+    from conftest import make_trainer, tiny_llama
+
+    from rlvr_vocab.models import build_tiny_tokenizer
+    from rlvr_vocab.trainer import NonFiniteGradientError
+
+    tok = build_tiny_tokenizer()
+    model = tiny_llama(tok, seed=1)
+    trainer = make_trainer(model, tok, None, tmp_path, max_steps=3, save_steps=1, learning_rate=1e-2)
+    poisoned = model.model.layers[0].mlp.up_proj.weight
+    poisoned.register_hook(lambda grad: grad * float("nan") if trainer.state.global_step == 1 else grad)
+    with pytest.raises(
+        NonFiniteGradientError,
+        match=r"step 2: non-finite gradients, first seen in micro-batch 1 .*: 1 of \d+ gradients non-finite \(model\.layers\.0\.mlp\.up_proj\.weight\)",
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 1  # step 1 was taken; step 2 was refused before optimizer.step
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sorted(p.name for p in (tmp_path / "t").glob("checkpoint-*")) == ["checkpoint-1"]
