@@ -12,19 +12,22 @@ EOS cut, lives here, the only file that touches TRL's private API). With N > 0:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from loguru import logger
+from omegaconf import DictConfig
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 from trl import GRPOConfig, GRPOTrainer
 
-from rlvr_vocab.config import UNMASKED_SAMPLING_FIELDS
+from rlvr_vocab.config import UNMASKED_SAMPLING_FIELDS, ConfigError, suggest, training_kwargs
 from rlvr_vocab.reasoning_vocab import ReasoningVocab, check_mask_held
 from rlvr_vocab.redact import is_secret_key, scrub_secrets
 from rlvr_vocab.sampling import FastSampler
@@ -64,6 +67,22 @@ class RLVRGRPOConfig(GRPOConfig):
 
     def to_dict(self) -> dict:
         return scrub_secrets(super().to_dict())
+
+
+def grpo_config_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Map ``training.*`` and ``model.generation_kwargs`` onto RLVRGRPOConfig fields (``config.training_kwargs``).
+
+    Raises ConfigError naming the key, with the closest field, when a ``training`` key is not a field.
+    """
+    valid = {f.name for f in dataclasses.fields(RLVRGRPOConfig)}
+    extra = cfg.training.get("extra") or {}
+    for key in extra:
+        if key not in valid:
+            raise ConfigError(f"training.extra.{key} is not a trl.GRPOConfig field.{suggest(key, valid)}")
+    for key in cfg.training:  # the schema and GRPOConfig must agree (tests check this too)
+        if key != "extra" and key not in valid:
+            raise ConfigError(f"training.{key} is not a trl.GRPOConfig field.{suggest(key, valid)}")
+    return training_kwargs(cfg)
 
 
 # ---------------------------------------------------------------------------------- masked log-probs

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, compose_config
 from omegaconf import OmegaConf
 
-from rlvr_vocab.config import ConfigError, TrainingConfig, grpo_config_kwargs, validate
+from rlvr_vocab.config import ConfigError, TrainingConfig, validate
 
 GROUPS = {
     g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
@@ -55,7 +55,7 @@ def test_schema_training_keys_are_grpo_config_fields():
 
 
 def test_training_and_generation_keys_reach_grpo_config():
-    from rlvr_vocab.trainer import RLVRGRPOConfig
+    from rlvr_vocab.trainer import RLVRGRPOConfig, grpo_config_kwargs
 
     cfg = compose_config(
         "training.learning_rate=3e-6",
@@ -83,9 +83,45 @@ def test_training_and_generation_keys_reach_grpo_config():
 
 
 def test_unknown_extra_training_key_is_rejected_with_suggestion():
+    from rlvr_vocab.trainer import grpo_config_kwargs
+
     cfg = compose_config("+training.extra.top_entropy_quantil=0.5")
     with pytest.raises(ConfigError, match="training.extra.top_entropy_quantil.*top_entropy_quantile"):
-        validate(cfg)
+        grpo_config_kwargs(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+training.extra.top_entropy_quantil=0.5"], "training.extra.top_entropy_quantil.*top_entropy_quantile"),
+        (["model.lora.load_in_4bit=true"], "model.lora.load_in_4bit=true needs model.lora.enabled=true"),
+    ],
+)
+def test_train_preflight_refuses_before_any_write(tmp_path, overrides, message):
+    """The checks that need TRL or torch (a GRPOConfig field, QLoRA) run in train() before the run dir exists."""
+    from rlvr_vocab.train import train
+
+    cfg = compose_config("experiment=debug", f"output_dir={tmp_path / 'run'}", *overrides)
+    validate(cfg)  # the config alone is fine
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_needs_neither_torch_nor_trl():
+    """config.py is the bottom floor: composing and validating a config imports hydra and omegaconf only."""
+    code = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "import rlvr_vocab.config as c\n"
+        f"with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base='1.3'):\n"
+        "    cfg = compose(config_name='config', overrides=['model.lora.enabled=true'])\n"
+        "c.validate(cfg)\n"
+        "print(sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_conflicting_max_new_tokens_is_rejected():

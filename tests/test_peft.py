@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rlvr_vocab.config import ConfigError, grpo_config_kwargs
+from rlvr_vocab.config import ConfigError
 from rlvr_vocab.models import CHATML_TEMPLATE, load_model_and_tokenizer
 from rlvr_vocab.peft_utils import (
     apply_lora,
@@ -18,6 +18,7 @@ from rlvr_vocab.peft_utils import (
     lora_config,
     trl_reference_model,
 )
+from rlvr_vocab.trainer import grpo_config_kwargs
 
 LORA = ("model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0")
 GRPO = (
