@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,61 +292,6 @@ def _decode(tokenizer, vocab, ids: list[int], eos_ids: list[int], tags=None, pro
         span=span,
         ids=kept,
     )
-
-
-# ------------------------------------------------------------------------------------------ answers
-def extract_answer(text: str) -> str | None:
-    r"""The final answer of a completion: the last ``\boxed{}``, else the last number written, else None.
-
-    Example:
-        >>> extract_answer("so \\boxed{7} and 8"), extract_answer("3 + 4 = 7."), extract_answer("no idea")
-        ('7', '7', None)
-    """
-    from rlvr_vocab.data import last_boxed
-    from rlvr_vocab.rewards.text import last_number
-
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    number = last_number(text)
-    if number is None:
-        return None
-    return str(number.numerator) if number.denominator == 1 else str(float(number))
-
-
-def answer_key(answer: str | None) -> str | None:
-    r"""A canonical form of an extracted answer for voting: numbers by value, other text without spaces.
-
-    Example:
-        >>> answer_key("1,000"), answer_key("\\$18.00"), answer_key("\\frac{1}{2}"), answer_key(None)
-        ('1000', '18', '\\frac{1}{2}', None)
-    """
-    from rlvr_vocab.rewards.text import to_number
-
-    if answer is None:
-        return None
-    number = to_number(answer)
-    if number is not None:
-        return str(number.numerator) if number.denominator == 1 else f"{number.numerator}/{number.denominator}"
-    key = re.sub(r"\s+", "", answer).replace("\\!", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    return key or None
-
-
-def majority(answers: list[str | None]) -> int | None:
-    """Index of a completion carrying the most frequent answer (ties: the earliest); None if none answered.
-
-    Example:
-        >>> majority(["3", None, "4", "4.0", "3"])  # 3 and 4 tie twice each; 3 came first
-        0
-        >>> majority([None, None]) is None
-        True
-    """
-    keys = [answer_key(a) for a in answers]
-    counts = Counter(k for k in keys if k is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(i for i, k in enumerate(keys) if k is not None and counts[k] == best)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

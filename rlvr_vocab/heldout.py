@@ -16,7 +16,7 @@ from loguru import logger
 from omegaconf import DictConfig
 from transformers import Trainer, TrainerCallback
 
-from rlvr_vocab.cli.evaluate import correctness_reward, eval_settings, evaluate_model, select_rows, span_reward
+from rlvr_vocab.evaluation import correctness_reward, eval_settings, evaluate_model, select_rows, span_reward
 
 SAMPLES_FILE = "heldout_samples.jsonl"  # the latest eval's completions, one problem a line (reasoning ids marked)
 

@@ -13,17 +13,17 @@ import torch
 from conftest import CACHE_DIR, REPO, compose_config
 from hydra.errors import ConfigCompositionException
 
+from rlvr_vocab import evaluation
 from rlvr_vocab.cli import evaluate as evaluate_module
-from rlvr_vocab.cli.evaluate import eval_settings, eval_targets, evaluate
+from rlvr_vocab.cli.evaluate import eval_targets, evaluate
 from rlvr_vocab.config import ConfigError
+from rlvr_vocab.evaluation import eval_settings
 
 EVAL = ("eval.max_new_tokens=8", "eval.batch_size=8")
 
 
 def _cfg(*overrides: str):
-    from rlvr_vocab.cli import tool_overrides
-
-    return compose_config(f"paths.cache_dir={CACHE_DIR}", *tool_overrides(list(overrides)))
+    return compose_config(f"paths.cache_dir={CACHE_DIR}", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,13 @@ def reasoning_run(tmp_path_factory):
 
 
 def test_doctests():
-    for module in (evaluate_module, __import__("rlvr_vocab.generation", fromlist=["x"])):
+    for module in (evaluate_module, evaluation):
         assert doctest.testmod(module).failed == 0, module.__name__
 
 
 def test_unknown_eval_key_is_rejected_with_a_suggestion():
-    # a free-form eval dict: our check with a suggestion; a typed eval section: Hydra's strict-key error
-    with pytest.raises((ConfigError, ConfigCompositionException), match="max_new_token"):
+    # the typed eval section: Hydra's strict-key error
+    with pytest.raises(ConfigCompositionException, match="max_new_token"):
         eval_settings(_cfg("model=tiny", "eval.max_new_token=8"))
     with pytest.raises(ConfigError, match="eval.checkpoints"):
         eval_settings(_cfg("model=tiny", "eval.checkpoints=every"))
@@ -84,16 +84,16 @@ def test_gsm8k_configured_model_writes_json(gsm8k_dir, tmp_path):
 def test_correct_answers_score_one(tmp_path):
     """The scorer is the accuracy reward: a gold \\boxed{} answer is right, another number is not."""
     cfg = _cfg("model=tiny", "dataset=arithmetic")
-    reward = evaluate_module.correctness_reward(cfg)
-    assert evaluate_module._score(reward, ["so \\boxed{1,000}", "\\boxed{7}", "no box: 12"], ["1000", "8", "12"]) == [
+    reward = evaluation.correctness_reward(cfg)
+    assert evaluation._score(reward, ["so \\boxed{1,000}", "\\boxed{7}", "no box: 12"], ["1000", "8", "12"]) == [
         True,
         False,
         False,  # the accuracy reward grades the \boxed{} answer; a bare final number does not count
     ]
-    last_number = evaluate_module.correctness_reward(cfg, "last_number")  # eval.reward=last_number
-    assert evaluate_module._score(last_number, ["no box: 12", "\\boxed{7}"], ["12", "8"]) == [True, False]
+    last_number = evaluation.correctness_reward(cfg, "last_number")  # eval.reward=last_number
+    assert evaluation._score(last_number, ["no box: 12", "\\boxed{7}"], ["12", "8"]) == [True, False]
     with pytest.raises(ConfigError, match="eval.reward='acc'"):
-        evaluate_module.correctness_reward(cfg, "acc")
+        evaluation.correctness_reward(cfg, "acc")
 
 
 def test_run_folder_evaluates_every_checkpoint_and_plots(reasoning_run, tmp_path):
