@@ -100,13 +100,13 @@ def span_reward(reward, model, tokenizer, rows):
 
 def _record(c) -> dict[str, Any]:
     """The per-completion fields of a record: its answer (after the span), the box in it, the span."""
-    from rlvr_vocab.data import last_boxed
+    from rlvr_vocab.rewards.text import last_boxed
 
     answer = c.answer if c.answer is not None else ""
     return {
         "completion": c.text,
         "answer_text": c.answer,
-        "boxed": last_boxed(answer),
+        "boxed": last_boxed(answer) or None,  # as the boxed_format reward: an empty box is no answer
         "extracted": extract_answer(answer),
         "num_tokens": c.num_tokens,
         "think_tokens": c.span.think_tokens if c.span is not None else 0,
@@ -209,11 +209,10 @@ def extract_answer(text: str) -> str | None:
         >>> extract_answer("so \\boxed{7} and 8"), extract_answer("3 + 4 = 7."), extract_answer("no idea")
         ('7', '7', None)
     """
-    from rlvr_vocab.data import last_boxed
-    from rlvr_vocab.rewards.text import last_number
+    from rlvr_vocab.rewards.text import last_boxed, last_number
 
     boxed = last_boxed(text)
-    if boxed is not None:
+    if boxed:
         return boxed
     number = last_number(text)
     if number is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
+from rlvr_vocab.checkpoints import is_model_dir
 from rlvr_vocab.config import ConfigError, parse_think
 from rlvr_vocab.thinking import (
     CompletionSpan,
@@ -33,38 +33,8 @@ from rlvr_vocab.thinking import (
     split_completion,
 )
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 PROBE_PROMPT = [{"role": "user", "content": "What is 1 + 1?"}]  # rendered to see where the generation prompt ends
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # read from model.generation_kwargs
-
-
-# ------------------------------------------------------------------------------------------ discovery
-def is_model_dir(path: str | Path) -> bool:
-    """A folder holding a full model (config.json) or a LoRA adapter (adapter_config.json)."""
-    path = Path(path)
-    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
-
-
-def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every ``checkpoint-N`` under ``run_dir`` that holds a model, by step."""
-    found = []
-    for child in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
-        match = CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and is_model_dir(child):
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def trained_step(path: str | Path) -> int | None:
-    """The optimizer step a model folder was saved at: N of ``checkpoint-N``, else ``trainer_state.json``."""
-    path = Path(path)
-    match = CHECKPOINT_RE.match(path.name)
-    if match:
-        return int(match.group(1))
-    state = path / "trainer_state.json"
-    if state.is_file():
-        return json.loads(state.read_text()).get("global_step")
-    return None
 
 
 # ------------------------------------------------------------------------------------------ loading

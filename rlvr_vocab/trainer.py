@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 from trl import GRPOConfig, GRPOTrainer
 
+from rlvr_vocab.checkpoints import checkpoint_name
 from rlvr_vocab.config import UNMASKED_SAMPLING_FIELDS, ConfigError, suggest, training_kwargs
 from rlvr_vocab.reasoning_vocab import ReasoningVocab, check_mask_held
 from rlvr_vocab.redact import is_secret_key, scrub_secrets
@@ -472,7 +473,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
     # ------------------------------------------------------------------ checkpoints
-    INITIAL_CHECKPOINT = "checkpoint-0"
+    INITIAL_CHECKPOINT = checkpoint_name(0)
 
     def save_initial_checkpoint(self) -> Path:
         """Save the untrained policy as checkpoint-0 (a baseline for evals and drift plots; never rotated)."""

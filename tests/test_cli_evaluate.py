@@ -96,6 +96,24 @@ def test_correct_answers_score_one(tmp_path):
         evaluation.correctness_reward(cfg, "acc")
 
 
+def test_a_box_with_a_space_counts_for_rewards_and_the_format_rate():
+    """``\\boxed {7}`` (a space before the brace): one last_boxed, so the rewards that read it (last_number,
+    boxed_format), the held-out format_rate, the extracted answer and a boxed gold agree that it is the answer 7.
+    (The accuracy reward grades as TRL does, through math-verify's own extraction.)"""
+    from rlvr_vocab.data import extract_gold
+    from rlvr_vocab.generation import Completion
+    from rlvr_vocab.rewards.format import boxed_format_reward
+
+    text = "so the answer is \\boxed {7}."
+    reward = evaluation.correctness_reward(_cfg("model=tiny", "dataset=arithmetic"), "last_number")
+    assert evaluation._score(reward, [text, text.replace("7", "8")], ["7", "7"]) == [True, False]
+    assert boxed_format_reward([text]) == [1.0]
+    record = evaluation._record(Completion(text=text, num_tokens=9, truncated=False, answer=text))
+    assert record["boxed"] == record["extracted"] == "7"
+    assert evaluation.summarize([{**record, "correct": True, "truncated": False}], 1)["format_rate"] == 1.0
+    assert extract_gold(text, "boxed") == "7"
+
+
 def test_run_folder_evaluates_every_checkpoint_and_plots(reasoning_run, tmp_path):
     out = tmp_path / "run_eval.json"
     cfg = _cfg(

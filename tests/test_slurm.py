@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rlvr_vocab import resume
+from rlvr_vocab import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
     job_id = subprocess.run(cmd, cwd=REPO, env=_job_env(), capture_output=True, text=True, check=True).stdout.strip()
     try:
         _wait_for(
-            lambda: (run_dir / "checkpoint-2" / resume.COMPLETE_MARKER).exists(), 180, "checkpoint-2", log, job_id
+            lambda: (run_dir / "checkpoint-2" / checkpoints.COMPLETE_MARKER).exists(), 180, "checkpoint-2", log, job_id
         )
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
         _wait_for(lambda: _job(job_id).get("Restarts") == "1", 120, "the job to requeue itself", log, job_id)
@@ -161,7 +161,7 @@ def test_two_processes_stop_together_and_resume(tmp_path):
     job_id = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
     try:
         _wait_for(
-            lambda: (run_dir / "checkpoint-3" / resume.COMPLETE_MARKER).exists(), 240, "checkpoint-3", log, job_id
+            lambda: (run_dir / "checkpoint-3" / checkpoints.COMPLETE_MARKER).exists(), 240, "checkpoint-3", log, job_id
         )
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
         _wait_for(

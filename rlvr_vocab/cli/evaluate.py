@@ -29,6 +29,7 @@ from typing import Any
 from loguru import logger
 from omegaconf import DictConfig
 
+from rlvr_vocab.checkpoints import checkpoint_step
 from rlvr_vocab.config import ConfigError
 from rlvr_vocab.evaluation import correctness_reward, eval_settings, evaluate_model, select_rows, span_reward
 
@@ -36,14 +37,14 @@ from rlvr_vocab.evaluation import correctness_reward, eval_settings, evaluate_mo
 # ------------------------------------------------------------------------------------------ what to evaluate
 def eval_targets(model_path: str | None, checkpoints: str) -> list[tuple[str | None, int | None]]:
     """``(path, step)`` pairs to evaluate, by step; ``(None, None)`` is the configured model."""
-    from rlvr_vocab.generation import CHECKPOINT_RE, find_checkpoints, is_model_dir, trained_step
+    from rlvr_vocab.checkpoints import find_checkpoints, is_model_dir, trained_step
 
     if model_path is None:
         if checkpoints == "all":
             raise ConfigError("eval.checkpoints=all needs eval.model_path=<run folder>.")
         return [(None, None)]
     path = Path(model_path)
-    if checkpoints == "all" and CHECKPOINT_RE.match(path.name):
+    if checkpoints == "all" and checkpoint_step(path) is not None:
         path = path.parent  # a checkpoint of the run: evaluate the whole run
     found = find_checkpoints(path) if checkpoints != "one" else []
     if checkpoints == "all" and not found:
@@ -122,7 +123,7 @@ def _report_stem(cfg: DictConfig, settings: dict[str, Any], many: bool) -> Path 
         return Path(cfg.output_file).with_suffix("")
     if many:  # a whole run: next to its checkpoints
         run = Path(settings["model_path"])
-        run = run.parent if run.name.startswith("checkpoint-") else run
+        run = run.parent if checkpoint_step(run) is not None else run
         return run / f"eval_{cfg.dataset.name}_{settings['split']}"
     return None
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
 
+from rlvr_vocab.checkpoints import checkpoint_dirs
 from rlvr_vocab.reasoning_vocab import MAP_FILE, ReasoningVocab
 
 
@@ -62,11 +62,6 @@ def plot_usage(run_dir: Path, out: Path) -> Path | None:
     return _save_line_plot(plt, fig, ax, out / "usage.png")
 
 
-def _checkpoint_step(path: Path) -> int:
-    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
 def _rows_of(folder: Path, total_rows: int) -> dict[str, torch.Tensor]:
     """The embedding and (untied) output-head matrices of a saved model, read from its safetensors."""
     from safetensors import safe_open
@@ -92,8 +87,7 @@ def drift(folder: Path, vocab: ReasoningVocab) -> dict[str, torch.Tensor]:
 
 
 def plot_drift(run_dir: Path, vocab: ReasoningVocab, out: Path) -> Path | None:
-    folders = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir()), key=_checkpoint_step)
-    points = [(_checkpoint_step(f), drift(f, vocab)) for f in folders]
+    points = [(step, drift(folder, vocab)) for step, folder in checkpoint_dirs(run_dir)]
     points = [(s, d) for s, d in points if d]
     if not points:
         return None
@@ -199,7 +193,7 @@ def visualize(
     """Write usage.png, drift.png and sample.png for a run dir; returns the files written."""
     run_dir = Path(run_dir)
     vocab = ReasoningVocab.load(run_dir) or next(
-        (v for v in (ReasoningVocab.load(p) for p in sorted(run_dir.glob("checkpoint-*"), key=_checkpoint_step)) if v),
+        (v for v in (ReasoningVocab.load(p) for _, p in checkpoint_dirs(run_dir)) if v),
         None,
     )
     if vocab is None:
