@@ -12,7 +12,6 @@ returns the decoded completions (reasoning ids read as their source tokens) with
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,15 +261,3 @@ def _decode(tokenizer, vocab, ids: list[int], eos_ids: list[int], tags=None, pro
         span=span,
         ids=kept,
     )
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021).
-
-    Example:
-        >>> pass_at_k(4, 0, 1), pass_at_k(4, 1, 4), round(pass_at_k(4, 1, 1), 2)
-        (0.0, 1.0, 0.25)
-    """
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))

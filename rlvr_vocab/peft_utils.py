@@ -38,9 +38,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlvr_vocab.config import ConfigError
 
-EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")  # input embeddings across architectures
-HEAD_NAMES = ("lm_head", "embed_out", "output")  # output heads across architectures
-
 
 # --------------------------------------------------------------------------------------------- QLoRA
 def check_qlora(lora_cfg: DictConfig, model_source: str = "hub") -> None:

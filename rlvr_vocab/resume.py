@@ -75,11 +75,6 @@ class _StopState:
 _state = _StopState()
 
 
-def stop_requested() -> int | None:
-    """The signal number that asked this process to stop, or None."""
-    return _state.signum
-
-
 def request_stop(signum: int = signal.SIGTERM, frame: object = None) -> None:
     """Signal handler (and test hook): stop at the end of the current optimizer step.
 
