@@ -168,7 +168,7 @@ def run_variant(
         learning_rate=1e-6,
         bf16=cuda,
         use_cpu=not cuda,
-        gradient_checkpointing=v.checkpointing,
+        activation_checkpointing=v.checkpointing,
         logging_steps=1,
         save_strategy="no",
         report_to="none",

@@ -150,6 +150,7 @@ def _trainer(model, tok, vocab, tokens: int, cuda: bool):
         report_to="none",
         beta=0.0,
         disable_dropout=True,
+        activation_checkpointing=True,  # GRPOConfig's default, by its current name (the old one warns)
     )
     return RLVRGRPOTrainer(
         model=model,

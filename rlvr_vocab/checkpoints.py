@@ -60,7 +60,7 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every ``checkpoint-N`` folder under ``run_dir``, by step (none: ``run_dir`` is missing)."""
+    """``(step, folder)`` of every ``checkpoint-N`` folder under ``run_dir``, by step ([] without ``run_dir``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []

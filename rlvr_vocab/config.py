@@ -143,7 +143,7 @@ class TrainingConfig:
     loss_type: str = "dapo"  # grpo | dr_grpo | dapo | bnpo | ...
     scale_rewards: str = "group"  # group | batch | none: how advantages are normalised
     mask_truncated_completions: bool = False  # drop completions that hit max_completion_length from the loss
-    gradient_checkpointing: bool = False  # trade compute for memory in the backward pass
+    gradient_checkpointing: bool = False  # trade compute for memory in the backward pass (as activation_checkpointing)
     bf16: bool | None = None  # null: on when the hardware supports it; true on hardware without it is an error
     save_strategy: str = "steps"  # steps | epoch | no
     save_steps: float = 100  # checkpoint every N optimizer steps
@@ -303,7 +303,13 @@ def training_kwargs(cfg: DictConfig) -> dict[str, Any]:
     for key in extra:
         if key in training:
             raise ConfigError(f"training.extra.{key} duplicates training.{key}: set training.{key} instead.")
+    if "activation_checkpointing" in extra:
+        raise ConfigError(
+            "training.extra.activation_checkpointing duplicates training.gradient_checkpointing: set that instead."
+        )
     kwargs = {**training, **extra}
+    # transformers deprecates the name gradient_checkpointing (a FutureWarning on every run): same switch, new name
+    kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
 
     gen = dict(OmegaConf.to_container(cfg.model.generation_kwargs, resolve=True) or {})
     if "max_new_tokens" in gen:

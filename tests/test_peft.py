@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 import torch
+from conftest import config_trainer
 from omegaconf import OmegaConf
 
 from rlvr_vocab.config import ConfigError
@@ -18,7 +19,6 @@ from rlvr_vocab.peft_utils import (
     lora_config,
     trl_reference_model,
 )
-from rlvr_vocab.trainer import grpo_config_kwargs
 
 LORA = ("model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0")
 GRPO = (
@@ -46,35 +46,6 @@ def _tiny(cfg):
         tok.chat_template = CHATML_TEMPLATE.replace("assistant\n' }}", "assistant\n<think>' }}")
         assert tok.chat_template != CHATML_TEMPLATE
     return model, tok, vocab
-
-
-def digit_share(completions, **kwargs) -> list[float]:
-    """A reward that varies across a random model's completions (accuracy is 0 for all: no advantage)."""
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
-
-
-def _trainer(cfg, model, tok, vocab, ref_model=None, use_cpu: bool = True):
-    """The trainer as train.py builds it (rewards, data, GRPOConfig from the composed config)."""
-    from rlvr_vocab.data import load_datasets
-    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
-
-    funcs, weights = [digit_share], [1.0]
-    train_ds, _ = load_datasets(cfg)
-    kwargs = grpo_config_kwargs(cfg)
-    kwargs["bf16"] = bool(cfg.training.bf16)
-    args = RLVRGRPOConfig(
-        output_dir=cfg.output_dir, report_to="none", reward_weights=weights, use_cpu=use_cpu, **kwargs
-    )
-    with trl_reference_model(ref_model):
-        return RLVRGRPOTrainer(
-            model=model,
-            reward_funcs=funcs,
-            args=args,
-            train_dataset=train_ds,
-            processing_class=tok,
-            reasoning_vocab=vocab,
-        )
 
 
 def _snapshot(model, trainable: bool):
@@ -149,7 +120,7 @@ def test_qlora_grpo_on_gpu(make_cfg, tmp_path):
     assert model.is_loaded_in_4bit
     model = apply_lora(model, cfg.model.lora, 0)
     before = _snapshot(model, True)
-    trainer = _trainer(cfg, model, tok, vocab, use_cpu=False)
+    trainer = config_trainer(cfg, model, tok, vocab, use_cpu=False)
     trainer.train()
     after = _snapshot(model, True)
     assert any(not torch.equal(before[n], after[n]) for n in before), "no LoRA weight changed"
@@ -164,7 +135,7 @@ def test_grpo_with_lora_changes_adapter_not_base(make_cfg, reasoning_vocab_size)
     model = apply_lora(model, cfg.model.lora, n)
     adapter_before, base_before = _snapshot(model, True), _snapshot(model, False)
     assert any("trainable_tokens" in name for name in adapter_before) == bool(n)
-    trainer = _trainer(cfg, model, tok, vocab)
+    trainer = config_trainer(cfg, model, tok, vocab)
     assert trainer.ref_model is None
     trainer.train()
     adapter_after, base_after = _snapshot(model, True), _snapshot(model, False)
@@ -180,7 +151,7 @@ def test_beta_zero_loads_no_reference_model(make_cfg):
     cfg = make_cfg("model=tiny", "dataset=arithmetic", "training.beta=0.0", *GRPO)
     model, tok, vocab = _tiny(cfg)
     assert build_reference_model(model, cfg.training.beta) is None
-    trainer = _trainer(cfg, model, tok, vocab)
+    trainer = config_trainer(cfg, model, tok, vocab)
     assert trainer.ref_model is None and trainer.beta == 0.0
 
 
@@ -197,7 +168,7 @@ def test_beta_positive_uses_a_frozen_copy_of_the_initial_policy(make_cfg, reason
     model, tok, vocab = _tiny(cfg)
     ref = build_reference_model(model, cfg.training.beta)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = _trainer(cfg, model, tok, vocab, ref_model=ref)
+    trainer = config_trainer(cfg, model, tok, vocab, ref_model=ref)
     assert trainer.ref_model is not None
     ref_params = dict(trainer.accelerator.unwrap_model(trainer.ref_model).named_parameters())
     assert ref_params["model.embed_tokens.weight"].size(0) == model.get_input_embeddings().weight.size(0)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import logged_steps
 
 from rlvr_vocab import checkpoints, resume
 
@@ -86,10 +87,6 @@ def _signal_at_step(step: int, signum: int, rank: int | None = None):
     return _Kill()
 
 
-def _logged_steps(trainer_state: dict) -> list[int]:
-    return [entry["step"] for entry in trainer_state["log_history"] if "loss" in entry]
-
-
 def _files(directory: Path) -> set[str]:
     return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
 
@@ -117,7 +114,7 @@ def test_signal_saves_then_resume_finishes_with_each_step_logged_once(tmp_path):
     with resume.signal_handlers():  # no signal: returns normally
         trainer.train(resume_from_checkpoint=checkpoint)
     assert trainer.state.global_step == 6
-    assert _logged_steps({"log_history": trainer.state.log_history}) == [1, 2, 3, 4, 5, 6]
+    assert logged_steps({"log_history": trainer.state.log_history}) == [1, 2, 3, 4, 5, 6]
 
 
 def test_ctrl_c_saves_at_the_step_boundary_and_a_second_quits_at_once(tmp_path):
@@ -310,7 +307,7 @@ def _child(phase: str, output_dir: str, result_dir: str) -> None:
     except resume.Preempted as stop:
         result["preempted"] = {"signal": stop.signum, "step": stop.global_step}
     result["global_step"] = trainer.state.global_step
-    result["logged"] = _logged_steps({"log_history": trainer.state.log_history})
+    result["logged"] = logged_steps({"log_history": trainer.state.log_history})
     Path(result_dir, f"{phase}-{trainer.args.process_index}.json").write_text(json.dumps(result))
 
 
@@ -395,7 +392,7 @@ def test_sigterm_then_rerun_resumes_grpo_train(tmp_path):
     assert f"Resuming from {tmp_path / f'checkpoint-{stopped_at}'}" in done.stdout + done.stderr
     state = json.loads((tmp_path / f"checkpoint-{max_steps}" / "trainer_state.json").read_text())
     assert state["global_step"] == max_steps
-    assert _logged_steps(state) == list(range(1, max_steps + 1))
+    assert logged_steps(state) == list(range(1, max_steps + 1))
     metrics = tmp_path / "metrics.jsonl"
     if metrics.exists():  # the core's per-step metrics log: one training row per step across both processes
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import logged_steps
 
 from rlvr_vocab import checkpoints
 
@@ -73,10 +74,6 @@ def _trainer_state(run_dir: Path) -> dict:
     return json.loads((run_dir / "trainer_state.json").read_text())
 
 
-def _logged_steps(state: dict) -> list[int]:
-    return [entry["step"] for entry in state["log_history"] if "loss" in entry]
-
-
 def test_sbatch_script_trains(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", f"--output={log}", "slurm/train_baseline.sh"]
@@ -122,7 +119,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
     assert f"Resuming from {run_dir}/checkpoint-{stopped.group(1)}" in job_log
     state = _trainer_state(run_dir)
     assert state["global_step"] == max_steps
-    assert _logged_steps(state) == list(range(1, max_steps + 1))
+    assert logged_steps(state) == list(range(1, max_steps + 1))
 
 
 def test_submitit_sweep_runs_one_job_per_point(tmp_path):
@@ -176,4 +173,4 @@ def test_two_processes_stop_together_and_resume(tmp_path):
     assert f"requeueing job {job_id}" in job_log and "training exited with 0" in job_log
     state = _trainer_state(run_dir)
     assert state["global_step"] == max_steps
-    assert _logged_steps(state) == list(range(1, max_steps + 1))
+    assert logged_steps(state) == list(range(1, max_steps + 1))

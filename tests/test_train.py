@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cached_config, digit_share
 from safetensors.torch import load_file
 
 from rlvr_vocab.models import load_model_and_tokenizer
@@ -14,20 +15,14 @@ from rlvr_vocab.rewards.registry import REWARD_REGISTRY
 from rlvr_vocab.train import train
 
 
-def digit_fraction(completions, **kwargs):
-    """Test reward with signal on a random model: the share of digits in the completion."""
-    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
-
-
 @pytest.fixture(autouse=True)
 def _digit_reward(monkeypatch):
-    monkeypatch.setitem(REWARD_REGISTRY, "digit_fraction", digit_fraction)
+    monkeypatch.setitem(REWARD_REGISTRY, "digit_share", digit_share)
 
 
 TINY_RUN = [
     "experiment=debug",
-    "reward.funcs=[digit_fraction]",
+    "reward.funcs=[digit_share]",
     "reward.weights=[1.0]",
     "training.max_steps=3",
     "training.save_steps=1",
@@ -121,10 +116,9 @@ def test_held_out_eval_during_training_logs_a_curve_and_leaves_training_unchange
     """eval.every_steps: held-out records at steps 0, 2 and the end, equal to rlvr-eval of the final model,
     and the run's weights identical to the same run without it (the eval does not consume training randomness)."""
     from rlvr_vocab.cli.evaluate import evaluate
-    from tests.conftest import CACHE_DIR, compose_config
 
     def run(name: str, *extra: str):
-        cfg = compose_config(f"output_dir={tmp_path / name}", f"paths.cache_dir={CACHE_DIR}", *TINY_RUN, *extra)
+        cfg = cached_config(f"output_dir={tmp_path / name}", *TINY_RUN, *extra)
         train(cfg)
         return cfg, Path(cfg.output_dir)
 
@@ -139,9 +133,8 @@ def test_held_out_eval_during_training_logs_a_curve_and_leaves_training_unchange
     assert len([r for r in logged if "reward" in r]) == 3  # training metrics still logged once per step
     assert all("time" in r for r in logged)
 
-    final = evaluate(compose_config(*TINY_RUN, *HELD_OUT, f"paths.cache_dir={CACHE_DIR}",
-                                    f"eval.model_path={with_eval}", "eval.checkpoints=one",
-                                    f"output_file={tmp_path / 'eval.json'}"))  # fmt: skip
+    final = evaluate(cached_config(*TINY_RUN, *HELD_OUT, f"eval.model_path={with_eval}", "eval.checkpoints=one",
+                                   f"output_file={tmp_path / 'eval.json'}"))  # fmt: skip
     summary = final["results"][0]["summary"]
     assert summary["pass@1"] == heldout[-1]["heldout/pass@1"]
     assert summary["mean_length"] == heldout[-1]["heldout/mean_length"]
