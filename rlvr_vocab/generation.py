@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch as th
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,14 +37,14 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device() -> th.device:
+    return th.device("cuda" if th.cuda.is_available() else "cpu")
 
 
-def _dtype() -> torch.dtype:
+def _dtype() -> th.dtype:
     from rlvr_vocab.models import bf16_supported
 
-    return torch.bfloat16 if bf16_supported() else torch.float32
+    return th.bfloat16 if bf16_supported() else th.float32
 
 
 def _add_rows_from_map(model, tokenizer, vocab) -> None:
@@ -64,7 +64,7 @@ def _add_rows_from_map(model, tokenizer, vocab) -> None:
             f"The adapter's reasoning_vocab.json starts reasoning ids at {vocab.standard_size} but the base model "
             f"has {built.standard_size} rows: pass the model= the adapter was trained on."
         )
-    with torch.no_grad():  # rows as the run started them (matters only for rows the adapter does not hold)
+    with th.no_grad():  # rows as the run started them (matters only for rows the adapter does not hold)
         for i, source in enumerate(vocab.source_ids):
             model.get_input_embeddings().weight[vocab.standard_size + i] = model.get_input_embeddings().weight[source]
             out = model.get_output_embeddings()
@@ -179,7 +179,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-@torch.no_grad()
+@th.no_grad()
 def generate(
     model,
     tokenizer,
@@ -209,7 +209,7 @@ def generate(
     if num_samples > 1 and not do_sample:
         raise ValueError("greedy decoding gives one completion per prompt: pass do_sample=True for num_samples > 1")
     if seed is not None:
-        torch.manual_seed(seed)
+        th.manual_seed(seed)
     eos_ids = _eos_ids(model, tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,

@@ -110,13 +110,13 @@ def rearm() -> None:
 
 def _max_over_ranks(value: int) -> int:
     """The largest ``value`` over all ranks (``value`` itself without torch.distributed)."""
-    import torch
+    import torch as th
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
-    device = "cuda" if "nccl" in str(dist.get_backend()) and torch.cuda.is_available() else "cpu"
-    tensor = torch.tensor([value], device=device)
+    device = "cuda" if "nccl" in str(dist.get_backend()) and th.cuda.is_available() else "cpu"
+    tensor = th.tensor([value], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
 

@@ -167,9 +167,9 @@ def _train(cfg: DictConfig, run: RunDir, hydra_files, bf16: bool, reward_funcs: 
 
 
 def _has_accelerator() -> bool:
-    import torch
+    import torch as th
 
-    return torch.cuda.is_available()
+    return th.cuda.is_available()
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 if "TRITON_INTERPRET" not in os.environ:  # no GPU: Triton kernels (where installed) run in Triton's CPU interpreter,
-    import torch  # which must be chosen before anything imports Triton
+    import torch as th  # which must be chosen before anything imports Triton
 
-    if not torch.cuda.is_available():
+    if not th.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
 import rlvr_vocab.config  # noqa: E402,F401  (registers the schema)
@@ -45,10 +45,10 @@ def cached_config(*overrides: str):
 
 def tiny_llama(tokenizer, tied: bool = False, seed: int = 0):
     """A random 2-layer Llama over the tokenizer's vocabulary (tied or untied head), in eval mode."""
-    import torch
+    import torch as th
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(seed)
+    th.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
+import torch as th
 from conftest import CACHE_DIR, REPO, cached_config
 from hydra.errors import ConfigCompositionException
 
@@ -122,7 +122,7 @@ def test_reasoning_checkpoint_restores_rows_and_mask(reasoning_run):
     model, tok = load_policy(cfg, reasoning_run / "checkpoint-1")
     vocab = model.reasoning_vocab
     assert vocab is not None and model.get_input_embeddings().weight.size(0) == vocab.standard_size + 4
-    with torch.no_grad():
+    with th.no_grad():
         model.get_output_embeddings().weight[vocab.standard_size :] *= 50  # make reasoning ids tempting
     outside = tok(["1+1=", "2+2="], return_tensors="pt").to(model.device)
     ids = model.generate(**outside, max_new_tokens=6, do_sample=True, num_return_sequences=4)
@@ -157,24 +157,24 @@ def test_lora_adapter_folder_loads_base_plus_adapter(tmp_path):
     model, tok = load_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, bf16=False, seed=cfg.seed)
     vocab = extend_model(model, tok, 4, cfg.model.reasoning)
     peft_model = apply_lora(model, cfg.model.lora, 4)
-    with torch.no_grad():  # stand-in for training: move every adapter weight, reasoning rows included
+    with th.no_grad():  # stand-in for training: move every adapter weight, reasoning rows included
         for p in peft_model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.5)
+                p.add_(th.randn_like(p) * 0.5)
     adapter = tmp_path / "checkpoint-3"
     peft_model.save_pretrained(adapter)
     tok.save_pretrained(adapter)
     vocab.save(adapter)
     peft_model.eval()
-    ids = torch.tensor([tok("<think>1+1=").input_ids])
-    with torch.no_grad():
+    ids = th.tensor([tok("<think>1+1=").input_ids])
+    with th.no_grad():
         expected = peft_model(input_ids=ids).logits
 
     loaded, loaded_tok = load_policy(cached_config(*overrides), adapter)
     assert loaded.reasoning_vocab.standard_size == vocab.standard_size
-    with torch.no_grad():
+    with th.no_grad():
         got = loaded(input_ids=ids).logits
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    th.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_cli_runs_and_reports_config_errors(tmp_path):

@@ -30,12 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny_trainer(output_dir: Path, max_steps: int, save_steps: int, callbacks=(), use_cpu: bool = True):
-    import torch
+    import torch as th
     from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    class _Rows(torch.utils.data.Dataset):
+    class _Rows(th.utils.data.Dataset):
         def __init__(self) -> None:
-            self.ids = torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(0))
+            self.ids = th.randint(0, 32, (64, 8), generator=th.Generator().manual_seed(0))
 
         def __len__(self) -> int:
             return len(self.ids)
@@ -43,7 +43,7 @@ def _tiny_trainer(output_dir: Path, max_steps: int, save_steps: int, callbacks=(
         def __getitem__(self, i: int) -> dict:
             return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
-    torch.manual_seed(0)
+    th.manual_seed(0)
     config = Qwen3Config(
         vocab_size=32,
         hidden_size=64,
@@ -295,10 +295,10 @@ def test_sharded_weights_need_every_shard(tmp_path):
 
 def _child(phase: str, output_dir: str, result_dir: str) -> None:
     """Training process of the multi-process tests: ``python tests/test_resume.py {stop|resume} OUT RESULTS``."""
-    import torch
+    import torch as th
 
     callbacks = [_signal_at_step(3, signal.SIGUSR1, rank=1)] if phase == "stop" else []  # rank 1 only
-    trainer = _tiny_trainer(Path(output_dir), 12, 100, callbacks, use_cpu=not torch.cuda.is_available())
+    trainer = _tiny_trainer(Path(output_dir), 12, 100, callbacks, use_cpu=not th.cuda.is_available())
     checkpoint = checkpoints.latest_complete_checkpoint(output_dir) if phase == "resume" else None
     result = {"world_size": trainer.args.world_size, "resumed_from": checkpoint, "preempted": None}
     try:
@@ -350,9 +350,9 @@ def test_two_cpu_ranks_stop_together_and_resume(tmp_path):
 @pytest.mark.parametrize("config", ["ddp", "fsdp2"])
 def test_two_gpu_ranks_stop_together_and_resume(config, tmp_path):
     """DDP and FSDP2 over NCCL: the all-reduce on CUDA, sharded optimizer state in the checkpoint."""
-    import torch
+    import torch as th
 
-    if torch.cuda.device_count() < 2:
+    if th.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
     _ranks_stop_together_and_resume(config, tmp_path)
 

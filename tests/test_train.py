@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+import torch as th
 from conftest import cached_config, digit_share
 from safetensors.torch import load_file
 
@@ -48,7 +48,7 @@ def test_grpo_end_to_end_changes_parameters_and_writes_outputs(make_cfg):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     after = load_file(out / "model.safetensors")
-    changed = [k for k in after if k in before and not torch.equal(after[k], before[k])]
+    changed = [k for k in after if k in before and not th.equal(after[k], before[k])]
     assert changed, "no parameter changed during GRPO"
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in logged if "reward" in r]
@@ -90,7 +90,7 @@ def test_reasoning_run_saves_the_map_in_every_checkpoint_and_keeps_checkpoint_0(
     assert (out / "viz" / "sample.txt").read_text().startswith("<think>")
     rv = ReasoningVocab.load(out)
     initial = drift(out / "checkpoint-0", rv)["embedding"]
-    torch.testing.assert_close(initial, torch.ones_like(initial))  # untrained rows are exact copies
+    th.testing.assert_close(initial, th.ones_like(initial))  # untrained rows are exact copies
 
 
 def test_wandb_offline_run_logs_config_and_metrics(make_cfg, tmp_path, monkeypatch):
@@ -151,4 +151,4 @@ def test_held_out_eval_during_training_logs_a_curve_and_leaves_training_unchange
         learning_curve.read_curve(without)
 
     a, b = load_file(with_eval / "model.safetensors"), load_file(without / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(th.equal(a[k], b[k]) for k in a)

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
+import torch as th
 
 from rlvr_vocab.checkpoints import checkpoint_dirs
 from rlvr_vocab.reasoning_vocab import MAP_FILE, ReasoningVocab
@@ -62,7 +62,7 @@ def plot_usage(run_dir: Path, out: Path) -> Path | None:
     return _save_line_plot(plt, fig, ax, out / "usage.png")
 
 
-def _rows_of(folder: Path, total_rows: int) -> dict[str, torch.Tensor]:
+def _rows_of(folder: Path, total_rows: int) -> dict[str, th.Tensor]:
     """The embedding and (untied) output-head matrices of a saved model, read from its safetensors."""
     from safetensors import safe_open
 
@@ -77,12 +77,12 @@ def _rows_of(folder: Path, total_rows: int) -> dict[str, torch.Tensor]:
     return found
 
 
-def drift(folder: Path, vocab: ReasoningVocab) -> dict[str, torch.Tensor]:
+def drift(folder: Path, vocab: ReasoningVocab) -> dict[str, th.Tensor]:
     """Per matrix: cosine(reasoning row i, its source row) in this checkpoint."""
     result = {}
     for kind, weight in _rows_of(folder, vocab.standard_size + vocab.size).items():
         rows, sources = weight[vocab.standard_size :], weight[vocab.source_ids]
-        result[kind] = torch.nn.functional.cosine_similarity(rows, sources, dim=-1)
+        result[kind] = th.nn.functional.cosine_similarity(rows, sources, dim=-1)
     return result
 
 
@@ -118,8 +118,8 @@ def sample_completion(
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prefix = model.reasoning_vocab.think_open if open_span else ""
     ids = tokenizer(text + prefix, return_tensors="pt", add_special_tokens=False)
-    torch.manual_seed(seed)
-    with torch.no_grad():
+    th.manual_seed(seed)
+    with th.no_grad():
         out = model.generate(**ids, do_sample=True, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     completion = out[0, ids["input_ids"].shape[1] :].tolist()
     if open_span:
