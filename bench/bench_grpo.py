@@ -131,7 +131,7 @@ def run_variant(
     ``tiny``: a 2-layer model on the CPU with 16-token completions (a smoke test of this script).
     ``partial``: a JSON file rewritten after every step (what a killed run leaves).
     """
-    import torch
+    import torch as th
     from omegaconf import OmegaConf
     from transformers import TrainerCallback
 
@@ -140,8 +140,8 @@ def run_variant(
     from rlvr_vocab.reasoning_vocab import extend_model
     from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
 
-    cuda = torch.cuda.is_available() and not tiny
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cuda = th.cuda.is_available() and not tiny
+    sync = th.cuda.synchronize if cuda else (lambda: None)
     vocab_size = TINY_VOCAB if tiny else VOCAB
     if tiny:
         v = replace(v, completion=16, micro_batch=8, completions=min(v.completions, 32), generations=8)
@@ -168,7 +168,7 @@ def run_variant(
         learning_rate=1e-6,
         bf16=cuda,
         use_cpu=not cuda,
-        gradient_checkpointing=v.checkpointing,
+        activation_checkpointing=v.checkpointing,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -185,7 +185,7 @@ def run_variant(
         reasoning_vocab=vocab,
     )
 
-    device = torch.cuda.get_device_name() if cuda else "cpu"
+    device = th.cuda.get_device_name() if cuda else "cpu"
     peak, peak_source = (peak_flops, "measured bf16 matmul") if peak_flops else (stated_peak(device), "data sheet")
     result: dict = {
         "variant": v.name,
@@ -197,7 +197,7 @@ def run_variant(
         "peak_flops": peak,
         "peak_source": peak_source if peak else None,
         "device": device,
-        "torch": torch.__version__,
+        "torch": th.__version__,
         "env": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_COMPILE_THREADS", "PYTORCH_CUDA_ALLOC_CONF")},
         "setup_s": None,
         "steps": [],

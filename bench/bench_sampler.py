@@ -113,11 +113,11 @@ class Bench:
     """Models, samplers and compile bookkeeping shared by the rows of one process."""
 
     def __init__(self, tiny: bool, bandwidth: float | None, repeats: int, compile: bool | None, seed: int = 0):
-        import torch
+        import torch as th
 
         self.tiny = tiny
-        self.cuda = torch.cuda.is_available() and not tiny
-        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.cuda = th.cuda.is_available() and not tiny
+        self.sync = th.cuda.synchronize if self.cuda else (lambda: None)
         self.vocab_size = TINY_VOCAB if tiny else VOCAB
         self.tok = build_tokenizer(self.vocab_size)
         self.bandwidth = bandwidth
@@ -160,7 +160,7 @@ class Bench:
 
     def run(self, row: Row, attention, batch: int, eos_lengths: list[int] | None = None) -> dict:
         """``repeats`` generations of ``batch`` rows; the last one's numbers, every run's time."""
-        import torch
+        import torch as th
 
         from bench.floor import floor_seconds
 
@@ -182,7 +182,7 @@ class Bench:
             for _ in range(self.repeats):
                 before = sampler_stats(sampler)
                 if self.cuda:
-                    torch.cuda.reset_peak_memory_stats()
+                    th.cuda.reset_peak_memory_stats()
                 out, t = timed(self.sync, model.generate, **inputs, **common, custom_generate=sampler)
                 times.append(round(t, 4))
                 runs.append(stats_delta(before, sampler_stats(sampler)))
@@ -206,7 +206,7 @@ class Bench:
             "tokens_per_s": sum(lengths) / t,
             "floor_ms_per_step": 1e3 * floor_s / (max(lengths) - 1) if floor_s else None,
             "share_of_floor": floor_s / t if floor_s else None,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if self.cuda else 0.0,
+            "peak_gib": th.cuda.max_memory_allocated() / 2**30 if self.cuda else 0.0,
             "fast_path": bool(getattr(sampler, "last_used_fast_path", False)),
             "sampler_stats_per_run": runs,
             "eos_hook": hook,
@@ -282,15 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = plan_rows(args.rows, args.attention)
 
-    import torch
+    import torch as th
 
-    if not args.tiny and not torch.cuda.is_available():
+    if not args.tiny and not th.cuda.is_available():
         raise SystemExit("bench.bench_sampler needs a CUDA device (or --tiny for a CPU smoke test)")
     try:  # many shapes in one process: let dynamo keep a compiled graph per shape
-        torch._dynamo.config.recompile_limit = 64
-        torch._dynamo.config.accumulated_recompile_limit = 4096
+        th._dynamo.config.recompile_limit = 64
+        th._dynamo.config.accumulated_recompile_limit = 4096
     except AttributeError:
-        torch._dynamo.config.cache_size_limit = 64
+        th._dynamo.config.cache_size_limit = 64
     bandwidth = args.bandwidth
     if bandwidth is None and not args.tiny:
         from bench.floor import copy_bandwidth
@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                     result["attention"] = label
                 except Exception as err:  # noqa: BLE001 - record it, go on with the next row
                     result = {"row": row.name, "attention": label, "error": repr(err)[:300]}
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
+                    if th.cuda.is_available():
+                        th.cuda.empty_cache()
                 result["estimate_s"] = round(need, 1)
         results.append(result)
         print("\n".join(markdown([result]).splitlines()[2:]), flush=True)

@@ -109,12 +109,12 @@ def tv_distance(a: list[int], b: list[int]) -> tuple[float, float]:
 
 def compare_samples(x, y, categories: int) -> dict:
     """Per-position chi-square p-values and TV distances of two [rows, positions] token tensors."""
-    import torch
+    import torch as th
 
     positions = []
     for t in range(min(x.shape[1], y.shape[1])):
-        a = torch.bincount(x[:, t].cpu(), minlength=categories).tolist()
-        b = torch.bincount(y[:, t].cpu(), minlength=categories).tolist()
+        a = th.bincount(x[:, t].cpu(), minlength=categories).tolist()
+        b = th.bincount(y[:, t].cpu(), minlength=categories).tolist()
         stat, dof = chi2_homogeneity(a, b)
         tv, noise = tv_distance(a, b)
         positions.append({"chi2": round(stat, 2), "dof": dof, "p": chi2_sf(stat, dof), "tv": tv, "tv_noise": noise})
@@ -150,6 +150,7 @@ def _trainer(model, tok, vocab, tokens: int, cuda: bool):
         report_to="none",
         beta=0.0,
         disable_dropout=True,
+        activation_checkpointing=True,  # GRPOConfig's default, by its current name (the old one warns)
     )
     return RLVRGRPOTrainer(
         model=model,
@@ -168,18 +169,18 @@ def logprob_check(
 
     ``layers``: fewer decoder layers than the Qwen3-0.6B shape (a cheaper compile; the mask does not need depth).
     """
-    import torch
+    import torch as th
     from omegaconf import OmegaConf
 
     from rlvr_vocab.config import ReasoningVocabConfig
     from rlvr_vocab.reasoning_vocab import extend_model
 
-    cuda = torch.cuda.is_available() and not tiny
+    cuda = th.cuda.is_available() and not tiny
     device = "cuda" if cuda else "cpu"
     vocab_size = TINY_VOCAB if tiny else VOCAB
     tok = build_tokenizer(vocab_size)
     model = build_model(tok, seed, tiny, **({"num_hidden_layers": layers} if layers else {})).eval()
-    with torch.no_grad():
+    with th.no_grad():
         model.get_output_embeddings().weight.mul_(logit_scale)
     vocab = None
     prompts = build_prompts(batch, seed, vocab_size)
@@ -191,7 +192,7 @@ def logprob_check(
     lengths = spread_lengths(batch, tokens, 0.1, seed)
     hook = force_eos(sampler, lengths, tok.eos_token_id)
     inputs = _inputs(tok, prompts, device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = th.cuda.synchronize if cuda else (lambda: None)
     out, t = timed(
         sync,
         model.generate,
@@ -223,21 +224,21 @@ def logprob_check(
     sampled_logp = getattr(sampler, "last_logprobs", None)
     del sampler
     if cuda:
-        torch.cuda.empty_cache()
+        th.cuda.empty_cache()
 
     # --- the trainer's recomputation
     trainer = _trainer(model, tok, vocab, tokens, cuda)
     n = completions.shape[1]
-    positions = torch.arange(n, device=completions.device)[None, :]
-    got_t = torch.tensor(got, device=completions.device)[:, None]
+    positions = th.arange(n, device=completions.device)[None, :]
+    got_t = th.tensor(got, device=completions.device)[:, None]
     completion_mask = (positions < got_t).long()
-    ids = torch.cat([inputs["input_ids"], completions], 1)
-    mask = torch.cat([inputs["attention_mask"], completion_mask], 1)
-    with torch.no_grad():
+    ids = th.cat([inputs["input_ids"], completions], 1)
+    mask = th.cat([inputs["attention_mask"], completion_mask], 1)
+    with th.no_grad():
         logps, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, n, batch_size=4)[:2]
     compared = positions < got_t
     if hook:  # the forced EOS is the hook's choice, not the model's: leave it out
-        forced = torch.tensor(lengths, device=completions.device)[:, None]
+        forced = th.tensor(lengths, device=completions.device)[:, None]
         compared &= ~((positions == forced - 1) & (got_t == forced))
     if sampled_logp is None:
         result.update({"pass": None, "note": "the sampler has no last_logprobs"})
@@ -258,18 +259,18 @@ def logprob_check(
         result["pass"] = bool(result["pass"] is not False and result["mask_pass"])
     del trainer, model
     if cuda:
-        torch.cuda.empty_cache()
+        th.cuda.empty_cache()
     return result
 
 
 def mask_check(vocab, prompt_ids, completions, lengths: list[int]) -> dict:
     """Reasoning ids outside the span (must be 0) and inside it (must be > 0), over the completions' tokens."""
-    import torch
+    import torch as th
 
-    ids = torch.cat([prompt_ids, completions], 1).cpu()
+    ids = th.cat([prompt_ids, completions], 1).cpu()
     inside = vocab.span_state(ids)[:, prompt_ids.shape[1] - 1 : -1]  # the state each completion token saw
     comp = completions.cpu()
-    valid = torch.arange(comp.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+    valid = th.arange(comp.shape[1])[None, :] < th.tensor(lengths)[:, None]
     reasoning = vocab.is_reasoning(comp) & valid
     outside = int((reasoning & ~inside).sum())
     within = int((reasoning & inside).sum())
@@ -285,9 +286,9 @@ def distribution_check(
     tiny: bool, rows: int, tokens: int, attention, seed: int = 0, power_temperature: float = 1.25
 ) -> dict:
     """Token frequencies per position, fast sampler vs ``generate``, for two sampling settings (+ a power check)."""
-    import torch
+    import torch as th
 
-    cuda = torch.cuda.is_available() and not tiny
+    cuda = th.cuda.is_available() and not tiny
     device = "cuda" if cuda else "cpu"
     tok = build_tokenizer(64)
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
@@ -302,12 +303,12 @@ def distribution_check(
     def sample(sampler, **kw):
         # independent draws: torch's multinomial is the same exponential race as the sampler's, so one seed
         # for both would give identical tokens, not two samples
-        torch.manual_seed(seed + 1000 * (sampler is None) + int(100 * kw["temperature"]))
+        th.manual_seed(seed + 1000 * (sampler is None) + int(100 * kw["temperature"]))
         out = model.generate(**inputs, do_sample=True, max_new_tokens=tokens, pad_token_id=tok.pad_token_id,
                              custom_generate=sampler, **kw)  # fmt: skip
         done = out[:, p:]
         if done.shape[1] < tokens:  # every row ended early: pad the rest as generate does
-            done = torch.nn.functional.pad(done, (0, tokens - done.shape[1]), value=tok.pad_token_id)
+            done = th.nn.functional.pad(done, (0, tokens - done.shape[1]), value=tok.pad_token_id)
         return done
 
     ok = True
@@ -331,9 +332,9 @@ def distribution_check(
 
 
 def _entropy(model, inputs, tok) -> float:
-    import torch
+    import torch as th
 
-    with torch.no_grad():
+    with th.no_grad():
         logits = model(**{k: v[:1] for k, v in inputs.items()}).logits[0, -1].float()
     logp = logits.log_softmax(-1)
     return round(float(-(logp.exp() * logp).sum()), 3)

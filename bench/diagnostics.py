@@ -127,11 +127,11 @@ class StepProbe:
 
     def _hook_recompile_log(self) -> None:
         try:
-            import torch
+            import torch as th
             import torch._dynamo.convert_frame  # noqa: F401  (creates the artifact loggers)
             import torch._dynamo.guards  # noqa: F401
 
-            torch._logging.set_logs(recompiles=True, graph_breaks=True)
+            th._logging.set_logs(recompiles=True, graph_breaks=True)
         except Exception:  # noqa: BLE001 - a torch without these loggers: counters only
             return
         for name in list(logging.root.manager.loggerDict):
@@ -151,18 +151,18 @@ class StepProbe:
             snap["dynamo"] = {}
         snap["sampler"] = sampler_stats(self.sampler_getter())
         try:
-            import torch
+            import torch as th
 
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                stats = torch.cuda.memory_stats()
+            if th.cuda.is_available() and th.cuda.is_initialized():
+                stats = th.cuda.memory_stats()
                 snap["cuda"] = {k: stats.get(k, 0) for k in CUDA_KEYS}
                 snap["cuda"]["segments"] = stats.get("segment.all.current", 0)
                 snap["cuda"]["reserved_bytes"] = stats.get("reserved_bytes.all.current", 0)
-                peak, peak_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+                peak, peak_reserved = th.cuda.max_memory_allocated(), th.cuda.max_memory_reserved()
                 snap["peak_bytes"] = peak  # since the previous snapshot
                 self.run_peak_bytes = max(self.run_peak_bytes, peak)
                 self.run_peak_reserved_bytes = max(self.run_peak_reserved_bytes, peak_reserved)
-                torch.cuda.reset_peak_memory_stats()
+                th.cuda.reset_peak_memory_stats()
         except Exception:  # noqa: BLE001
             pass
         return snap

@@ -86,14 +86,14 @@ def floor_ms_per_step(
 # ------------------------------------------------------------------------------------------ measurements
 def copy_bandwidth(gib: float = 2.0, repeats: int = 20, warmup: int = 3) -> dict:
     """Device-to-device copy bandwidth (bytes read + written per second), median over ``repeats`` copies."""
-    import torch
+    import torch as th
 
     n = int(gib * 2**30)
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
+    src = th.empty(n, dtype=th.uint8, device="cuda")
+    dst = th.empty_like(src)
     times = []
     for i in range(warmup + repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = th.cuda.Event(enable_timing=True), th.cuda.Event(enable_timing=True)
         start.record()
         dst.copy_(src)
         end.record()
@@ -101,42 +101,42 @@ def copy_bandwidth(gib: float = 2.0, repeats: int = 20, warmup: int = 3) -> dict
         if i >= warmup:
             times.append(start.elapsed_time(end) / 1e3)
     del src, dst
-    torch.cuda.empty_cache()
+    th.cuda.empty_cache()
     t = statistics.median(times)
     return {"bandwidth_Bps": 2 * n / t, "copy_bytes": n, "median_s": t, "min_s": min(times), "repeats": repeats}
 
 
 def matmul_rate(n: int = 8192, repeats: int = 20, warmup: int = 3) -> dict:
     """bf16 matmul FLOP/s (2 n^3 per ``n x n`` by ``n x n``), median over ``repeats``."""
-    import torch
+    import torch as th
 
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a = th.randn(n, n, device="cuda", dtype=th.bfloat16)
+    b = th.randn(n, n, device="cuda", dtype=th.bfloat16)
     times = []
     for i in range(warmup + repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = th.cuda.Event(enable_timing=True), th.cuda.Event(enable_timing=True)
         start.record()
-        torch.mm(a, b)
+        th.mm(a, b)
         end.record()
         end.synchronize()
         if i >= warmup:
             times.append(start.elapsed_time(end) / 1e3)
     del a, b
-    torch.cuda.empty_cache()
+    th.cuda.empty_cache()
     t = statistics.median(times)
     return {"bf16_flops": 2 * n**3 / t, "n": n, "median_s": t, "repeats": repeats}
 
 
 def qwen3_weight_bytes(vocab_size: int | None = None) -> int:
     """Decode-step weight bytes of the Qwen3-0.6B shape in bf16 (counted on the meta device, no memory)."""
-    import torch
+    import torch as th
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from bench.workload import QWEN3_06B
 
     shape = {**QWEN3_06B, **({"vocab_size": vocab_size} if vocab_size else {})}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(Qwen3Config(**shape), dtype=torch.bfloat16)
+    with th.device("meta"):
+        model = AutoModelForCausalLM.from_config(Qwen3Config(**shape), dtype=th.bfloat16)
     return weight_bytes(model)
 
 
@@ -168,17 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON file for the result")
     args = parser.parse_args(argv)
 
-    import torch
+    import torch as th
 
     from bench.workload import QWEN3_06B, VOCAB, stated_peak, write_json
 
-    if not torch.cuda.is_available():
+    if not th.cuda.is_available():
         raise SystemExit("bench.floor needs a CUDA device (it measures the GPU's memory bandwidth)")
     copy = copy_bandwidth(args.gib, args.repeats)
     mm = matmul_rate(args.matmul_n, args.repeats)
     kv = kv_bytes_per_token(QWEN3_06B["num_hidden_layers"], QWEN3_06B["num_key_value_heads"], QWEN3_06B["head_dim"])
     weights, weights_rv = qwen3_weight_bytes(), qwen3_weight_bytes(2 * VOCAB)
-    name = torch.cuda.get_device_name()
+    name = th.cuda.get_device_name()
     prompt = sum(p + 4 for p in (48, 80)) / 2  # mean prompt tokens of the benchmark's prompts
     rows = []
     for batch, tokens in [(32, 512), (32, 4096), (128, 1024), (256, 1024), (32, 8192)]:
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = {
         "device": name,
-        "torch": torch.__version__,
+        "torch": th.__version__,
         "bandwidth_Bps": copy["bandwidth_Bps"],
         "bf16_flops": mm["bf16_flops"],
         "stated_peak_flops": stated_peak(name),

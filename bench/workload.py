@@ -65,17 +65,17 @@ def build_model(tok, seed: int = 0, tiny: bool = False, device: str | None = Non
 
     ``overrides`` replace config fields (e.g. ``num_hidden_layers``); the vocabulary is the tokenizer's.
     """
-    import torch
+    import torch as th
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     shape = {**QWEN3_06B, **(TINY if tiny else {}), "vocab_size": len(tok), **overrides}
     config = Qwen3Config(**shape, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    torch.manual_seed(seed)
+    th.manual_seed(seed)
     if device is None:
-        device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
+        device = "cpu" if tiny or not th.cuda.is_available() else "cuda"
     if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    with torch.device(device):
+        dtype = th.bfloat16 if device.startswith("cuda") else th.float32
+    with th.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
 
 
@@ -170,12 +170,12 @@ def force_eos(sampler, lengths, eos_id: int) -> str | None:
     (``hook(step, scores) -> scores``, step = index of the token being sampled, graph-safe here).
     ``lengths=None`` removes the hook.
     """
-    import torch
+    import torch as th
 
     options = sampler_options(sampler)
     if options["force_eos_at"]:
         # the sampler takes the 0-based index of the EOS token: length - 1
-        sampler.force_eos_at = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long) - 1
+        sampler.force_eos_at = None if lengths is None else th.as_tensor(lengths, dtype=th.long) - 1
         return "force_eos_at"
     if options["logits_hook"]:
         if lengths is None:
@@ -186,9 +186,9 @@ def force_eos(sampler, lengths, eos_id: int) -> str | None:
         def hook(step, scores):
             device = scores.device
             if device not in cache:
-                cache[device] = torch.as_tensor(lengths, dtype=torch.long, device=device) - 1
-            due = (cache[device] == torch.as_tensor(step, device=device)).unsqueeze(1)
-            keep = torch.zeros(scores.shape[-1], dtype=torch.bool, device=device)
+                cache[device] = th.as_tensor(lengths, dtype=th.long, device=device) - 1
+            due = (cache[device] == th.as_tensor(step, device=device)).unsqueeze(1)
+            keep = th.zeros(scores.shape[-1], dtype=th.bool, device=device)
             keep[eos_id] = True
             return scores.masked_fill(due & ~keep, float("-inf")).masked_fill(due & keep, 0.0)
 
@@ -216,15 +216,15 @@ def completion_lengths(completions, eos_ids: list[int]) -> list[int]:
     """Tokens of each completion row up to and including its first EOS (the whole row without one).
 
     Example:
-        >>> import torch
-        >>> completion_lengths(torch.tensor([[5, 2, 0], [5, 6, 7]]), [2])
+        >>> import torch as th
+        >>> completion_lengths(th.tensor([[5, 2, 0], [5, 6, 7]]), [2])
         [2, 3]
     """
-    import torch
+    import torch as th
 
-    is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))
+    is_eos = th.isin(completions, th.tensor(eos_ids, device=completions.device))
     has = is_eos.any(1)
-    first = torch.where(has, is_eos.int().argmax(1) + 1, torch.full_like(has, completions.shape[1], dtype=torch.long))
+    first = th.where(has, is_eos.int().argmax(1) + 1, th.full_like(has, completions.shape[1], dtype=th.long))
     return [int(x) for x in first.tolist()]
 
 

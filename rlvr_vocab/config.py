@@ -3,7 +3,8 @@
 The schemas make the config strict: Hydra refuses an override of a key that is not declared here
 (``training.learning_rat=3e-6`` fails at composition, before anything is loaded), and OmegaConf
 checks types. ``validate(cfg)`` adds the cross-key checks that a schema cannot express, and also
-runs before any model or data is touched.
+runs before any model or data is touched. This module is the bottom floor: it imports only hydra and
+omegaconf, so validating a config costs neither torch nor TRL (``train()`` adds the checks that need them).
 
 Where each group goes:
     model    -> rlvr_vocab/models.py      (from_pretrained kwargs, generation kwargs, reasoning vocab)
@@ -16,7 +17,6 @@ Where each group goes:
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 from collections.abc import Callable
@@ -143,7 +143,7 @@ class TrainingConfig:
     loss_type: str = "dapo"  # grpo | dr_grpo | dapo | bnpo | ...
     scale_rewards: str = "group"  # group | batch | none: how advantages are normalised
     mask_truncated_completions: bool = False  # drop completions that hit max_completion_length from the loss
-    gradient_checkpointing: bool = False  # trade compute for memory in the backward pass
+    gradient_checkpointing: bool = False  # trade compute for memory in the backward pass (as activation_checkpointing)
     bf16: bool | None = None  # null: on when the hardware supports it; true on hardware without it is an error
     save_strategy: str = "steps"  # steps | epoch | no
     save_steps: float = 100  # checkpoint every N optimizer steps
@@ -281,30 +281,35 @@ UNMASKED_SAMPLING_FIELDS = {
 }
 
 
-def _suggest(key: str, options) -> str:
+def suggest(key: str, options) -> str:
+    """A "Did you mean" hint naming the closest of ``options``, or "".
+
+    Example:
+        >>> suggest("learning_rat", ["learning_rate", "seed"])
+        " Did you mean 'learning_rate'?"
+    """
     close = difflib.get_close_matches(key, list(options), n=1)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def grpo_config_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Map ``training.*`` and ``model.generation_kwargs`` onto the trainer's GRPOConfig fields.
+def training_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Merge ``training.*``, ``training.extra.*`` and ``model.generation_kwargs`` into GRPOConfig keyword arguments.
 
-    Raises ConfigError naming the key when something would otherwise be silently dropped.
+    Raises ConfigError naming the key when two keys set one value or a value would be silently dropped. That
+    each key is a GRPOConfig field is checked by ``trainer.grpo_config_kwargs`` (it needs TRL).
     """
-    from rlvr_vocab.trainer import RLVRGRPOConfig
-
-    valid = {f.name for f in dataclasses.fields(RLVRGRPOConfig)}
     training = OmegaConf.to_container(cfg.training, resolve=True)
     extra = training.pop("extra") or {}
     for key in extra:
-        if key not in valid:
-            raise ConfigError(f"training.extra.{key} is not a trl.GRPOConfig field.{_suggest(key, valid)}")
         if key in training:
             raise ConfigError(f"training.extra.{key} duplicates training.{key}: set training.{key} instead.")
+    if "activation_checkpointing" in extra:
+        raise ConfigError(
+            "training.extra.activation_checkpointing duplicates training.gradient_checkpointing: set that instead."
+        )
     kwargs = {**training, **extra}
-    for key in kwargs:  # the schema and GRPOConfig must agree (tests check this too)
-        if key not in valid:
-            raise ConfigError(f"training.{key} is not a trl.GRPOConfig field.{_suggest(key, valid)}")
+    # transformers deprecates the name gradient_checkpointing (a FutureWarning on every run): same switch, new name
+    kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
 
     gen = dict(OmegaConf.to_container(cfg.model.generation_kwargs, resolve=True) or {})
     if "max_new_tokens" in gen:
@@ -509,7 +514,4 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"logging.backend={cfg.logging.backend!r}: choose none, wandb, tensorboard or trackio.")
     if cfg.logging.mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"logging.mode={cfg.logging.mode!r}: choose online, offline or disabled.")
-    from rlvr_vocab.peft_utils import check_qlora
-
-    check_qlora(m.lora, m.source)  # model.lora.load_in_4bit needs CUDA + bitsandbytes + an adapter
-    check_value_ranges(cfg, grpo_config_kwargs(cfg))  # every training key must reach GRPOConfig, in range
+    check_value_ranges(cfg, training_kwargs(cfg))  # every training key in range (train() checks it is a field)

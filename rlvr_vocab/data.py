@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from rlvr_vocab.config import ConfigError
 from rlvr_vocab.preflight import check_data_file
+from rlvr_vocab.rewards.text import last_boxed
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -37,26 +38,6 @@ def extract_gsm8k_answer(text: str) -> str | None:
     return answer or None
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (nested braces allowed), or None.
-
-    Example:
-        >>> last_boxed("so \\\\boxed{\\\\frac{1}{2}} and \\\\boxed{3}")
-        '3'
-        >>> last_boxed("so \\\\boxed{\\\\frac{1}{2}}")
-        '\\\\frac{1}{2}'
-    """
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip() or None
-    return None
-
-
 def extract_gold(value: Any, answer_format: str) -> str | None:
     """Gold final answer from a raw answer column, per ``dataset.answer_format``."""
     if value is None:
@@ -65,7 +46,7 @@ def extract_gold(value: Any, answer_format: str) -> str | None:
     if answer_format == "gsm8k":
         return extract_gsm8k_answer(text)
     if answer_format == "boxed":
-        return last_boxed(text)
+        return last_boxed(text) or None  # an empty box holds no gold answer
     return text or None
 
 

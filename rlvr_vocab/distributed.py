@@ -52,20 +52,20 @@ def params_sha256(named_tensors: Iterable[tuple[str, Any]]) -> str:
     """SHA-256 over (name, dtype, shape, bytes) of each tensor, in name order: equal iff the tensors are equal.
 
     Example:
-        >>> import torch
-        >>> a = params_sha256([("w", torch.ones(2)), ("b", torch.zeros(1))])
-        >>> a == params_sha256([("b", torch.zeros(1)), ("w", torch.ones(2))])  # order does not matter
+        >>> import torch as th
+        >>> a = params_sha256([("w", th.ones(2)), ("b", th.zeros(1))])
+        >>> a == params_sha256([("b", th.zeros(1)), ("w", th.ones(2))])  # order does not matter
         True
-        >>> a == params_sha256([("w", torch.ones(2)), ("b", torch.full((1,), 1e-9))])
+        >>> a == params_sha256([("w", th.ones(2)), ("b", th.full((1,), 1e-9))])
         False
     """
-    import torch
+    import torch as th
 
     digest = hashlib.sha256()
     for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+        digest.update(tensor.view(-1).view(dtype=th.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

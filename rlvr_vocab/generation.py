@@ -12,17 +12,15 @@ returns the decoded completions (reasoning ids read as their source tokens) with
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch as th
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
+from rlvr_vocab.checkpoints import is_model_dir
 from rlvr_vocab.config import ConfigError, parse_think
 from rlvr_vocab.thinking import (
     CompletionSpan,
@@ -34,49 +32,19 @@ from rlvr_vocab.thinking import (
     split_completion,
 )
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 PROBE_PROMPT = [{"role": "user", "content": "What is 1 + 1?"}]  # rendered to see where the generation prompt ends
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # read from model.generation_kwargs
 
 
-# ------------------------------------------------------------------------------------------ discovery
-def is_model_dir(path: str | Path) -> bool:
-    """A folder holding a full model (config.json) or a LoRA adapter (adapter_config.json)."""
-    path = Path(path)
-    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
-
-
-def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every ``checkpoint-N`` under ``run_dir`` that holds a model, by step."""
-    found = []
-    for child in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
-        match = CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and is_model_dir(child):
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def trained_step(path: str | Path) -> int | None:
-    """The optimizer step a model folder was saved at: N of ``checkpoint-N``, else ``trainer_state.json``."""
-    path = Path(path)
-    match = CHECKPOINT_RE.match(path.name)
-    if match:
-        return int(match.group(1))
-    state = path / "trainer_state.json"
-    if state.is_file():
-        return json.loads(state.read_text()).get("global_step")
-    return None
-
-
 # ------------------------------------------------------------------------------------------ loading
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device() -> th.device:
+    return th.device("cuda" if th.cuda.is_available() else "cpu")
 
 
-def _dtype() -> torch.dtype:
+def _dtype() -> th.dtype:
     from rlvr_vocab.models import bf16_supported
 
-    return torch.bfloat16 if bf16_supported() else torch.float32
+    return th.bfloat16 if bf16_supported() else th.float32
 
 
 def _add_rows_from_map(model, tokenizer, vocab) -> None:
@@ -96,7 +64,7 @@ def _add_rows_from_map(model, tokenizer, vocab) -> None:
             f"The adapter's reasoning_vocab.json starts reasoning ids at {vocab.standard_size} but the base model "
             f"has {built.standard_size} rows: pass the model= the adapter was trained on."
         )
-    with torch.no_grad():  # rows as the run started them (matters only for rows the adapter does not hold)
+    with th.no_grad():  # rows as the run started them (matters only for rows the adapter does not hold)
         for i, source in enumerate(vocab.source_ids):
             model.get_input_embeddings().weight[vocab.standard_size + i] = model.get_input_embeddings().weight[source]
             out = model.get_output_embeddings()
@@ -211,7 +179,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-@torch.no_grad()
+@th.no_grad()
 def generate(
     model,
     tokenizer,
@@ -241,7 +209,7 @@ def generate(
     if num_samples > 1 and not do_sample:
         raise ValueError("greedy decoding gives one completion per prompt: pass do_sample=True for num_samples > 1")
     if seed is not None:
-        torch.manual_seed(seed)
+        th.manual_seed(seed)
     eos_ids = _eos_ids(model, tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -293,70 +261,3 @@ def _decode(tokenizer, vocab, ids: list[int], eos_ids: list[int], tags=None, pro
         span=span,
         ids=kept,
     )
-
-
-# ------------------------------------------------------------------------------------------ answers
-def extract_answer(text: str) -> str | None:
-    r"""The final answer of a completion: the last ``\boxed{}``, else the last number written, else None.
-
-    Example:
-        >>> extract_answer("so \\boxed{7} and 8"), extract_answer("3 + 4 = 7."), extract_answer("no idea")
-        ('7', '7', None)
-    """
-    from rlvr_vocab.data import last_boxed
-    from rlvr_vocab.rewards.text import last_number
-
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    number = last_number(text)
-    if number is None:
-        return None
-    return str(number.numerator) if number.denominator == 1 else str(float(number))
-
-
-def answer_key(answer: str | None) -> str | None:
-    r"""A canonical form of an extracted answer for voting: numbers by value, other text without spaces.
-
-    Example:
-        >>> answer_key("1,000"), answer_key("\\$18.00"), answer_key("\\frac{1}{2}"), answer_key(None)
-        ('1000', '18', '\\frac{1}{2}', None)
-    """
-    from rlvr_vocab.rewards.text import to_number
-
-    if answer is None:
-        return None
-    number = to_number(answer)
-    if number is not None:
-        return str(number.numerator) if number.denominator == 1 else f"{number.numerator}/{number.denominator}"
-    key = re.sub(r"\s+", "", answer).replace("\\!", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    return key or None
-
-
-def majority(answers: list[str | None]) -> int | None:
-    """Index of a completion carrying the most frequent answer (ties: the earliest); None if none answered.
-
-    Example:
-        >>> majority(["3", None, "4", "4.0", "3"])  # 3 and 4 tie twice each; 3 came first
-        0
-        >>> majority([None, None]) is None
-        True
-    """
-    keys = [answer_key(a) for a in answers]
-    counts = Counter(k for k in keys if k is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(i for i, k in enumerate(keys) if k is not None and counts[k] == best)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021).
-
-    Example:
-        >>> pass_at_k(4, 0, 1), pass_at_k(4, 1, 4), round(pass_at_k(4, 1, 1), 2)
-        (0.0, 1.0, 0.25)
-    """
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))

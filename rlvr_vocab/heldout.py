@@ -11,12 +11,12 @@ import os
 import time
 from pathlib import Path
 
-import torch
+import torch as th
 from loguru import logger
 from omegaconf import DictConfig
 from transformers import Trainer, TrainerCallback
 
-from rlvr_vocab.cli.evaluate import correctness_reward, eval_settings, evaluate_model, select_rows, span_reward
+from rlvr_vocab.evaluation import correctness_reward, eval_settings, evaluate_model, select_rows, span_reward
 
 SAMPLES_FILE = "heldout_samples.jsonl"  # the latest eval's completions, one problem a line (reasoning ids marked)
 
@@ -73,12 +73,12 @@ class HeldOutEvalCallback(TrainerCallback):
         model = trainer.accelerator.unwrap_model(trainer.model)
         tokenizer = trainer.processing_class
         was_training, padding_side = model.training, tokenizer.padding_side
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        devices = [th.cuda.current_device()] if th.cuda.is_available() else []
         start = time.perf_counter()
         model.eval()
         model.span_tags = self.span_tags
         try:
-            with torch.random.fork_rng(devices=devices):
+            with th.random.fork_rng(devices=devices):
                 summary, records = evaluate_model(
                     model, tokenizer, self.rows, self.settings, self.cfg, self.reward, desc=f"held-out step {step}",
                     progress=False,

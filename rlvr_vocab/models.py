@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch as th
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,7 +27,7 @@ CHATML_TEMPLATE = (
 
 def bf16_supported() -> bool:
     """True when this machine can train in bfloat16 (a CUDA device with native bf16)."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return th.cuda.is_available() and th.cuda.is_bf16_supported()
 
 
 def resolve_bf16(requested: bool | None) -> bool:
@@ -35,7 +35,7 @@ def resolve_bf16(requested: bool | None) -> bool:
     if requested is None:
         return bf16_supported()
     if requested and not bf16_supported():
-        where = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no CUDA device"
+        where = f"GPU {th.cuda.get_device_name()}" if th.cuda.is_available() else "no CUDA device"
         raise ConfigError(
             f"training.bf16=true but this machine cannot train in bfloat16 ({where}). "
             "Set training.bf16=false (or null to pick automatically)."
@@ -48,7 +48,7 @@ def _model_kwargs(model_cfg: DictConfig, bf16: bool) -> dict[str, Any]:
     dtype = kwargs.pop("torch_dtype", None) or kwargs.get("dtype", "auto")
     if dtype == "auto":
         dtype = "bfloat16" if bf16 else "float32"
-    kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs["dtype"] = getattr(th, dtype) if isinstance(dtype, str) else dtype
     return kwargs
 
 
@@ -129,12 +129,12 @@ def convert_gguf(model_cfg: DictConfig, cache_dir: str | os.PathLike) -> Path:
         return target
     logger.info(f"Converting {src.name} to a plain HF model in {target} (once; ~30 s)")
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    quantised = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    quantised = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=th.float32)
     config = quantised.config
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=th.float32)
     plain.load_state_dict(quantised.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{src.stem}-", dir=target.parent))
@@ -150,7 +150,7 @@ def convert_gguf(model_cfg: DictConfig, cache_dir: str | os.PathLike) -> Path:
     return target
 
 
-def build_tiny_model(model_cfg: DictConfig, tokenizer, dtype: torch.dtype, seed: int):
+def build_tiny_model(model_cfg: DictConfig, tokenizer, dtype: th.dtype, seed: int):
     """A random-init Qwen3 of the shape in ``model.tiny`` (for tests and smoke runs)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -163,7 +163,7 @@ def build_tiny_model(model_cfg: DictConfig, tokenizer, dtype: torch.dtype, seed:
         max_position_embeddings=4096,
         **fields,
     )
-    torch.manual_seed(seed)
+    th.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 

@@ -32,14 +32,11 @@ import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
-import torch
+import torch as th
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
 from rlvr_vocab.config import ConfigError
-
-EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")  # input embeddings across architectures
-HEAD_NAMES = ("lm_head", "embed_out", "output")  # output heads across architectures
 
 
 # --------------------------------------------------------------------------------------------- QLoRA
@@ -54,7 +51,7 @@ def check_qlora(lora_cfg: DictConfig, model_source: str = "hub") -> None:
         )
     if model_source == "tiny":
         raise ConfigError("model.lora.load_in_4bit=true: the tiny model is built in code, not loaded; set it false.")
-    if not torch.cuda.is_available():
+    if not th.cuda.is_available():
         raise ConfigError(
             "model.lora.load_in_4bit=true needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none. "
             "Set model.lora.load_in_4bit=false to train a plain LoRA adapter."
@@ -88,7 +85,7 @@ def load_kwargs_for_qlora(lora_cfg: DictConfig, model_source: str = "hub") -> di
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=th.bfloat16,
         ),
         # one whole copy per process, on that process's GPU (bitsandbytes places weights at load time)
         "device_map": {"": PartialState().local_process_index},

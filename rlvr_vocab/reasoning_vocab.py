@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+import torch as th
 from loguru import logger
 from transformers import LogitsProcessor
 
@@ -52,30 +52,30 @@ class ReasoningVocab:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
     # ---------------------------------------------------------------------------- ids
-    def lookup(self, device: torch.device | str = "cpu") -> torch.Tensor:
+    def lookup(self, device: th.device | str = "cpu") -> th.Tensor:
         """A table mapping every id of the extended vocabulary to its standard source id."""
-        table = torch.arange(self.standard_size + self.size, device=device)
-        table[self.standard_size :] = torch.tensor(self.source_ids, device=device, dtype=torch.long)
+        table = th.arange(self.standard_size + self.size, device=device)
+        table[self.standard_size :] = th.tensor(self.source_ids, device=device, dtype=th.long)
         return table
 
-    def to_source(self, ids: torch.Tensor | list[int]) -> torch.Tensor | list[int]:
+    def to_source(self, ids: th.Tensor | list[int]) -> th.Tensor | list[int]:
         """Replace every reasoning id by its source id (for decoding into text)."""
-        if isinstance(ids, torch.Tensor):
+        if isinstance(ids, th.Tensor):
             return self.lookup(ids.device)[ids]
         v = self.standard_size
         return [self.source_ids[i - v] if i >= v else i for i in ids]
 
-    def is_reasoning(self, ids: torch.Tensor) -> torch.Tensor:
+    def is_reasoning(self, ids: th.Tensor) -> th.Tensor:
         return ids >= self.standard_size
 
     def decode(self, tokenizer, ids, skip_special_tokens: bool = True) -> str:
         """Text of a completion, each reasoning id read as its source token."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        ids = ids.tolist() if isinstance(ids, th.Tensor) else list(ids)
         return tokenizer.decode(self.to_source(ids), skip_special_tokens=skip_special_tokens)
 
     def render(self, tokenizer, ids, marker: tuple[str, str] = ("⟦", "⟧")) -> str:
         """Text with every reasoning token wrapped in markers, for inspection."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        ids = ids.tolist() if isinstance(ids, th.Tensor) else list(ids)
         parts = []
         for i in ids:
             if i >= self.standard_size:
@@ -90,21 +90,21 @@ class ReasoningVocab:
         """The span tags this map was built with."""
         return SpanTags(self.think_open, self.think_close, self.open_id, self.close_id)
 
-    def span_state(self, ids: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
+    def span_state(self, ids: th.Tensor, initial: th.Tensor | None = None) -> th.Tensor:
         """``inside[b, t]``: after reading ``ids[b, :t+1]``, is the sequence inside a thinking span? (thinking.span_state)
 
         Example:
             >>> rv = ReasoningVocab(2, 10, [1, 2], "<think>", "</think>", open_id=8, close_id=9)
-            >>> rv.span_state(torch.tensor([[5, 8, 5, 9, 5, 8]])).int().tolist()
+            >>> rv.span_state(th.tensor([[5, 8, 5, 9, 5, 8]])).int().tolist()
             [[0, 1, 1, 0, 0, 1]]
         """
         return span_state(ids, self.open_id, self.close_id, initial)
 
-    def step_state(self, inside: torch.Tensor, last_token: torch.Tensor) -> torch.Tensor:
+    def step_state(self, inside: th.Tensor, last_token: th.Tensor) -> th.Tensor:
         """O(1) update of the span state by one generated token per sequence."""
-        return torch.where(last_token == self.open_id, True, torch.where(last_token == self.close_id, False, inside))
+        return th.where(last_token == self.open_id, True, th.where(last_token == self.close_id, False, inside))
 
-    def mask_logits_(self, logits: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    def mask_logits_(self, logits: th.Tensor, inside: th.Tensor) -> th.Tensor:
         """In place: reasoning columns to -inf for sequences outside the span. ``logits``: [B, V+N]."""
         logits[:, self.standard_size :].masked_fill_(~inside.unsqueeze(-1), float("-inf"))
         return logits
@@ -119,9 +119,9 @@ class ReasoningMaskProcessor(LogitsProcessor):
 
     def __init__(self, vocab: ReasoningVocab):
         self.vocab = vocab
-        self.inside: torch.Tensor | None = None
+        self.inside: th.Tensor | None = None
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: th.LongTensor, scores: th.FloatTensor) -> th.FloatTensor:
         if self.inside is None or self.inside.size(0) != input_ids.size(0):
             self.inside = self.vocab.span_state(input_ids)[:, -1]
         else:
@@ -176,7 +176,7 @@ def choose_source_ids(
     return eligible[:n]
 
 
-@torch.no_grad()
+@th.no_grad()
 def extend_model(
     model, tokenizer, n: int, reasoning_cfg, tags: SpanTags | None = None, corpus_texts: list[str] | None = None
 ) -> ReasoningVocab:
@@ -257,7 +257,7 @@ def reasoning_ids_outside_span(
     for i, (p_ids, c_ids) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
         if not c_ids:
             continue
-        ids = torch.tensor(list(p_ids) + list(c_ids))
+        ids = th.tensor(list(p_ids) + list(c_ids))
         inside = vocab.span_state(ids.unsqueeze(0))[0, len(p_ids) - 1 : -1]
         outside = vocab.is_reasoning(ids[len(p_ids) :]) & ~inside
         bad += [(i, int(t)) for t in outside.nonzero().flatten()]

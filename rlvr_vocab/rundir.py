@@ -47,6 +47,7 @@ from typing import Any
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
+from rlvr_vocab.checkpoints import COMPLETE_MARKER, checkpoint_step, latest_complete_checkpoint
 from rlvr_vocab.config import Config, ConfigError
 from rlvr_vocab.redact import is_secret_key, scrub_secrets
 
@@ -119,7 +120,7 @@ NEVER_DIFFER = (
     "training.weight_decay",
     "training.optim",
 )
-_NOT_WEIGHTS = ("optimizer*", "scheduler*", "rng_state*", "checkpoint_complete.json")  # what a final model lacks
+_NOT_WEIGHTS = ("optimizer*", "scheduler*", "rng_state*", COMPLETE_MARKER)  # what a final model lacks
 
 
 # ------------------------------------------------------------------------------------------ config diffs
@@ -374,10 +375,6 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _step(path: str | Path) -> int:
-    return int(Path(path).name.rsplit("-", 1)[1])
-
-
 @dataclass
 class RunDir:
     """What ``open_run`` found in the run dir, and the writes that follow once every check passed."""
@@ -414,7 +411,7 @@ class RunDir:
         for name, content in (hydra_files or {}).items():
             (self.path / ".hydra").mkdir(exist_ok=True)
             _write_atomic(self.path / ".hydra" / name, content)
-        step = _step(self.checkpoint) if self.checkpoint else -1
+        step = checkpoint_step(self.checkpoint) if self.checkpoint else -1
         MetricsFileCallback.truncate_after(self.path / "metrics.jsonl", step)
 
     def mark_finished(self, global_step: int, max_steps: int, epochs: float) -> None:
@@ -488,7 +485,6 @@ def open_run(cfg: DictConfig, output_dir: Path) -> RunDir:
     training), else with the checkpoint to resume from (or None).
     """
     from rlvr_vocab.logging_utils import resolved_config
-    from rlvr_vocab.resume import latest_complete_checkpoint
 
     output_dir = Path(output_dir)
     created = not output_dir.exists()
@@ -512,14 +508,19 @@ def _inspect(cfg: DictConfig, output_dir: Path, config: dict[str, Any], checkpoi
     recorded = _read_yaml(output_dir / CONFIG) or _read_yaml(output_dir / STARTED_CONFIG)
     diff = diff_configs(recorded, config) if recorded is not None else None
     finished = _finished_step(output_dir, cfg, recorded)
-    if finished is None and checkpoint and cfg.training.max_steps > 0 and _step(checkpoint) >= cfg.training.max_steps:
+    if (
+        finished is None
+        and checkpoint
+        and cfg.training.max_steps > 0
+        and checkpoint_step(checkpoint) >= cfg.training.max_steps
+    ):
         if process_rank() == 0:
             _finish_from_checkpoint(output_dir, checkpoint)
             RunDir(output_dir, config, checkpoint).mark_finished(
-                _step(checkpoint), cfg.training.max_steps, cfg.training.num_train_epochs
+                checkpoint_step(checkpoint), cfg.training.max_steps, cfg.training.num_train_epochs
             )
         logger.info(f"{checkpoint} is at training.max_steps={cfg.training.max_steps}: saved it as the final model")
-        finished = _step(checkpoint)
+        finished = checkpoint_step(checkpoint)
     if finished is not None:
         note = ""
         if diff is not None and (diff.fixed or diff.training):

@@ -57,15 +57,15 @@ def span_state(ids, open_id: int, close_id: int, initial=None):
     state before ``ids[:, 0]`` (default: outside). Each open tag (re)opens the span, each close tag closes it.
 
     Example:
-        >>> import torch
-        >>> span_state(torch.tensor([[5, 8, 5, 9, 5, 8]]), open_id=8, close_id=9).int().tolist()
+        >>> import torch as th
+        >>> span_state(th.tensor([[5, 8, 5, 9, 5, 8]]), open_id=8, close_id=9).int().tolist()
         [[0, 1, 1, 0, 0, 1]]
     """
-    import torch
+    import torch as th
 
-    pos = torch.arange(ids.size(-1), device=ids.device).expand_as(ids)
-    last_open = torch.where(ids == open_id, pos, -1).cummax(-1).values
-    last_close = torch.where(ids == close_id, pos, -1).cummax(-1).values
+    pos = th.arange(ids.size(-1), device=ids.device).expand_as(ids)
+    last_open = th.where(ids == open_id, pos, -1).cummax(-1).values
+    last_close = th.where(ids == close_id, pos, -1).cummax(-1).values
     inside = last_open > last_close
     if initial is not None:
         inside = inside | ((last_open < 0) & (last_close < 0) & initial.unsqueeze(-1))
@@ -153,7 +153,7 @@ def add_tag_tokens(tokenizer, model, open_tag: str, close_tag: str, init: str = 
 
     Tags already in the vocabulary (Qwen3) are left as they are. Returns the tags with their ids.
     """
-    import torch
+    import torch as th
 
     if init not in TAG_INITS:
         raise ConfigError(f"model.tag_init={init!r}: choose one of {', '.join(TAG_INITS)}.")
@@ -166,7 +166,7 @@ def add_tag_tokens(tokenizer, model, open_tag: str, close_tag: str, init: str = 
             model.resize_token_embeddings(len(tokenizer), mean_resizing=init == "mean")
         if init == "pieces":
             embed, head = model.get_input_embeddings().weight, model.get_output_embeddings()
-            with torch.no_grad():
+            with th.no_grad():
                 for tag, ids in pieces.items():
                     new, first = tokenizer.convert_tokens_to_ids(tag), ids[0]
                     embed[new] = embed[first]

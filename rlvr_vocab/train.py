@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 from omegaconf import DictConfig
 
-from rlvr_vocab.config import ConfigError, grpo_config_kwargs, validate
+from rlvr_vocab.config import ConfigError, validate
 
 if TYPE_CHECKING:
     from rlvr_vocab.rundir import RunDir
@@ -36,11 +36,15 @@ def train(cfg: DictConfig, hydra_files: dict[str, str] | None = None) -> dict:
     """
     from rlvr_vocab import rundir
     from rlvr_vocab.models import resolve_bf16
+    from rlvr_vocab.peft_utils import check_qlora
     from rlvr_vocab.preflight import check_model_available
     from rlvr_vocab.rewards.registry import get_reward_funcs
+    from rlvr_vocab.trainer import grpo_config_kwargs
 
     # ---- config: every check that needs no model or data runs first
     validate(cfg)
+    check_qlora(cfg.model.lora, cfg.model.source)  # model.lora.load_in_4bit needs CUDA + bitsandbytes + an adapter
+    grpo_config_kwargs(cfg)  # every training key is a GRPOConfig field
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeout warnings print whole completions
     if not cfg.output_dir:
         raise ConfigError("output_dir is not set (grpo_train.py sets it to the Hydra run dir).")
@@ -90,7 +94,7 @@ def _train(cfg: DictConfig, run: RunDir, hydra_files, bf16: bool, reward_funcs: 
     from rlvr_vocab.reasoning_vocab import extend_model
     from rlvr_vocab.rewards.registry import for_span
     from rlvr_vocab.thinking import setup_span
-    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
+    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer, grpo_config_kwargs
 
     model, tokenizer = load_model_and_tokenizer(
         cfg.model, cfg.paths.cache_dir, bf16=bf16, seed=cfg.seed, load_kwargs=load_kwargs_for_qlora(cfg.model.lora)
@@ -163,9 +167,9 @@ def _train(cfg: DictConfig, run: RunDir, hydra_files, bf16: bool, reward_funcs: 
 
 
 def _has_accelerator() -> bool:
-    import torch
+    import torch as th
 
-    return torch.cuda.is_available()
+    return th.cuda.is_available()
 
 
 def main() -> None:

@@ -12,20 +12,24 @@ EOS cut, lives here, the only file that touches TRL's private API). With N > 0:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
+import torch as th
 from loguru import logger
+from omegaconf import DictConfig
 from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
 from transformers.utils import ModelOutput
 from trl import GRPOConfig, GRPOTrainer
 
-from rlvr_vocab.config import UNMASKED_SAMPLING_FIELDS
+from rlvr_vocab.checkpoints import checkpoint_name
+from rlvr_vocab.config import UNMASKED_SAMPLING_FIELDS, ConfigError, suggest, training_kwargs
 from rlvr_vocab.reasoning_vocab import ReasoningVocab, check_mask_held
 from rlvr_vocab.redact import is_secret_key, scrub_secrets
 from rlvr_vocab.sampling import FastSampler
@@ -67,33 +71,49 @@ class RLVRGRPOConfig(GRPOConfig):
         return scrub_secrets(super().to_dict())
 
 
+def grpo_config_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Map ``training.*`` and ``model.generation_kwargs`` onto RLVRGRPOConfig fields (``config.training_kwargs``).
+
+    Raises ConfigError naming the key, with the closest field, when a ``training`` key is not a field.
+    """
+    valid = {f.name for f in dataclasses.fields(RLVRGRPOConfig)}
+    extra = cfg.training.get("extra") or {}
+    for key in extra:
+        if key not in valid:
+            raise ConfigError(f"training.extra.{key} is not a trl.GRPOConfig field.{suggest(key, valid)}")
+    for key in cfg.training:  # the schema and GRPOConfig must agree (tests check this too)
+        if key != "extra" and key not in valid:
+            raise ConfigError(f"training.{key} is not a trl.GRPOConfig field.{suggest(key, valid)}")
+    return training_kwargs(cfg)
+
+
 # ---------------------------------------------------------------------------------- masked log-probs
 def _masked_chunk(hidden, labels, inside, head, standard_size: int, temperature: float, entropy: bool):
     logits = head(hidden).float() / temperature
     std, rsn = logits[:, :standard_size], logits[:, standard_size:]
     lse_std, lse_rsn = std.logsumexp(-1), rsn.logsumexp(-1)
-    lse = torch.where(inside, torch.logaddexp(lse_std, lse_rsn), lse_std)
+    lse = th.where(inside, th.logaddexp(lse_std, lse_rsn), lse_std)
     label_logit = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     # A reasoning label outside the span has probability 0 (it cannot have been sampled there).
-    label_logit = torch.where(inside | (labels < standard_size), label_logit, float("-inf"))
+    label_logit = th.where(inside | (labels < standard_size), label_logit, float("-inf"))
     logps = label_logit - lse
     if not entropy:
         return logps, None
     expected = ((std - lse[:, None]).exp() * std).sum(-1)
-    expected = expected + torch.where(inside, ((rsn - lse[:, None]).exp() * rsn).sum(-1), 0.0)
+    expected = expected + th.where(inside, ((rsn - lse[:, None]).exp() * rsn).sum(-1), 0.0)
     return logps, lse - expected
 
 
 def masked_token_logprobs(
-    hidden: torch.Tensor,
-    head: Callable[[torch.Tensor], torch.Tensor],
-    labels: torch.Tensor,
-    inside: torch.Tensor,
+    hidden: th.Tensor,
+    head: Callable[[th.Tensor], th.Tensor],
+    labels: th.Tensor,
+    inside: th.Tensor,
     standard_size: int,
     temperature: float = 1.0,
     chunk_size: int = 1024,
     entropy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[th.Tensor, th.Tensor | None]:
     """Log-prob (and entropy) of each label under the span-masked, temperature-scaled softmax.
 
     ``hidden``: [T, d] for the T scored positions; ``head``: the output layer (hidden -> V+N logits; the
@@ -102,7 +122,7 @@ def masked_token_logprobs(
     any other head (e.g. PEFT-wrapped) is chunked over T with activation checkpointing, so at most
     ``chunk_size x V`` fp32 logits exist at once, in the forward and in the backward.
     """
-    if type(head) is torch.nn.Linear:
+    if type(head) is th.nn.Linear:
         return _fused_masked_token_logprobs(hidden, head, labels, inside, standard_size, temperature, entropy)
     outs, ents = [], []
     for s in range(0, hidden.size(0), chunk_size):
@@ -110,16 +130,16 @@ def masked_token_logprobs(
         fn = functools.partial(
             _masked_chunk, head=head, standard_size=standard_size, temperature=temperature, entropy=entropy
         )
-        if torch.is_grad_enabled():
+        if th.is_grad_enabled():
             logp, ent = checkpoint(fn, *args, use_reentrant=False)
         else:
             logp, ent = fn(*args)
         outs.append(logp)
         ents.append(ent)
     if not outs:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
+        empty = hidden.new_zeros(0, dtype=th.float32)
         return empty, (empty if entropy else None)
-    return torch.cat(outs), (torch.cat(ents) if entropy else None)
+    return th.cat(outs), (th.cat(ents) if entropy else None)
 
 
 def _fused_masked_token_logprobs(hidden, head, labels, inside, standard_size: int, temperature: float, entropy: bool):
@@ -133,8 +153,8 @@ def _fused_masked_token_logprobs(hidden, head, labels, inside, standard_size: in
 
     weight, bias = head.weight, head.bias
     outputs = ("entropy",) if entropy else ()
-    logps = hidden.new_zeros(labels.shape, dtype=torch.float32)
-    ents = hidden.new_zeros(labels.shape, dtype=torch.float32) if entropy else None
+    logps = hidden.new_zeros(labels.shape, dtype=th.float32)
+    ents = hidden.new_zeros(labels.shape, dtype=th.float32) if entropy else None
 
     def run(rows, w, b, targets):
         lp, ent, *_ = ChunkedLogProbFunction.apply(hidden[rows], w, b, targets, temperature, 32768, None, 1.0, outputs)
@@ -150,8 +170,8 @@ def _fused_masked_token_logprobs(hidden, head, labels, inside, standard_size: in
         out_labels = labels[outside]
         standard = out_labels < standard_size
         b = None if bias is None else bias[:standard_size]
-        lp, ent = run(outside, weight[:standard_size], b, torch.where(standard, out_labels, 0))
-        logps = logps.masked_scatter(outside, torch.where(standard, lp, float("-inf")))
+        lp, ent = run(outside, weight[:standard_size], b, th.where(standard, out_labels, 0))
+        logps = logps.masked_scatter(outside, th.where(standard, lp, float("-inf")))
         if entropy:
             ents = ents.masked_scatter(outside, ent)
     return logps, ents
@@ -159,8 +179,8 @@ def _fused_masked_token_logprobs(hidden, head, labels, inside, standard_size: in
 
 @dataclass
 class ReasoningHeadOutput(ModelOutput):
-    log_probs: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
+    log_probs: th.Tensor | None = None
+    entropy: th.Tensor | None = None
 
 
 def add_reasoning_lm_head(model, vocab: ReasoningVocab, temperature: float, chunk_size: int) -> None:
@@ -192,7 +212,7 @@ def add_reasoning_lm_head(model, vocab: ReasoningVocab, temperature: float, chun
             chunk_size,
             compute_entropy,
         )
-        full = hidden.new_zeros(keep.shape, dtype=torch.float32)
+        full = hidden.new_zeros(keep.shape, dtype=th.float32)
         log_probs = full.masked_scatter(keep, logps)
         entropy = full.masked_scatter(keep, ent) if ent is not None else None
         return ReasoningHeadOutput(log_probs=log_probs, entropy=entropy)
@@ -220,7 +240,7 @@ def _non_finite_grads(model) -> tuple[list[str], int]:
     params = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
     if not params:
         return [], 0
-    finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm([g for _, g in params])]))
+    finite = th.isfinite(th.stack([n.float() for n in th._foreach_norm([g for _, g in params])]))
     if bool(finite.all()):
         return [], len(params)
     return [name for (name, _), ok in zip(params, finite.tolist(), strict=True) if not ok], len(params)
@@ -244,8 +264,8 @@ class NonFiniteGradientGuard(TrainerCallback):
         if self.origin is not None:
             return
         bad, total = _non_finite_grads(model)
-        loss_value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float("nan")
-        if bad or not torch.isfinite(torch.tensor(loss_value)):
+        loss_value = float(loss.detach().float().mean()) if isinstance(loss, th.Tensor) else float("nan")
+        if bad or not th.isfinite(th.tensor(loss_value)):
             names = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
             self.origin = (
                 f"first seen in micro-batch {micro_batch} (loss {loss_value:.4g}): "
@@ -357,8 +377,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
             all_logps.append(out.log_probs[:, -logits_to_keep:])
             if compute_entropy:
                 all_entropies.append(out.entropy[:, -logits_to_keep:])
-        entropies = torch.cat(all_entropies) if compute_entropy else None
-        return torch.cat(all_logps), entropies, None
+        entropies = th.cat(all_entropies) if compute_entropy else None
+        return th.cat(all_logps), entropies, None
 
     # ------------------------------------------------------------------ generation
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -391,7 +411,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
             return super()._generate_single_turn(prompt_ids, None, {}, self.num_generations)
 
         # Left-pad exactly as TRL's regular path does.
-        prompt_tensors = [torch.tensor(ids) for ids in prompt_ids]
+        prompt_tensors = [th.tensor(ids) for ids in prompt_ids]
         pad_multiple = getattr(self, "pad_to_multiple_of", None)
         padded_ids = pad(
             prompt_tensors,
@@ -400,7 +420,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
             pad_to_multiple_of=pad_multiple,
         )
         attention_mask = pad(
-            [torch.ones_like(t) for t in prompt_tensors],
+            [th.ones_like(t) for t in prompt_tensors],
             padding_value=0,
             padding_side="left",
             pad_to_multiple_of=pad_multiple,
@@ -415,7 +435,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
                 generation_kwargs=self.generation_kwargs,
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as unwrapped_model,
-            torch.no_grad(),
+            th.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
             was_training = unwrapped_model.training
@@ -430,10 +450,10 @@ class RLVRGRPOTrainer(GRPOTrainer):
         # Cut after the first EOS, exactly as TRL's regular path does.
         device = sequences.device
         completion_ids = sequences[:, inputs["input_ids"].size(1) :]
-        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=device))
-        eos_idx = torch.full((is_eos.size(0),), is_eos.size(1), dtype=torch.long, device=device)
+        is_eos = th.isin(completion_ids, th.tensor(self.eos_token_ids, device=device))
+        eos_idx = th.full((is_eos.size(0),), is_eos.size(1), dtype=th.long, device=device)
         eos_idx[is_eos.any(dim=1)] = is_eos.int().argmax(dim=1)[is_eos.any(dim=1)]
-        sequence_indices = torch.arange(is_eos.size(1), device=device).expand(is_eos.size(0), -1)
+        sequence_indices = th.arange(is_eos.size(1), device=device).expand(is_eos.size(0), -1)
         completion_mask = (sequence_indices <= eos_idx.unsqueeze(1)).int()
         completion_ids = [
             c[m].tolist() for c, m in zip(completion_ids.cpu(), completion_mask.bool().cpu(), strict=True)
@@ -458,7 +478,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
             n_tokens += len(c_ids)
             n_think += span.think_tokens
             if vocab is not None and c_ids:
-                ids = torch.tensor(list(p_ids) + c_ids)
+                ids = th.tensor(list(p_ids) + c_ids)
                 is_rsn = vocab.is_reasoning(ids[len(p_ids) :])
                 n_here = int(is_rsn.sum())
                 n_reasoning += n_here
@@ -519,7 +539,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
     # ------------------------------------------------------------------ checkpoints
-    INITIAL_CHECKPOINT = "checkpoint-0"
+    INITIAL_CHECKPOINT = checkpoint_name(0)
 
     def save_initial_checkpoint(self) -> Path:
         """Save the untrained policy as checkpoint-0 (a baseline for evals and drift plots; never rotated)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
-sys.path.insert(0, str(REPO))
 if "TRITON_INTERPRET" not in os.environ:  # no GPU: Triton kernels (where installed) run in Triton's CPU interpreter,
-    import torch  # which must be chosen before anything imports Triton
+    import torch as th  # which must be chosen before anything imports Triton
 
-    if not torch.cuda.is_available():
+    if not th.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
 import rlvr_vocab.config  # noqa: E402,F401  (registers the schema)
@@ -40,12 +38,17 @@ def compose_config(*overrides: str):
         GlobalHydra.instance().clear()
 
 
+def cached_config(*overrides: str):
+    """compose_config with the shared conversion cache (the tools' tests: no output dir)."""
+    return compose_config(f"paths.cache_dir={CACHE_DIR}", *overrides)
+
+
 def tiny_llama(tokenizer, tied: bool = False, seed: int = 0):
     """A random 2-layer Llama over the tokenizer's vocabulary (tied or untied head), in eval mode."""
-    import torch
+    import torch as th
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(seed)
+    th.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -59,6 +62,17 @@ def tiny_llama(tokenizer, tied: bool = False, seed: int = 0):
         bos_token_id=None,
     )
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def digit_share(completions, **kwargs) -> list[float]:
+    """A reward that varies across a random model's completions (accuracy is 0 for all: no advantage)."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+
+def logged_steps(trainer_state: dict) -> list[int]:
+    """The optimizer steps that logged a loss in a ``trainer_state.json`` (``log_history``)."""
+    return [entry["step"] for entry in trainer_state["log_history"] if "loss" in entry]
 
 
 def make_trainer(model, tokenizer, vocab, tmp_path, **kwargs):
@@ -82,6 +96,7 @@ def make_trainer(model, tokenizer, vocab, tmp_path, **kwargs):
         "max_completion_length": 24,
         "report_to": "none",
         "generation_backend": "fast",
+        "activation_checkpointing": True,  # GRPOConfig's default, by its current name (the old one warns)
     }
     args = RLVRGRPOConfig(**{**settings, **kwargs})
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": "1+1?"}]}] * 4)
@@ -95,12 +110,39 @@ def make_trainer(model, tokenizer, vocab, tmp_path, **kwargs):
     )
 
 
+def config_trainer(cfg, model, tokenizer, vocab, ref_model=None, use_cpu: bool = True):
+    """The trainer as train.py builds it from a composed config (its data and GRPOConfig), with the digit_share reward.
+
+    ``ref_model``: the KL reference handed to TRL in place of its reload (peft_utils.build_reference_model).
+    """
+    from rlvr_vocab.data import load_datasets
+    from rlvr_vocab.peft_utils import trl_reference_model
+    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer, grpo_config_kwargs
+
+    funcs, weights = [digit_share], [1.0]
+    train_ds, _ = load_datasets(cfg)
+    kwargs = grpo_config_kwargs(cfg)
+    kwargs["bf16"] = bool(cfg.training.bf16)
+    args = RLVRGRPOConfig(
+        output_dir=cfg.output_dir, report_to="none", reward_weights=weights, use_cpu=use_cpu, **kwargs
+    )
+    with trl_reference_model(ref_model):
+        return RLVRGRPOTrainer(
+            model=model,
+            reward_funcs=funcs,
+            args=args,
+            train_dataset=train_ds,
+            processing_class=tokenizer,
+            reasoning_vocab=vocab,
+        )
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """compose_config with output_dir in tmp_path and the shared conversion cache."""
 
     def _make(*overrides: str):
-        return compose_config(f"output_dir={tmp_path / 'run'}", f"paths.cache_dir={CACHE_DIR}", *overrides)
+        return cached_config(f"output_dir={tmp_path / 'run'}", *overrides)
 
     return _make
 

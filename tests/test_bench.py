@@ -93,7 +93,7 @@ def test_training_flops_counts_params_and_causal_attention():
 
 # ------------------------------------------------------------------------------------------ probes
 def test_step_probe_sees_gc_passes_child_processes_and_recompiles():
-    import torch
+    import torch as th
 
     probe = diagnostics.StepProbe()
     child = None
@@ -106,8 +106,8 @@ def test_step_probe_sees_gc_passes_child_processes_and_recompiles():
         gc.collect()  # a gen-2 pass
         burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
         child = subprocess.Popen([sys.executable, "-c", burn])
-        f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
-        f(torch.ones(3)), f(torch.ones(4))  # the second shape recompiles
+        f = th.compile(lambda x: x * 2, backend="eager", dynamic=False)
+        f(th.ones(3)), f(th.ones(4))  # the second shape recompiles
         time.sleep(1.0)
         record = probe.end()
     finally:
@@ -124,14 +124,14 @@ def test_step_probe_sees_gc_passes_child_processes_and_recompiles():
 
 # ------------------------------------------------------------------------------------------ sampler hooks
 def test_forced_eos_through_a_logits_hook():
-    import torch
+    import torch as th
 
     sampler = types.SimpleNamespace(logits_hook=None)
     assert workload.force_eos(sampler, [2, 5], eos_id=3) == "logits_hook"
-    scores = torch.zeros(2, 6)
-    out = sampler.logits_hook(torch.tensor(1), scores)  # step 1 = the 2nd token: row 0 must end now
-    assert out[0].argmax() == 3 and torch.isinf(out[0, [0, 1, 2, 4, 5]]).all()
-    assert torch.equal(out[1], scores[1]) and torch.equal(sampler.logits_hook(0, scores), scores)
+    scores = th.zeros(2, 6)
+    out = sampler.logits_hook(th.tensor(1), scores)  # step 1 = the 2nd token: row 0 must end now
+    assert out[0].argmax() == 3 and th.isinf(out[0, [0, 1, 2, 4, 5]]).all()
+    assert th.equal(out[1], scores[1]) and th.equal(sampler.logits_hook(0, scores), scores)
     workload.force_eos(sampler, None, eos_id=3)
     assert sampler.logits_hook is None
 

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import doctest
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import CACHE_DIR, REPO, compose_config
+import torch as th
+from conftest import CACHE_DIR, REPO, cached_config
 from hydra.errors import ConfigCompositionException
 
-from rlvr_vocab.cli import evaluate as evaluate_module
-from rlvr_vocab.cli.evaluate import eval_settings, eval_targets, evaluate
+from rlvr_vocab import evaluation
+from rlvr_vocab.cli.evaluate import eval_targets, evaluate
 from rlvr_vocab.config import ConfigError
+from rlvr_vocab.evaluation import eval_settings
 
 EVAL = ("eval.max_new_tokens=8", "eval.batch_size=8")
-
-
-def _cfg(*overrides: str):
-    from rlvr_vocab.cli import tool_overrides
-
-    return compose_config(f"paths.cache_dir={CACHE_DIR}", *tool_overrides(list(overrides)))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +27,7 @@ def reasoning_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     train(
-        _cfg(
+        cached_config(
             "experiment=debug",
             f"output_dir={out}",
             "model.reasoning_vocab_size=4",
@@ -43,23 +37,18 @@ def reasoning_run(tmp_path_factory):
     return out
 
 
-def test_doctests():
-    for module in (evaluate_module, __import__("rlvr_vocab.generation", fromlist=["x"])):
-        assert doctest.testmod(module).failed == 0, module.__name__
-
-
 def test_unknown_eval_key_is_rejected_with_a_suggestion():
-    # a free-form eval dict: our check with a suggestion; a typed eval section: Hydra's strict-key error
-    with pytest.raises((ConfigError, ConfigCompositionException), match="max_new_token"):
-        eval_settings(_cfg("model=tiny", "eval.max_new_token=8"))
+    # the typed eval section: Hydra's strict-key error
+    with pytest.raises(ConfigCompositionException, match="max_new_token"):
+        eval_settings(cached_config("model=tiny", "eval.max_new_token=8"))
     with pytest.raises(ConfigError, match="eval.checkpoints"):
-        eval_settings(_cfg("model=tiny", "eval.checkpoints=every"))
-    assert eval_settings(_cfg("model=tiny", "training.max_completion_length=33"))["max_new_tokens"] == 33
+        eval_settings(cached_config("model=tiny", "eval.checkpoints=every"))
+    assert eval_settings(cached_config("model=tiny", "training.max_completion_length=33"))["max_new_tokens"] == 33
 
 
 def test_gsm8k_configured_model_writes_json(gsm8k_dir, tmp_path):
     out = tmp_path / "eval.json"
-    cfg = _cfg(
+    cfg = cached_config(
         "model=tiny",
         "dataset=gsm8k",
         f"dataset.path={gsm8k_dir / 'test.jsonl'}",  # the held-out file doubles as the (unused) training file
@@ -83,22 +72,40 @@ def test_gsm8k_configured_model_writes_json(gsm8k_dir, tmp_path):
 
 def test_correct_answers_score_one(tmp_path):
     """The scorer is the accuracy reward: a gold \\boxed{} answer is right, another number is not."""
-    cfg = _cfg("model=tiny", "dataset=arithmetic")
-    reward = evaluate_module.correctness_reward(cfg)
-    assert evaluate_module._score(reward, ["so \\boxed{1,000}", "\\boxed{7}", "no box: 12"], ["1000", "8", "12"]) == [
+    cfg = cached_config("model=tiny", "dataset=arithmetic")
+    reward = evaluation.correctness_reward(cfg)
+    assert evaluation._score(reward, ["so \\boxed{1,000}", "\\boxed{7}", "no box: 12"], ["1000", "8", "12"]) == [
         True,
         False,
         False,  # the accuracy reward grades the \boxed{} answer; a bare final number does not count
     ]
-    last_number = evaluate_module.correctness_reward(cfg, "last_number")  # eval.reward=last_number
-    assert evaluate_module._score(last_number, ["no box: 12", "\\boxed{7}"], ["12", "8"]) == [True, False]
+    last_number = evaluation.correctness_reward(cfg, "last_number")  # eval.reward=last_number
+    assert evaluation._score(last_number, ["no box: 12", "\\boxed{7}"], ["12", "8"]) == [True, False]
     with pytest.raises(ConfigError, match="eval.reward='acc'"):
-        evaluate_module.correctness_reward(cfg, "acc")
+        evaluation.correctness_reward(cfg, "acc")
+
+
+def test_a_box_with_a_space_counts_for_rewards_and_the_format_rate():
+    """``\\boxed {7}`` (a space before the brace): one last_boxed, so the rewards that read it (last_number,
+    boxed_format), the held-out format_rate, the extracted answer and a boxed gold agree that it is the answer 7.
+    (The accuracy reward grades as TRL does, through math-verify's own extraction.)"""
+    from rlvr_vocab.data import extract_gold
+    from rlvr_vocab.generation import Completion
+    from rlvr_vocab.rewards.format import boxed_format_reward
+
+    text = "so the answer is \\boxed {7}."
+    reward = evaluation.correctness_reward(cached_config("model=tiny", "dataset=arithmetic"), "last_number")
+    assert evaluation._score(reward, [text, text.replace("7", "8")], ["7", "7"]) == [True, False]
+    assert boxed_format_reward([text]) == [1.0]
+    record = evaluation._record(Completion(text=text, num_tokens=9, truncated=False, answer=text))
+    assert record["boxed"] == record["extracted"] == "7"
+    assert evaluation.summarize([{**record, "correct": True, "truncated": False}], 1)["format_rate"] == 1.0
+    assert extract_gold(text, "boxed") == "7"
 
 
 def test_run_folder_evaluates_every_checkpoint_and_plots(reasoning_run, tmp_path):
     out = tmp_path / "run_eval.json"
-    cfg = _cfg(
+    cfg = cached_config(
         "experiment=debug", f"eval.model_path={reasoning_run}", "eval.num_samples=2", f"output_file={out}", *EVAL
     )
     report = evaluate(cfg)
@@ -111,11 +118,11 @@ def test_run_folder_evaluates_every_checkpoint_and_plots(reasoning_run, tmp_path
 def test_reasoning_checkpoint_restores_rows_and_mask(reasoning_run):
     from rlvr_vocab.generation import generate, load_policy
 
-    cfg = _cfg("experiment=debug")
+    cfg = cached_config("experiment=debug")
     model, tok = load_policy(cfg, reasoning_run / "checkpoint-1")
     vocab = model.reasoning_vocab
     assert vocab is not None and model.get_input_embeddings().weight.size(0) == vocab.standard_size + 4
-    with torch.no_grad():
+    with th.no_grad():
         model.get_output_embeddings().weight[vocab.standard_size :] *= 50  # make reasoning ids tempting
     outside = tok(["1+1=", "2+2="], return_tensors="pt").to(model.device)
     ids = model.generate(**outside, max_new_tokens=6, do_sample=True, num_return_sequences=4)
@@ -146,28 +153,28 @@ def test_lora_adapter_folder_loads_base_plus_adapter(tmp_path):
     from rlvr_vocab.reasoning_vocab import extend_model
 
     overrides = ("model=tiny", "model.reasoning_vocab_size=4", "model.lora.enabled=true", "model.lora.r=4")
-    cfg = _cfg(*overrides)
+    cfg = cached_config(*overrides)
     model, tok = load_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, bf16=False, seed=cfg.seed)
     vocab = extend_model(model, tok, 4, cfg.model.reasoning)
     peft_model = apply_lora(model, cfg.model.lora, 4)
-    with torch.no_grad():  # stand-in for training: move every adapter weight, reasoning rows included
+    with th.no_grad():  # stand-in for training: move every adapter weight, reasoning rows included
         for p in peft_model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.5)
+                p.add_(th.randn_like(p) * 0.5)
     adapter = tmp_path / "checkpoint-3"
     peft_model.save_pretrained(adapter)
     tok.save_pretrained(adapter)
     vocab.save(adapter)
     peft_model.eval()
-    ids = torch.tensor([tok("<think>1+1=").input_ids])
-    with torch.no_grad():
+    ids = th.tensor([tok("<think>1+1=").input_ids])
+    with th.no_grad():
         expected = peft_model(input_ids=ids).logits
 
-    loaded, loaded_tok = load_policy(_cfg(*overrides), adapter)
+    loaded, loaded_tok = load_policy(cached_config(*overrides), adapter)
     assert loaded.reasoning_vocab.standard_size == vocab.standard_size
-    with torch.no_grad():
+    with th.no_grad():
         got = loaded(input_ids=ids).logits
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    th.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_cli_runs_and_reports_config_errors(tmp_path):

@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CACHE_DIR, compose_config
+from conftest import CACHE_DIR, cached_config
 
-from rlvr_vocab.cli import tool_overrides
 from rlvr_vocab.cli.infer import infer, read_questions
 from rlvr_vocab.config import ConfigError
 
@@ -19,9 +18,7 @@ GEN = ("eval.max_new_tokens=8", "eval.batch_size=4")
 
 
 def _cfg(*overrides: str):
-    return compose_config(
-        f"paths.cache_dir={CACHE_DIR}", "model=tiny", "dataset=arithmetic", *tool_overrides([*GEN, *overrides])
-    )
+    return cached_config("model=tiny", "dataset=arithmetic", *GEN, *overrides)
 
 
 def test_one_question_prints_completion_and_answer(capsys):

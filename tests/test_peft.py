@@ -5,10 +5,11 @@ from __future__ import annotations
 import inspect
 
 import pytest
-import torch
+import torch as th
+from conftest import config_trainer
 from omegaconf import OmegaConf
 
-from rlvr_vocab.config import ConfigError, grpo_config_kwargs
+from rlvr_vocab.config import ConfigError
 from rlvr_vocab.models import CHATML_TEMPLATE, load_model_and_tokenizer
 from rlvr_vocab.peft_utils import (
     apply_lora,
@@ -45,35 +46,6 @@ def _tiny(cfg):
         tok.chat_template = CHATML_TEMPLATE.replace("assistant\n' }}", "assistant\n<think>' }}")
         assert tok.chat_template != CHATML_TEMPLATE
     return model, tok, vocab
-
-
-def digit_share(completions, **kwargs) -> list[float]:
-    """A reward that varies across a random model's completions (accuracy is 0 for all: no advantage)."""
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
-
-
-def _trainer(cfg, model, tok, vocab, ref_model=None, use_cpu: bool = True):
-    """The trainer as train.py builds it (rewards, data, GRPOConfig from the composed config)."""
-    from rlvr_vocab.data import load_datasets
-    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
-
-    funcs, weights = [digit_share], [1.0]
-    train_ds, _ = load_datasets(cfg)
-    kwargs = grpo_config_kwargs(cfg)
-    kwargs["bf16"] = bool(cfg.training.bf16)
-    args = RLVRGRPOConfig(
-        output_dir=cfg.output_dir, report_to="none", reward_weights=weights, use_cpu=use_cpu, **kwargs
-    )
-    with trl_reference_model(ref_model):
-        return RLVRGRPOTrainer(
-            model=model,
-            reward_funcs=funcs,
-            args=args,
-            train_dataset=train_ds,
-            processing_class=tok,
-            reasoning_vocab=vocab,
-        )
 
 
 def _snapshot(model, trainable: bool):
@@ -114,7 +86,7 @@ def test_lora_without_reasoning_rows_trains_only_the_adapter(make_cfg):
 
 # ------------------------------------------------------------------------------------------- QLoRA
 def test_qlora_is_a_clear_config_error_without_cuda(make_cfg):
-    if torch.cuda.is_available():
+    if th.cuda.is_available():
         pytest.skip("this machine has CUDA")
     cfg = make_cfg("model=qwen3_0.6b", *LORA, "model.lora.load_in_4bit=true")
     with pytest.raises(ConfigError, match="model.lora.load_in_4bit"):
@@ -131,7 +103,7 @@ def test_qlora_needs_an_adapter(make_cfg):
 @pytest.mark.gpu
 def test_qlora_grpo_on_gpu(make_cfg, tmp_path):
     """4-bit NF4 base (the tiny model saved and reloaded through from_pretrained), LoRA on top, 2 GRPO steps."""
-    if not torch.cuda.is_available():
+    if not th.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
@@ -141,17 +113,17 @@ def test_qlora_grpo_on_gpu(make_cfg, tmp_path):
     kwargs = load_kwargs_for_qlora(cfg.model.lora)
     q = kwargs["quantization_config"]
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
-    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert q.bnb_4bit_compute_dtype == th.bfloat16
     model, tok, vocab = _tiny(cfg)
     model.save_pretrained(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=th.bfloat16, **kwargs)
     assert model.is_loaded_in_4bit
     model = apply_lora(model, cfg.model.lora, 0)
     before = _snapshot(model, True)
-    trainer = _trainer(cfg, model, tok, vocab, use_cpu=False)
+    trainer = config_trainer(cfg, model, tok, vocab, use_cpu=False)
     trainer.train()
     after = _snapshot(model, True)
-    assert any(not torch.equal(before[n], after[n]) for n in before), "no LoRA weight changed"
+    assert any(not th.equal(before[n], after[n]) for n in before), "no LoRA weight changed"
 
 
 # ------------------------------------------------------------------------------------------- GRPO + LoRA
@@ -163,15 +135,15 @@ def test_grpo_with_lora_changes_adapter_not_base(make_cfg, reasoning_vocab_size)
     model = apply_lora(model, cfg.model.lora, n)
     adapter_before, base_before = _snapshot(model, True), _snapshot(model, False)
     assert any("trainable_tokens" in name for name in adapter_before) == bool(n)
-    trainer = _trainer(cfg, model, tok, vocab)
+    trainer = config_trainer(cfg, model, tok, vocab)
     assert trainer.ref_model is None
     trainer.train()
     adapter_after, base_after = _snapshot(model, True), _snapshot(model, False)
-    changed = [n for n in adapter_before if not torch.equal(adapter_before[n], adapter_after[n])]
+    changed = [n for n in adapter_before if not th.equal(adapter_before[n], adapter_after[n])]
     assert any("lora_" in n for n in changed), "no LoRA weight changed"
     if n:
         assert any("trainable_tokens" in name for name in changed), "the reasoning rows did not change"
-    assert all(torch.equal(base_before[n], base_after[n]) for n in base_before), "a frozen base weight changed"
+    assert all(th.equal(base_before[n], base_after[n]) for n in base_before), "a frozen base weight changed"
 
 
 # ------------------------------------------------------------------------------------------- reference model
@@ -179,7 +151,7 @@ def test_beta_zero_loads_no_reference_model(make_cfg):
     cfg = make_cfg("model=tiny", "dataset=arithmetic", "training.beta=0.0", *GRPO)
     model, tok, vocab = _tiny(cfg)
     assert build_reference_model(model, cfg.training.beta) is None
-    trainer = _trainer(cfg, model, tok, vocab)
+    trainer = config_trainer(cfg, model, tok, vocab)
     assert trainer.ref_model is None and trainer.beta == 0.0
 
 
@@ -196,13 +168,13 @@ def test_beta_positive_uses_a_frozen_copy_of_the_initial_policy(make_cfg, reason
     model, tok, vocab = _tiny(cfg)
     ref = build_reference_model(model, cfg.training.beta)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = _trainer(cfg, model, tok, vocab, ref_model=ref)
+    trainer = config_trainer(cfg, model, tok, vocab, ref_model=ref)
     assert trainer.ref_model is not None
     ref_params = dict(trainer.accelerator.unwrap_model(trainer.ref_model).named_parameters())
     assert ref_params["model.embed_tokens.weight"].size(0) == model.get_input_embeddings().weight.size(0)
     trainer.train()
-    assert any(not torch.equal(initial[n], p) for n, p in model.named_parameters()), "the policy did not train"
-    assert all(torch.equal(initial[n], p) for n, p in ref_params.items()), "the reference moved"
+    assert any(not th.equal(initial[n], p) for n, p in model.named_parameters()), "the policy did not train"
+    assert all(th.equal(initial[n], p) for n, p in ref_params.items()), "the reference moved"
     assert not any(p.requires_grad for p in ref_params.values())
     assert any("kl" in entry for entry in trainer.state.log_history)
 
@@ -211,7 +183,7 @@ def test_reference_patch_is_undone():
     import trl.trainer.grpo_trainer as grpo_module
 
     original = grpo_module.create_model_from_path
-    with trl_reference_model(torch.nn.Linear(1, 1)):
+    with trl_reference_model(th.nn.Linear(1, 1)):
         assert grpo_module.create_model_from_path is not original
     assert grpo_module.create_model_from_path is original
 

@@ -39,6 +39,9 @@ def test_a_local_model_path_that_does_not_exist_is_named(make_cfg, tmp_path):
         ("dataset.max_train_samples=0", "dataset.max_train_samples=0"),
         ("reward.funcs=[nonexistent]", r"reward.funcs: unknown reward\(s\) \['nonexistent'\]; valid names"),
         ("training.learning_rate=-1", "training.learning_rate"),
+        # the checks that need TRL or torch run in train(), after validate(): a GRPOConfig field, QLoRA
+        ("+training.extra.top_entropy_quantil=0.5", "training.extra.top_entropy_quantil.*top_entropy_quantile"),
+        ("model.lora.load_in_4bit=true", "model.lora.load_in_4bit=true needs model.lora.enabled=true"),
     ],
 )
 def test_train_refuses_before_writing_anything(make_cfg, override, message):

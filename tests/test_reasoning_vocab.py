@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+import torch as th
 from conftest import make_trainer, tiny_llama
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
@@ -41,9 +41,9 @@ def reference_span(ids: list[int], open_id: int, close_id: int, initial: bool = 
 # ------------------------------------------------------------------------------------------------- span
 def test_span_state_matches_a_sequential_scan():
     vocab = ReasoningVocab(4, 20, [5, 6, 7, 8], "<think>", "</think>", open_id=3, close_id=4)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 8, (16, 40), generator=g)
-    initial = torch.rand(16, generator=g) > 0.5
+    g = th.Generator().manual_seed(0)
+    ids = th.randint(0, 8, (16, 40), generator=g)
+    initial = th.rand(16, generator=g) > 0.5
     inside = vocab.span_state(ids, initial)
     for b in range(16):
         assert inside[b].tolist() == reference_span(ids[b].tolist(), 3, 4, bool(initial[b]))
@@ -51,13 +51,13 @@ def test_span_state_matches_a_sequential_scan():
 
 def test_processor_step_updates_equal_a_full_rescan():
     vocab = ReasoningVocab(4, 20, [5, 6, 7, 8], "<think>", "</think>", open_id=3, close_id=4)
-    ids = torch.randint(0, 8, (6, 30), generator=torch.Generator().manual_seed(1))
+    ids = th.randint(0, 8, (6, 30), generator=th.Generator().manual_seed(1))
     proc = ReasoningMaskProcessor(vocab)
     for t in range(10, 31):
-        scores = proc(ids[:, :t], torch.zeros(6, 24))
+        scores = proc(ids[:, :t], th.zeros(6, 24))
         expected_inside = vocab.span_state(ids[:, :t])[:, -1]
-        assert torch.equal(proc.inside, expected_inside)
-        assert torch.isinf(scores[~expected_inside, 20:]).all() and (scores[expected_inside, 20:] == 0).all()
+        assert th.equal(proc.inside, expected_inside)
+        assert th.isinf(scores[~expected_inside, 20:]).all() and (scores[expected_inside, 20:] == 0).all()
         assert (scores[:, :20] == 0).all()
 
 
@@ -65,17 +65,17 @@ def test_processor_step_updates_equal_a_full_rescan():
 @pytest.mark.parametrize("tied", [True, False])
 def test_extend_copies_rows_and_keeps_standard_logits(tok, tied):
     model = tiny_llama(tok, tied)
-    ids = torch.tensor([tok("What is 2+3?").input_ids])
+    ids = th.tensor([tok("What is 2+3?").input_ids])
     before = model(ids).logits
     vocab = extend_model(model, tok, 10, RCFG)
     v = vocab.standard_size
     assert v == len(tok) and model.get_input_embeddings().weight.shape[0] == v + 10
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    assert torch.equal(emb[v:], emb[vocab.source_ids]) and torch.equal(head[v:], head[vocab.source_ids])
+    assert th.equal(emb[v:], emb[vocab.source_ids]) and th.equal(head[v:], head[vocab.source_ids])
     assert (head is emb) == tied
     after = model(ids).logits
-    torch.testing.assert_close(after[..., :v], before)
-    torch.testing.assert_close(after[..., v:], before[..., vocab.source_ids])  # copies score like their sources
+    th.testing.assert_close(after[..., :v], before)
+    th.testing.assert_close(after[..., v:], before[..., vocab.source_ids])  # copies score like their sources
 
 
 def test_sources_skip_specials_and_tags(tok):
@@ -124,63 +124,63 @@ def test_extend_after_real_from_pretrained(tok, tmp_path):
 # ------------------------------------------------------------------------------------------ masked log-probs
 def naive_masked_logprobs(hidden, weight, labels, inside, v, temperature):
     logits = (hidden @ weight.T).float() / temperature
-    logits[:, v:] = torch.where(inside[:, None], logits[:, v:], float("-inf"))
+    logits[:, v:] = th.where(inside[:, None], logits[:, v:], float("-inf"))
     logp = logits.log_softmax(-1)
     ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
     return logp.gather(-1, labels[:, None]).squeeze(-1), ent
 
 
 def test_chunked_masked_logprobs_match_naive_values_and_gradients():
-    g = torch.Generator().manual_seed(0)
+    g = th.Generator().manual_seed(0)
     v, n, d, t = 30, 10, 8, 37
-    hidden = torch.randn(t, d, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(v + n, d, generator=g, dtype=torch.float64, requires_grad=True)
-    inside = torch.rand(t, generator=g) > 0.5
-    labels = torch.where(inside, torch.randint(0, v + n, (t,), generator=g), torch.randint(0, v, (t,), generator=g))
+    hidden = th.randn(t, d, generator=g, dtype=th.float64, requires_grad=True)
+    weight = th.randn(v + n, d, generator=g, dtype=th.float64, requires_grad=True)
+    inside = th.rand(t, generator=g) > 0.5
+    labels = th.where(inside, th.randint(0, v + n, (t,), generator=g), th.randint(0, v, (t,), generator=g))
     ours, ent = masked_token_logprobs(
         hidden, lambda h: h @ weight.T, labels, inside, v, 0.7, chunk_size=8, entropy=True
     )
     ref, ref_ent = naive_masked_logprobs(hidden, weight, labels, inside, v, 0.7)
-    torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ent, ref_ent.float(), rtol=1e-4, atol=1e-4)  # ours runs in fp32
-    g1 = torch.autograd.grad(ours.sum() + ent.sum(), (hidden, weight))
-    g2 = torch.autograd.grad(ref.sum() + ref_ent.sum(), (hidden, weight))
+    th.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
+    th.testing.assert_close(ent, ref_ent.float(), rtol=1e-4, atol=1e-4)  # ours runs in fp32
+    g1 = th.autograd.grad(ours.sum() + ent.sum(), (hidden, weight))
+    g2 = th.autograd.grad(ref.sum() + ref_ent.sum(), (hidden, weight))
     for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        th.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_fused_head_equals_the_chunked_head(temperature):
     """A plain nn.Linear head takes TRL's fused kernel; any other head the checkpointed chunks: same numbers."""
-    g = torch.Generator().manual_seed(0)
+    g = th.Generator().manual_seed(0)
     v, n, d, t = 50, 20, 16, 61
-    hidden = torch.randn(t, d, generator=g, requires_grad=True)
-    head = torch.nn.Linear(d, v + n, bias=True)
-    inside = torch.rand(t, generator=g) > 0.4
-    labels = torch.where(inside, torch.randint(0, v + n, (t,), generator=g), torch.randint(0, v, (t,), generator=g))
+    hidden = th.randn(t, d, generator=g, requires_grad=True)
+    head = th.nn.Linear(d, v + n, bias=True)
+    inside = th.rand(t, generator=g) > 0.4
+    labels = th.where(inside, th.randint(0, v + n, (t,), generator=g), th.randint(0, v, (t,), generator=g))
     fused, fused_ent = masked_token_logprobs(hidden, head, labels, inside, v, temperature, entropy=True)
     chunked, chunked_ent = masked_token_logprobs(hidden, lambda h: head(h), labels, inside, v, temperature, 16, True)
-    torch.testing.assert_close(fused, chunked, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused_ent, chunked_ent, rtol=1e-4, atol=1e-4)
-    g1 = torch.autograd.grad(fused.sum(), (hidden, head.weight, head.bias))
-    g2 = torch.autograd.grad(chunked.sum(), (hidden, head.weight, head.bias))
+    th.testing.assert_close(fused, chunked, rtol=1e-5, atol=1e-5)
+    th.testing.assert_close(fused_ent, chunked_ent, rtol=1e-4, atol=1e-4)
+    g1 = th.autograd.grad(fused.sum(), (hidden, head.weight, head.bias))
+    g2 = th.autograd.grad(chunked.sum(), (hidden, head.weight, head.bias))
     for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        th.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_head_all_inside_and_all_outside():
-    hidden, head = torch.randn(4, 8), torch.nn.Linear(8, 12, bias=False)
-    labels = torch.tensor([1, 11, 2, 3])
-    all_in, _ = masked_token_logprobs(hidden, head, labels, torch.ones(4, dtype=torch.bool), 10)
-    all_out, _ = masked_token_logprobs(hidden, head, labels, torch.zeros(4, dtype=torch.bool), 10)
-    assert torch.isfinite(all_in).all()
-    assert torch.isinf(all_out[1]) and torch.isfinite(all_out[[0, 2, 3]]).all()
+    hidden, head = th.randn(4, 8), th.nn.Linear(8, 12, bias=False)
+    labels = th.tensor([1, 11, 2, 3])
+    all_in, _ = masked_token_logprobs(hidden, head, labels, th.ones(4, dtype=th.bool), 10)
+    all_out, _ = masked_token_logprobs(hidden, head, labels, th.zeros(4, dtype=th.bool), 10)
+    assert th.isfinite(all_in).all()
+    assert th.isinf(all_out[1]) and th.isfinite(all_out[[0, 2, 3]]).all()
 
 
 # ------------------------------------------------------------------------------------ sampling == training
 def boost_reasoning_rows(model, vocab, scale=3.0):
     """Make reasoning ids likely wherever they are allowed (so the mask is what keeps them out)."""
-    with torch.no_grad():
+    with th.no_grad():
         head = model.get_output_embeddings().weight
         head[vocab.standard_size :] *= scale
         head[vocab.standard_size :] += 0.5 * head[vocab.standard_size :].sign()
@@ -201,7 +201,7 @@ def test_generation_logprobs_equal_training_logprobs(tok, tmp_path, temperature)
         return_tensors="pt",
         padding=True,
     )
-    torch.manual_seed(0)
+    th.manual_seed(0)
     out = model.generate(
         **prompt,
         do_sample=True,
@@ -214,20 +214,20 @@ def test_generation_logprobs_equal_training_logprobs(tok, tmp_path, temperature)
         pad_token_id=tok.pad_token_id,
     )
     completion = out.sequences[:, prompt.input_ids.shape[1] :]
-    gen_logps = torch.stack(
+    gen_logps = th.stack(
         [s.log_softmax(-1).gather(-1, completion[:, i : i + 1]).squeeze(-1) for i, s in enumerate(out.scores)], 1
     )
     # score up to and including the first EOS, as TRL does
     is_eos = completion == tok.eos_token_id
     after_eos = (is_eos.cumsum(1) - is_eos.int()) > 0
     completion_mask = (~after_eos).int()
-    attention = torch.cat([prompt.attention_mask, completion_mask], 1)
+    attention = th.cat([prompt.attention_mask, completion_mask], 1)
     train_logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
         trainer.model, out.sequences, attention, completion.shape[1], compute_entropy=True
     )
     keep = completion_mask.bool()
-    assert keep.sum() >= 10 and torch.isfinite(gen_logps[keep]).all()
-    torch.testing.assert_close(train_logps[keep], gen_logps[keep], rtol=1e-4, atol=1e-4)
+    assert keep.sum() >= 10 and th.isfinite(gen_logps[keep]).all()
+    th.testing.assert_close(train_logps[keep], gen_logps[keep], rtol=1e-4, atol=1e-4)
     # the first prompt starts inside the span: reasoning ids appear in the sample
     assert (completion >= vocab.standard_size).any()
 
@@ -239,7 +239,7 @@ def test_mask_holds_in_sampling_and_generation_terminates(tok):
     prompts = tok(
         ["<|im_start|>assistant\n"] * 16 + ["<|im_start|>assistant\n<think>"] * 16, return_tensors="pt", padding=True
     )
-    torch.manual_seed(1)
+    th.manual_seed(1)
     seqs = model.generate(**prompts, do_sample=True, max_new_tokens=40, pad_token_id=tok.pad_token_id)
     inside = vocab.span_state(seqs)[:, :-1]
     nxt = seqs[:, 1:]
@@ -265,7 +265,7 @@ def test_added_tokens_are_not_reasoning_ids(tok):
     model = tiny_llama(tok, tied=True)
     vocab = extend_model(model, tok, 4, RCFG, add_tag_tokens(tok, model, "<reason>", "</reason>"))
     assert vocab.open_id >= tok.vocab_size
-    assert not vocab.is_reasoning(torch.tensor([vocab.open_id, vocab.close_id])).any()
+    assert not vocab.is_reasoning(th.tensor([vocab.open_id, vocab.close_id])).any()
     assert vocab.decode(tok, [vocab.open_id], skip_special_tokens=False) == "<reason>"
 
 
@@ -284,8 +284,8 @@ def test_checkpoint_round_trip_restores_n_and_logits(tok, tmp_path):
     assert top_level_load is load_checkpoint
     loaded, loaded_tok = load_checkpoint(tmp_path / "final")
     assert loaded.reasoning_vocab == vocab and len(loaded_tok) == len(tok)
-    ids = torch.tensor([tok("<think>1+1").input_ids])
-    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    ids = th.tensor([tok("<think>1+1").input_ids])
+    th.testing.assert_close(loaded(ids).logits, model(ids).logits)
     # the loaded model's generate applies the mask too
     seqs = loaded.generate(ids, do_sample=True, max_new_tokens=10, pad_token_id=tok.pad_token_id)
     assert not ((seqs[:, 1:] >= vocab.standard_size) & ~vocab.span_state(seqs)[:, :-1]).any()

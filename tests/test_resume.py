@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import logged_steps
 
-from rlvr_vocab import resume
+from rlvr_vocab import checkpoints, resume
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,12 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny_trainer(output_dir: Path, max_steps: int, save_steps: int, callbacks=(), use_cpu: bool = True):
-    import torch
+    import torch as th
     from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    class _Rows(torch.utils.data.Dataset):
+    class _Rows(th.utils.data.Dataset):
         def __init__(self) -> None:
-            self.ids = torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(0))
+            self.ids = th.randint(0, 32, (64, 8), generator=th.Generator().manual_seed(0))
 
         def __len__(self) -> int:
             return len(self.ids)
@@ -42,7 +43,7 @@ def _tiny_trainer(output_dir: Path, max_steps: int, save_steps: int, callbacks=(
         def __getitem__(self, i: int) -> dict:
             return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
-    torch.manual_seed(0)
+    th.manual_seed(0)
     config = Qwen3Config(
         vocab_size=32,
         hidden_size=64,
@@ -86,10 +87,6 @@ def _signal_at_step(step: int, signum: int, rank: int | None = None):
     return _Kill()
 
 
-def _logged_steps(trainer_state: dict) -> list[int]:
-    return [entry["step"] for entry in trainer_state["log_history"] if "loss" in entry]
-
-
 def _files(directory: Path) -> set[str]:
     return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
 
@@ -109,15 +106,15 @@ def test_signal_saves_then_resume_finishes_with_each_step_logged_once(tmp_path):
     assert stopped.value.global_step == 2
     assert signal.getsignal(signal.SIGUSR1) is before  # handlers restored
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
-    assert (tmp_path / "checkpoint-2" / resume.COMPLETE_MARKER).is_file()
-    checkpoint = resume.latest_complete_checkpoint(tmp_path)
+    assert (tmp_path / "checkpoint-2" / checkpoints.COMPLETE_MARKER).is_file()
+    checkpoint = checkpoints.latest_complete_checkpoint(tmp_path)
     assert checkpoint == str(tmp_path / "checkpoint-2")
 
     trainer = _tiny_trainer(tmp_path, max_steps=6, save_steps=100)
     with resume.signal_handlers():  # no signal: returns normally
         trainer.train(resume_from_checkpoint=checkpoint)
     assert trainer.state.global_step == 6
-    assert _logged_steps({"log_history": trainer.state.log_history}) == [1, 2, 3, 4, 5, 6]
+    assert logged_steps({"log_history": trainer.state.log_history}) == [1, 2, 3, 4, 5, 6]
 
 
 def test_ctrl_c_saves_at_the_step_boundary_and_a_second_quits_at_once(tmp_path):
@@ -130,7 +127,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_a_second_quits_at_once(tmp_path):
         with resume.signal_handlers():
             trainer.train()
     assert stopped.value.code == resume.EXIT_PREEMPTED and stopped.value.signum == signal.SIGINT
-    assert resume.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert checkpoints.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
     assert signal.getsignal(signal.SIGINT) is before
 
     class _TwiceAt(TrainerCallback):
@@ -153,7 +150,7 @@ def test_previous_handler_runs_after_the_checkpoint_is_complete(tmp_path):
     seen = []
 
     def submitit_like(signum, frame):
-        seen.append((signum, resume.is_complete_checkpoint(tmp_path / "checkpoint-1", require_marker=True)))
+        seen.append((signum, checkpoints.is_complete_checkpoint(tmp_path / "checkpoint-1", require_marker=True)))
 
     before = signal.signal(signal.SIGUSR2, submitit_like)
     try:
@@ -188,7 +185,7 @@ def test_stop_signal_still_stops_after_a_library_took_it_over(tmp_path):
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     assert trainer.state.global_step == 3
-    assert resume.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    assert checkpoints.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
 
 
 def test_signal_in_the_last_step_finishes_normally(tmp_path):
@@ -196,7 +193,7 @@ def test_signal_in_the_last_step_finishes_normally(tmp_path):
     with resume.signal_handlers():
         trainer.train()
     assert trainer.state.global_step == 2
-    assert resume.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert checkpoints.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,8 +205,8 @@ def test_incomplete_newest_checkpoints_are_skipped_and_nothing_is_deleted(tmp_pa
     trainer = _tiny_trainer(tmp_path, max_steps=3, save_steps=1)
     trainer.train()
     for step in (1, 2, 3):
-        assert resume.is_complete_checkpoint(tmp_path / f"checkpoint-{step}", require_marker=True)
-    assert resume.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+        assert checkpoints.is_complete_checkpoint(tmp_path / f"checkpoint-{step}", require_marker=True)
+    assert checkpoints.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
 
     # checkpoint-3: weights truncated after the marker was written
     weights = tmp_path / "checkpoint-3" / "model.safetensors"
@@ -219,7 +216,7 @@ def test_incomplete_newest_checkpoints_are_skipped_and_nothing_is_deleted(tmp_pa
     shutil.copy(tmp_path / "checkpoint-2" / "model.safetensors", tmp_path / "checkpoint-4")
     # checkpoint-5: every HF file written, killed before on_save wrote the marker
     shutil.copytree(tmp_path / "checkpoint-2", tmp_path / "checkpoint-5")
-    (tmp_path / "checkpoint-5" / resume.COMPLETE_MARKER).unlink()
+    (tmp_path / "checkpoint-5" / checkpoints.COMPLETE_MARKER).unlink()
     state = json.loads((tmp_path / "checkpoint-5" / "trainer_state.json").read_text())
     (tmp_path / "checkpoint-5" / "trainer_state.json").write_text(json.dumps({**state, "global_step": 5}))
     # not checkpoints at all, or nothing to resume (the untrained model, weights only)
@@ -229,41 +226,43 @@ def test_incomplete_newest_checkpoints_are_skipped_and_nothing_is_deleted(tmp_pa
     (tmp_path / "checkpoint-9").write_text("a file, not a directory")
 
     before = _files(tmp_path)
-    assert resume.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
-    assert "model.safetensors has 100 bytes" in resume.checkpoint_problem(tmp_path / "checkpoint-3")
-    assert resume.checkpoint_problem(tmp_path / "checkpoint-4", require_marker=True).startswith(resume.COMPLETE_MARKER)
-    assert resume.checkpoint_problem(tmp_path / "checkpoint-5") is None  # complete by its files alone...
-    assert not resume.is_complete_checkpoint(tmp_path / "checkpoint-5", require_marker=True)  # ...but unmarked
+    assert checkpoints.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert "model.safetensors has 100 bytes" in checkpoints.checkpoint_problem(tmp_path / "checkpoint-3")
+    assert checkpoints.checkpoint_problem(tmp_path / "checkpoint-4", require_marker=True).startswith(
+        checkpoints.COMPLETE_MARKER
+    )
+    assert checkpoints.checkpoint_problem(tmp_path / "checkpoint-5") is None  # complete by its files alone...
+    assert not checkpoints.is_complete_checkpoint(tmp_path / "checkpoint-5", require_marker=True)  # ...but unmarked
     assert _files(tmp_path) == before
 
     # save_total_limit=1 deleted every marked checkpoint before the newest got its marker: take the newest
     # that is complete by its files (checkpoint-5) rather than start over.
     shutil.rmtree(tmp_path / "checkpoint-1")
     shutil.move(tmp_path / "checkpoint-2", tmp_path.parent / f"{tmp_path.name}-checkpoint-2")
-    assert resume.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
+    assert checkpoints.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
     shutil.move(tmp_path.parent / f"{tmp_path.name}-checkpoint-2", tmp_path / "checkpoint-2")
 
     # Resuming from checkpoint-2 rewrites checkpoint-3 in place, marker included.
     trainer = _tiny_trainer(tmp_path, max_steps=3, save_steps=1)
-    trainer.train(resume_from_checkpoint=resume.latest_complete_checkpoint(tmp_path))
-    assert resume.is_complete_checkpoint(tmp_path / "checkpoint-3", require_marker=True)
+    trainer.train(resume_from_checkpoint=checkpoints.latest_complete_checkpoint(tmp_path))
+    assert checkpoints.is_complete_checkpoint(tmp_path / "checkpoint-3", require_marker=True)
 
 
 def test_checkpoints_without_markers_are_judged_by_their_files(tmp_path):
     """Checkpoints written without PreemptionCallback (e.g. by an older version) still resume."""
     trainer = _tiny_trainer(tmp_path, max_steps=2, save_steps=1)
     trainer.train()
-    for marker in tmp_path.glob(f"checkpoint-*/{resume.COMPLETE_MARKER}"):
+    for marker in tmp_path.glob(f"checkpoint-*/{checkpoints.COMPLETE_MARKER}"):
         marker.unlink()
-    assert resume.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert checkpoints.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
 
     state = tmp_path / "checkpoint-2" / "trainer_state.json"
     state.write_text(state.read_text()[:50])  # killed while writing the last file
-    assert resume.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
+    assert checkpoints.latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
     (tmp_path / "checkpoint-1" / "optimizer.pt").unlink()
-    assert resume.checkpoint_problem(tmp_path / "checkpoint-1").startswith("no optimizer file")
-    assert resume.latest_complete_checkpoint(tmp_path) is None
-    assert resume.latest_complete_checkpoint(tmp_path / "does-not-exist") is None
+    assert checkpoints.checkpoint_problem(tmp_path / "checkpoint-1").startswith("no optimizer file")
+    assert checkpoints.latest_complete_checkpoint(tmp_path) is None
+    assert checkpoints.latest_complete_checkpoint(tmp_path / "does-not-exist") is None
 
 
 def test_sharded_weights_need_every_shard(tmp_path):
@@ -280,13 +279,13 @@ def test_sharded_weights_need_every_shard(tmp_path):
         (ckpt / name).write_bytes(b"x")
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert "missing shards ['model-00002-of-00002.safetensors']" in resume.checkpoint_problem(ckpt)
+    assert "missing shards ['model-00002-of-00002.safetensors']" in checkpoints.checkpoint_problem(ckpt)
     (ckpt / "model-00002-of-00002.safetensors").write_bytes(b"x")
-    assert resume.latest_complete_checkpoint(tmp_path) == str(ckpt)
-    resume.mark_complete(ckpt, 7)
-    assert resume.is_complete_checkpoint(ckpt, require_marker=True)
+    assert checkpoints.latest_complete_checkpoint(tmp_path) == str(ckpt)
+    checkpoints.mark_complete(ckpt, 7)
+    assert checkpoints.is_complete_checkpoint(ckpt, require_marker=True)
     (ckpt / "model-00002-of-00002.safetensors").unlink()
-    assert resume.checkpoint_problem(ckpt) == "model-00002-of-00002.safetensors is missing"
+    assert checkpoints.checkpoint_problem(ckpt) == "model-00002-of-00002.safetensors is missing"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,11 +295,11 @@ def test_sharded_weights_need_every_shard(tmp_path):
 
 def _child(phase: str, output_dir: str, result_dir: str) -> None:
     """Training process of the multi-process tests: ``python tests/test_resume.py {stop|resume} OUT RESULTS``."""
-    import torch
+    import torch as th
 
     callbacks = [_signal_at_step(3, signal.SIGUSR1, rank=1)] if phase == "stop" else []  # rank 1 only
-    trainer = _tiny_trainer(Path(output_dir), 12, 100, callbacks, use_cpu=not torch.cuda.is_available())
-    checkpoint = resume.latest_complete_checkpoint(output_dir) if phase == "resume" else None
+    trainer = _tiny_trainer(Path(output_dir), 12, 100, callbacks, use_cpu=not th.cuda.is_available())
+    checkpoint = checkpoints.latest_complete_checkpoint(output_dir) if phase == "resume" else None
     result = {"world_size": trainer.args.world_size, "resumed_from": checkpoint, "preempted": None}
     try:
         with resume.signal_handlers():
@@ -308,7 +307,7 @@ def _child(phase: str, output_dir: str, result_dir: str) -> None:
     except resume.Preempted as stop:
         result["preempted"] = {"signal": stop.signum, "step": stop.global_step}
     result["global_step"] = trainer.state.global_step
-    result["logged"] = _logged_steps({"log_history": trainer.state.log_history})
+    result["logged"] = logged_steps({"log_history": trainer.state.log_history})
     Path(result_dir, f"{phase}-{trainer.args.process_index}.json").write_text(json.dumps(result))
 
 
@@ -331,7 +330,7 @@ def _ranks_stop_together_and_resume(config: str, tmp_path: Path) -> None:
     assert all(r["world_size"] == 2 for r in stops), first.stdout[-2000:] + first.stderr[-3000:]
     # rank 1 alone got SIGUSR1; rank 0 learns it through the all-reduce and stops at the same step
     assert [r["preempted"] for r in stops] == [{"signal": signal.SIGUSR1, "step": 3}] * 2
-    assert resume.latest_complete_checkpoint(run) == str(run / "checkpoint-3")
+    assert checkpoints.latest_complete_checkpoint(run) == str(run / "checkpoint-3")
 
     second = _launch_two(config, "resume", run, results)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -351,9 +350,9 @@ def test_two_cpu_ranks_stop_together_and_resume(tmp_path):
 @pytest.mark.parametrize("config", ["ddp", "fsdp2"])
 def test_two_gpu_ranks_stop_together_and_resume(config, tmp_path):
     """DDP and FSDP2 over NCCL: the all-reduce on CUDA, sharded optimizer state in the checkpoint."""
-    import torch
+    import torch as th
 
-    if torch.cuda.device_count() < 2:
+    if th.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
     _ranks_stop_together_and_resume(config, tmp_path)
 
@@ -377,7 +376,7 @@ def test_sigterm_then_rerun_resumes_grpo_train(tmp_path):
     log = (tmp_path.parent / f"{tmp_path.name}-first.log").open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
-    while not (tmp_path / "checkpoint-3" / resume.COMPLETE_MARKER).exists():
+    while not (tmp_path / "checkpoint-3" / checkpoints.COMPLETE_MARKER).exists():
         assert proc.poll() is None, f"run ended before checkpoint-3: {Path(log.name).read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no checkpoint-3 after 240 s"
         time.sleep(0.05)
@@ -385,7 +384,7 @@ def test_sigterm_then_rerun_resumes_grpo_train(tmp_path):
     rc = proc.wait(timeout=120)
     first_log = Path(log.name).read_text()
     assert rc == resume.EXIT_PREEMPTED, first_log[-3000:]
-    stopped_at = resume.checkpoint_step(resume.latest_complete_checkpoint(tmp_path))
+    stopped_at = checkpoints.checkpoint_step(checkpoints.latest_complete_checkpoint(tmp_path))
     assert 3 <= stopped_at < max_steps, first_log[-3000:]  # the signal landed before the run ended
 
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -393,7 +392,7 @@ def test_sigterm_then_rerun_resumes_grpo_train(tmp_path):
     assert f"Resuming from {tmp_path / f'checkpoint-{stopped_at}'}" in done.stdout + done.stderr
     state = json.loads((tmp_path / f"checkpoint-{max_steps}" / "trainer_state.json").read_text())
     assert state["global_step"] == max_steps
-    assert _logged_steps(state) == list(range(1, max_steps + 1))
+    assert logged_steps(state) == list(range(1, max_steps + 1))
     metrics = tmp_path / "metrics.jsonl"
     if metrics.exists():  # the core's per-step metrics log: one training row per step across both processes
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]

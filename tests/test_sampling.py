@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
+import torch as th
 from conftest import make_trainer, tiny_llama
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
@@ -41,7 +41,7 @@ TINY = OmegaConf.create(
         )
     }
 )
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + (["cuda"] if th.cuda.is_available() else [])
 PROMPTS = [
     "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n",
     "hi",
@@ -64,12 +64,12 @@ def tok():
 
 
 def tiny_qwen3(tok, device="cpu", seed=0):
-    return build_tiny_model(TINY, tok, torch.float32, seed).to(device).eval()
+    return build_tiny_model(TINY, tok, th.float32, seed).to(device).eval()
 
 
 def boost(model, ids, scale=4.0):
     """Make the given output rows likely (so masks and EOS are exercised by a random model)."""
-    with torch.no_grad():
+    with th.no_grad():
         head = model.get_output_embeddings().weight
         head[ids] = head[ids] * scale + 0.5 * head[ids].sign()
 
@@ -108,7 +108,7 @@ def test_greedy_matches_transformers_generate(tok, device, window, extra):
     out = model.generate(**inputs, **kwargs, custom_generate=sampler)
     assert sampler.last_used_fast_path
     n = min(ref.shape[1], out.shape[1])
-    assert torch.equal(out[:, :n], ref[:, :n])
+    assert th.equal(out[:, :n], ref[:, :n])
     assert (out[:, n:] == tok.pad_token_id).all() and (ref[:, n:] == tok.pad_token_id).all()
 
 
@@ -118,7 +118,7 @@ def test_temperature_near_zero_is_greedy(tok):
     common = dict(max_new_tokens=24, pad_token_id=tok.pad_token_id, custom_generate=FastSampler())
     greedy = model.generate(**inputs, do_sample=False, **common)
     cold = model.generate(**inputs, do_sample=True, temperature=1e-4, top_k=0, **common)
-    assert torch.equal(greedy, cold)
+    assert th.equal(greedy, cold)
 
 
 def test_unsupported_processor_falls_back_to_transformers(tok):
@@ -129,13 +129,13 @@ def test_unsupported_processor_falls_back_to_transformers(tok):
     sampler = FastSampler()
     out = model.generate(**inputs, **kwargs, custom_generate=sampler)
     assert not sampler.last_used_fast_path and sampler.stats["fallbacks"] == 1
-    assert torch.equal(out, ref)
+    assert th.equal(out, ref)
 
 
 def test_unsupported_model_falls_back_to_transformers(tok):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
+    th.manual_seed(0)
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
     model = GPT2LMHeadModel(config).eval()
     inputs = batch(tok, PROMPTS, "cpu")
@@ -145,7 +145,7 @@ def test_unsupported_model_falls_back_to_transformers(tok):
     out = model.generate(**inputs, **kwargs, custom_generate=sampler)
     assert "gpt2" in sampler_module.unsupported_model(model)
     assert not sampler.last_used_fast_path and sampler.stats["fallbacks"] == 1
-    assert torch.equal(out, ref)
+    assert th.equal(out, ref)
 
 
 def test_bad_sampler_settings_are_refused():
@@ -166,7 +166,7 @@ def test_processed_logprobs_equal_transformers_processors(tok, device):
     # On CUDA the reference forward (SDPA) and the sampler's decode attention round differently (~1e-6), which
     # can move a token across a top-p / min-p threshold: the threshold warpers are checked on the CPU only.
     cutoffs = dict(top_k=30, top_p=0.95, min_p=0.02) if device == "cpu" else {}
-    torch.manual_seed(0)
+    th.manual_seed(0)
     out = model.generate(
         **inputs,
         do_sample=True,
@@ -189,20 +189,20 @@ def test_processed_logprobs_equal_transformers_processors(tok, device):
     alive = (eos.cumsum(1) - eos.int()) == 0  # up to and including the first EOS (later tokens are padding)
     for t in range(out.shape[1] - p):
         ids = out[:, : p + t]
-        attn = torch.cat([mask, torch.ones(len(ids), t, dtype=mask.dtype, device=device)], 1)
+        attn = th.cat([mask, th.ones(len(ids), t, dtype=mask.dtype, device=device)], 1)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
+        with th.no_grad():
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1].float()
         scores = rec.processors(ids, logits)
         want = scores.log_softmax(-1).gather(1, out[:, p + t, None]).squeeze(1)
-        bad = ~torch.isfinite(want) & alive[:, t]
+        bad = ~th.isfinite(want) & alive[:, t]
         assert not bad.any(), (
             f"step {t}: rows {bad.nonzero().flatten().tolist()} drew {out[bad, p + t].tolist()} "
             f"(reasoning ids from {vocab.standard_size}, open {vocab.open_id}, close {vocab.close_id}); "
             f"span state {vocab.span_state(ids)[bad, -1].tolist()}, raw logit {logits[bad].gather(1, out[bad, p + t, None]).tolist()}, "
             f"processed {scores[bad].gather(1, out[bad, p + t, None]).tolist()}"
         )
-        torch.testing.assert_close(got[alive[:, t], t], want[alive[:, t]], rtol=1e-4, atol=1e-4)
+        th.testing.assert_close(got[alive[:, t], t], want[alive[:, t]], rtol=1e-4, atol=1e-4)
 
 
 def test_first_token_frequencies_follow_the_processed_softmax(tok):
@@ -212,13 +212,13 @@ def test_first_token_frequencies_follow_the_processed_softmax(tok):
     n = 6000
     inputs = batch(tok, [prompt] * n, "cpu")
     rec = Recorder(FastSampler())
-    torch.manual_seed(0)
+    th.manual_seed(0)
     kwargs = dict(do_sample=True, temperature=0.8, top_k=12, max_new_tokens=1, pad_token_id=tok.pad_token_id)
     out = model.generate(**inputs, **kwargs, custom_generate=rec)
-    with torch.no_grad():
+    with th.no_grad():
         logits = model(**batch(tok, [prompt], "cpu")).logits[:, -1].float()
     probs = rec.processors(inputs.input_ids[:1], logits).softmax(-1)[0]
-    counts = torch.bincount(out[:, -1], minlength=probs.numel()).double()
+    counts = th.bincount(out[:, -1], minlength=probs.numel()).double()
     support = probs > 0
     assert counts[~support].sum() == 0, "a token outside top-k was drawn"
     expected = probs[support].double() * n
@@ -251,7 +251,7 @@ def test_sampled_completions_stop_at_first_eos(tok, tmp_path):
     model = tiny_llama(tok, seed=4)
     boost(model, [tok.eos_token_id], 2.5)
     trainer = make_trainer(model, tok, None, tmp_path)
-    torch.manual_seed(0)
+    th.manual_seed(0)
     completions, _ = trainer._generate_single_turn(prompt_ids(tok, 16), None, {}, trainer.num_generations)
     eos = tok.eos_token_id
     for c in completions:
@@ -269,21 +269,21 @@ def test_sampler_logprobs_equal_training_logprobs(tok, tmp_path, n_reasoning, te
     )
     trainer = make_trainer(model, tok, vocab, tmp_path, temperature=temperature)
     ids = prompt_ids(tok, 6)
-    torch.manual_seed(0)
+    th.manual_seed(0)
     completions, _ = trainer._generate_single_turn(ids, None, {}, trainer.num_generations)
     gen_logps = trainer.fast_sampler.last_logprobs
     # rebuild TRL's batch: left-padded prompts, right-padded completions with a mask up to the first EOS
     p = max(len(x) for x in ids)
     c = max(len(x) for x in completions)
-    seqs = torch.full((len(ids), p + c), tok.pad_token_id)
-    attn = torch.zeros_like(seqs)
+    seqs = th.full((len(ids), p + c), tok.pad_token_id)
+    attn = th.zeros_like(seqs)
     for i, (pi, ci) in enumerate(zip(ids, completions, strict=True)):
-        seqs[i, p - len(pi) : p + len(ci)] = torch.tensor(pi + ci)
+        seqs[i, p - len(pi) : p + len(ci)] = th.tensor(pi + ci)
         attn[i, p - len(pi) : p + len(ci)] = 1
     train_logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, seqs, attn, c)
     keep = attn[:, p:].bool()
     assert keep.sum() >= 20
-    torch.testing.assert_close(train_logps[keep], gen_logps[:, :c][keep], rtol=1e-4, atol=1e-4)
+    th.testing.assert_close(train_logps[keep], gen_logps[:, :c][keep], rtol=1e-4, atol=1e-4)
     if vocab is not None:
         assert any(t >= vocab.standard_size for x in completions for t in x), (
             "prompts open <think>: want reasoning ids"
@@ -304,7 +304,7 @@ def test_reasoning_mask_holds(tok, device, patched_generate):
     prompts = ["<|im_start|>assistant\n"] * 24 + ["<|im_start|>assistant\n<think>"] * 24
     inputs = batch(tok, prompts, device)
     sampler = FastSampler(reasoning_vocab=vocab)
-    torch.manual_seed(1)
+    th.manual_seed(1)
     seqs = model.generate(
         **inputs, do_sample=True, max_new_tokens=48, pad_token_id=tok.pad_token_id, custom_generate=sampler
     )
@@ -326,9 +326,9 @@ def test_reasoning_mask_holds_on_the_compacted_path(tok):
     boost(model, [vocab.open_id, vocab.close_id], 2.0)
     prompts = ["<|im_start|>assistant\n"] * 16 + ["<|im_start|>assistant\n<think>"] * 16
     inputs = batch(tok, prompts, "cpu")
-    ends = torch.tensor([3 + (7 * i) % 29 for i in range(32)])  # token index of each row's EOS: 3..31
+    ends = th.tensor([3 + (7 * i) % 29 for i in range(32)])  # token index of each row's EOS: 3..31
     sampler = FastSampler(reasoning_vocab=vocab, min_rows=1, stop_check_every=4, force_eos_at=ends)
-    torch.manual_seed(1)
+    th.manual_seed(1)
     seqs = model.generate(
         **inputs, do_sample=True, max_new_tokens=40, pad_token_id=tok.pad_token_id, custom_generate=sampler
     )
@@ -340,14 +340,14 @@ def test_reasoning_mask_holds_on_the_compacted_path(tok):
     is_reasoning = nxt >= vocab.standard_size
     assert not (is_reasoning & ~inside & alive).any(), "a reasoning id was sampled outside the thinking span"
     assert is_reasoning[16:].any(), "reasoning ids never sampled inside the span"
-    first_eos = torch.where(nxt == tok.eos_token_id, torch.arange(nxt.shape[1]), 10**6).min(1).values
+    first_eos = th.where(nxt == tok.eos_token_id, th.arange(nxt.shape[1]), 10**6).min(1).values
     assert (first_eos <= ends).all() and (first_eos == ends).sum() >= 24, "EOS not forced at the given lengths"
 
 
 # ------------------------------------------------------------------------------------------ compaction
 def sample_with(model, inputs, tok, **sampler_kwargs):
     sampler = FastSampler(**sampler_kwargs)
-    torch.manual_seed(3)
+    th.manual_seed(3)
     out = model.generate(
         **inputs,
         do_sample=True,
@@ -372,8 +372,8 @@ def test_compaction_samples_the_same_tokens(tok):
     assert off.stats["compactions"] == 0 and on.stats["compactions"] >= 3
     lengths = (plain[:, inputs.input_ids.shape[1] :] != tok.pad_token_id).sum(1)
     assert lengths.min() < 6 and lengths.max() > 20, "want completions that end early and late"
-    assert torch.equal(compacted, plain)
-    torch.testing.assert_close(on.last_logprobs, off.last_logprobs, rtol=1e-5, atol=1e-5)
+    assert th.equal(compacted, plain)
+    th.testing.assert_close(on.last_logprobs, off.last_logprobs, rtol=1e-5, atol=1e-5)
     assert on.stats["steps"] == off.stats["steps"]
     assert on.stats["row_steps"] < 0.5 * off.stats["row_steps"], "finished rows kept costing"
 
@@ -382,17 +382,17 @@ def test_force_eos_hook_ends_rows_and_is_checked(tok):
     model = tiny_qwen3(tok)
     inputs = batch(tok, PROMPTS, "cpu")
     kwargs = dict(do_sample=False, max_new_tokens=20, pad_token_id=tok.pad_token_id)
-    ends = torch.tensor([0, 5, 19, -1])
+    ends = th.tensor([0, 5, 19, -1])
     sampler = FastSampler(force_eos_at=ends, min_rows=1, stop_check_every=2)
     out = model.generate(**inputs, **kwargs, custom_generate=sampler)[:, inputs.input_ids.shape[1] :]
     free = model.generate(**inputs, **kwargs)[:, inputs.input_ids.shape[1] :]
     for row, end in enumerate(ends.tolist()):
         if end < 0:
-            assert torch.equal(out[row], free[row][: out.shape[1]])
+            assert th.equal(out[row], free[row][: out.shape[1]])
         else:
-            assert out[row, end] == tok.eos_token_id and torch.equal(out[row, :end], free[row, :end])
+            assert out[row, end] == tok.eos_token_id and th.equal(out[row, :end], free[row, :end])
             assert (out[row, end + 1 :] == tok.pad_token_id).all()
-    sampler.force_eos_at = torch.tensor([1, 2])
+    sampler.force_eos_at = th.tensor([1, 2])
     with pytest.raises(ValueError, match="force_eos_at"):
         model.generate(**inputs, **kwargs, custom_generate=sampler)
 
@@ -410,7 +410,7 @@ def test_compiled_decode_serves_every_batch_size_and_window(tok):
     settings = dict(compile=True, min_rows=2, stop_check_every=2, window=4)  # sizes 24, 8, 4, 2; ~10 windows
     compacted, on = sample_with(model, inputs, tok, **settings)
     assert on.stats["compactions"] >= 2 and on.stats["failures"] == 0 and not on._compile_failed
-    assert torch.equal(compacted, plain)
+    assert th.equal(compacted, plain)
     assert counters["frames"]["ok"] - frames == 2, "one compilation of the forward and one of the pick"
     again, _ = sample_with(model, batch(tok, PROMPTS * 4, "cpu"), tok, **settings)  # other batch and length
     assert counters["frames"]["ok"] - frames == 2
@@ -504,18 +504,18 @@ def naive_attention(query, keys, values, length, bias, scaling):
 
 
 def decode_inputs(b, kv_heads, group, head_dim, cache_len, length, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = th.Generator().manual_seed(seed)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+        return th.randn(*shape, generator=gen).to(dtype=dtype, device=device)
 
     query = rand(b, 1, kv_heads * group, head_dim).transpose(1, 2)  # the layout transformers hands over
     key_new, value_new = (rand(b, 1, kv_heads, head_dim).transpose(1, 2) for _ in range(2))
     keys, values = rand(b, kv_heads, cache_len, head_dim), rand(b, kv_heads, cache_len, head_dim)
-    bias = torch.zeros(b, cache_len, device=device)
+    bias = th.zeros(b, cache_len, device=device)
     for row in range(b):  # left padding: row r's first (5 r) % length slots are masked
         bias[row, : (5 * row) % (length - 1)] = float("-inf")
-    return query, key_new, value_new, keys, values, torch.tensor([length], device=device), bias
+    return query, key_new, value_new, keys, values, th.tensor([length], device=device), bias
 
 
 def relative_error(got, want):
@@ -524,15 +524,15 @@ def relative_error(got, want):
 
 @pytest.mark.parametrize("group", [1, 2, 8])
 def test_eager_decode_attention_writes_the_slot_and_matches_the_definition(group):
-    q, kn, vn, keys, values, length, bias = decode_inputs(3, 2, group, 16, 40, 29, torch.float32, "cpu")
+    q, kn, vn, keys, values, length, bias = decode_inputs(3, 2, group, 16, 40, 29, th.float32, "cpu")
     before = keys.clone()
     out = eager_decode_attention(q, kn, vn, keys, values, length, decode_mask(bias, length, 32, 2, q.dtype), 0.25)
-    assert torch.equal(keys[:, :, 28], kn[:, :, 0]) and torch.equal(values[:, :, 28], vn[:, :, 0])
-    assert torch.equal(keys[:, :, :28], before[:, :, :28]) and torch.equal(keys[:, :, 29:], before[:, :, 29:])
+    assert th.equal(keys[:, :, 28], kn[:, :, 0]) and th.equal(values[:, :, 28], vn[:, :, 0])
+    assert th.equal(keys[:, :, :28], before[:, :, :28]) and th.equal(keys[:, :, 29:], before[:, :, 29:])
     assert relative_error(out, naive_attention(q, keys, values, 29, bias, 0.25)) < 1e-5
 
 
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_DEVICE = "cuda" if th.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
@@ -572,19 +572,19 @@ def test_triton_decode_kernel_matches_the_eager_maths(
     triton_decode, b, kv_heads, group, head_dim, cache_len, length, splits
 ):
     q, kn, vn, keys, values, n, bias = decode_inputs(
-        b, kv_heads, group, head_dim, cache_len, length, torch.float32, TRITON_DEVICE
+        b, kv_heads, group, head_dim, cache_len, length, th.float32, TRITON_DEVICE
     )
     ref_keys, ref_values = keys.clone(), values.clone()
     got = triton_decode.decode_attention(q, kn, vn, keys, values, n, bias, head_dim**-0.5, splits)
     mask = decode_mask(bias, n, cache_len, kv_heads, q.dtype)
     want = eager_decode_attention(q, kn, vn, ref_keys, ref_values, n, mask, head_dim**-0.5)
-    assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values), "the K/V write differs"
+    assert th.equal(keys, ref_keys) and th.equal(values, ref_values), "the K/V write differs"
     assert got.shape == (b, 1, kv_heads * group, head_dim) and got.is_contiguous()
     assert relative_error(got, want) < 1e-4
     assert relative_error(got, naive_attention(q, keys, values, length, bias, head_dim**-0.5)) < 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", [th.float16] + ([th.bfloat16] if th.cuda.is_available() else []))
 def test_triton_decode_kernel_in_16_bits(triton_decode, dtype):
     """fp16 (and bf16 on CUDA: the interpreter's bf16 dot is wrong): fp32 accumulation, 16-bit tolerance."""
     q, kn, vn, keys, values, n, bias = decode_inputs(2, 2, 4, 64, 256, 150, dtype, TRITON_DEVICE)
@@ -601,12 +601,12 @@ def test_greedy_with_the_triton_kernel_matches_transformers_generate(tok, triton
     sampler = FastSampler(attention="triton")
     out = model.generate(**inputs, **kwargs, custom_generate=sampler)
     assert sampler.last_used_fast_path and sampler.session.attention == "triton"
-    assert torch.equal(out, ref)
+    assert th.equal(out, ref)
 
 
 # ------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not th.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("attention", ["eager", "auto"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cuda_graphs_are_captured_and_reused(tok, compiled, attention):
@@ -625,12 +625,12 @@ def test_cuda_graphs_are_captured_and_reused(tok, compiled, attention):
     graphs = dict(s.graphs)
     again = model.generate(**inputs, **kwargs, custom_generate=sampler)
     assert sampler.session.graphs == graphs, "the second call should replay the same graphs"
-    assert torch.equal(out, ref) and torch.equal(again, ref)
+    assert th.equal(out, ref) and th.equal(again, ref)
     assert not sampler._compile_failed and (id(model) in sampler._compiled) == compiled
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not th.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cuda_compaction_samples_the_same_tokens(tok, compiled):
     model = tiny_qwen3(tok, "cuda", seed=1)
@@ -639,7 +639,7 @@ def test_cuda_compaction_samples_the_same_tokens(tok, compiled):
     plain, off = sample_with(model, inputs, tok, compile=compiled, compaction=False, stop_check_every=2)
     compacted, on = sample_with(model, inputs, tok, compile=compiled, min_rows=1, stop_check_every=2)
     assert on.stats["compactions"] >= 2 and on.stats["failures"] == 0
-    assert torch.equal(compacted, plain)
+    assert th.equal(compacted, plain)
     assert on.stats["compiles"] <= 2, "one compiled forward and one compiled pick for every batch size"
 
 
@@ -677,11 +677,11 @@ def test_train_runs_on_the_fast_backend(make_cfg, monkeypatch, n_reasoning):
     assert metrics["global_step"] == 2 and len(calls) >= 2
     trained = AutoModelForCausalLM.from_pretrained(cfg.output_dir)
     tok = build_tiny_tokenizer()
-    initial = build_tiny_model(cfg.model, tok, torch.float32, cfg.seed)
+    initial = build_tiny_model(cfg.model, tok, th.float32, cfg.seed)
     changed = [
         name
         for name, p in initial.named_parameters()
-        if p.shape == trained.get_parameter(name).shape and not torch.equal(p, trained.get_parameter(name))
+        if p.shape == trained.get_parameter(name).shape and not th.equal(p, trained.get_parameter(name))
     ]
     assert changed, "no parameter changed in two GRPO steps"
 
@@ -719,11 +719,11 @@ def test_no_reasoning_id_outside_a_span_on_any_sampling_path(tok, tmp_path, back
             reasoning_trainer(tok, tmp_path, **{key: True})
         return
     trainer, vocab = reasoning_trainer(tok, tmp_path, **MASKED_BACKENDS[backend])
-    torch.manual_seed(0)
+    th.manual_seed(0)
     prompt_ids, completion_ids, *_ = trainer._generate(SPAN_PROMPTS)
     inside_seen = outside_seen = 0
     for p_ids, c_ids in zip(prompt_ids, completion_ids, strict=True):
-        ids = torch.tensor(p_ids + c_ids)
+        ids = th.tensor(p_ids + c_ids)
         inside = vocab.span_state(ids[None])[0, len(p_ids) - 1 : -1]
         reasoning = ids[len(p_ids) :] >= vocab.standard_size
         assert not (reasoning & ~inside).any(), "a reasoning id was sampled outside the thinking span"
@@ -740,7 +740,7 @@ def test_a_sampler_without_the_mask_stops_training(tok, tmp_path):
 
     trainer, vocab = reasoning_trainer(tok, tmp_path, generation_backend="trl")
     del trainer.model.generate  # the plain transformers generate: no ReasoningMaskProcessor
-    torch.manual_seed(0)
+    th.manual_seed(0)
     with pytest.raises(RuntimeError, match="sampled outside the thinking span"):
         trainer._generate(SPAN_PROMPTS)
     ids = tok(SPAN_PROMPTS[0]).input_ids

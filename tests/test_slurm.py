@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import logged_steps
 
-from rlvr_vocab import resume
+from rlvr_vocab import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,10 +74,6 @@ def _trainer_state(run_dir: Path) -> dict:
     return json.loads((run_dir / "trainer_state.json").read_text())
 
 
-def _logged_steps(state: dict) -> list[int]:
-    return [entry["step"] for entry in state["log_history"] if "loss" in entry]
-
-
 def test_sbatch_script_trains(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", f"--output={log}", "slurm/train_baseline.sh"]
@@ -102,7 +99,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
     job_id = subprocess.run(cmd, cwd=REPO, env=_job_env(), capture_output=True, text=True, check=True).stdout.strip()
     try:
         _wait_for(
-            lambda: (run_dir / "checkpoint-2" / resume.COMPLETE_MARKER).exists(), 180, "checkpoint-2", log, job_id
+            lambda: (run_dir / "checkpoint-2" / checkpoints.COMPLETE_MARKER).exists(), 180, "checkpoint-2", log, job_id
         )
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
         _wait_for(lambda: _job(job_id).get("Restarts") == "1", 120, "the job to requeue itself", log, job_id)
@@ -122,7 +119,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
     assert f"Resuming from {run_dir}/checkpoint-{stopped.group(1)}" in job_log
     state = _trainer_state(run_dir)
     assert state["global_step"] == max_steps
-    assert _logged_steps(state) == list(range(1, max_steps + 1))
+    assert logged_steps(state) == list(range(1, max_steps + 1))
 
 
 def test_submitit_sweep_runs_one_job_per_point(tmp_path):
@@ -161,7 +158,7 @@ def test_two_processes_stop_together_and_resume(tmp_path):
     job_id = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
     try:
         _wait_for(
-            lambda: (run_dir / "checkpoint-3" / resume.COMPLETE_MARKER).exists(), 240, "checkpoint-3", log, job_id
+            lambda: (run_dir / "checkpoint-3" / checkpoints.COMPLETE_MARKER).exists(), 240, "checkpoint-3", log, job_id
         )
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
         _wait_for(
@@ -176,4 +173,4 @@ def test_two_processes_stop_together_and_resume(tmp_path):
     assert f"requeueing job {job_id}" in job_log and "training exited with 0" in job_log
     state = _trainer_state(run_dir)
     assert state["global_step"] == max_steps
-    assert _logged_steps(state) == list(range(1, max_steps + 1))
+    assert logged_steps(state) == list(range(1, max_steps + 1))

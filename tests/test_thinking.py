@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+import torch as th
 from conftest import CACHE_DIR, compose_config, tiny_llama
 from loguru import logger
 
@@ -66,10 +66,10 @@ def test_added_tags_start_as_their_first_piece_and_survive_every_decode(tied):
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     for tag, tag_id in (("<think>", tags.open_id), ("</think>", tags.close_id)):
         first = pieces[tag][0]
-        assert torch.equal(embed[tag_id], embed[first]) and torch.equal(head[tag_id], head[first])
+        assert th.equal(embed[tag_id], embed[first]) and th.equal(head[tag_id], head[first])
         # about as likely as starting to write the tag's text: the same logit as its first piece
-        logits = model(torch.tensor([tok("ab", add_special_tokens=False).input_ids])).logits[0, -1]
-        assert torch.isclose(logits[tag_id], logits[first])
+        logits = model(th.tensor([tok("ab", add_special_tokens=False).input_ids])).logits[0, -1]
+        assert th.isclose(logits[tag_id], logits[first])
     ids = tok("<think>1+1=2</think>2", add_special_tokens=False).input_ids
     assert tags.open_id in ids and tags.close_id in ids
     assert tok.decode(ids, skip_special_tokens=True) == "<think>1+1=2</think>2"  # added, not special

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+import torch as th
+from conftest import cached_config, digit_share
 from safetensors.torch import load_file
 
 from rlvr_vocab.models import load_model_and_tokenizer
@@ -14,20 +15,14 @@ from rlvr_vocab.rewards.registry import REWARD_REGISTRY
 from rlvr_vocab.train import train
 
 
-def digit_fraction(completions, **kwargs):
-    """Test reward with signal on a random model: the share of digits in the completion."""
-    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
-
-
 @pytest.fixture(autouse=True)
 def _digit_reward(monkeypatch):
-    monkeypatch.setitem(REWARD_REGISTRY, "digit_fraction", digit_fraction)
+    monkeypatch.setitem(REWARD_REGISTRY, "digit_share", digit_share)
 
 
 TINY_RUN = [
     "experiment=debug",
-    "reward.funcs=[digit_fraction]",
+    "reward.funcs=[digit_share]",
     "reward.weights=[1.0]",
     "training.max_steps=3",
     "training.save_steps=1",
@@ -53,7 +48,7 @@ def test_grpo_end_to_end_changes_parameters_and_writes_outputs(make_cfg):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     after = load_file(out / "model.safetensors")
-    changed = [k for k in after if k in before and not torch.equal(after[k], before[k])]
+    changed = [k for k in after if k in before and not th.equal(after[k], before[k])]
     assert changed, "no parameter changed during GRPO"
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in logged if "reward" in r]
@@ -95,7 +90,7 @@ def test_reasoning_run_saves_the_map_in_every_checkpoint_and_keeps_checkpoint_0(
     assert (out / "viz" / "sample.txt").read_text().startswith("<think>")
     rv = ReasoningVocab.load(out)
     initial = drift(out / "checkpoint-0", rv)["embedding"]
-    torch.testing.assert_close(initial, torch.ones_like(initial))  # untrained rows are exact copies
+    th.testing.assert_close(initial, th.ones_like(initial))  # untrained rows are exact copies
 
 
 def test_wandb_offline_run_logs_config_and_metrics(make_cfg, tmp_path, monkeypatch):
@@ -121,10 +116,9 @@ def test_held_out_eval_during_training_logs_a_curve_and_leaves_training_unchange
     """eval.every_steps: held-out records at steps 0, 2 and the end, equal to rlvr-eval of the final model,
     and the run's weights identical to the same run without it (the eval does not consume training randomness)."""
     from rlvr_vocab.cli.evaluate import evaluate
-    from tests.conftest import CACHE_DIR, compose_config
 
     def run(name: str, *extra: str):
-        cfg = compose_config(f"output_dir={tmp_path / name}", f"paths.cache_dir={CACHE_DIR}", *TINY_RUN, *extra)
+        cfg = cached_config(f"output_dir={tmp_path / name}", *TINY_RUN, *extra)
         train(cfg)
         return cfg, Path(cfg.output_dir)
 
@@ -139,9 +133,8 @@ def test_held_out_eval_during_training_logs_a_curve_and_leaves_training_unchange
     assert len([r for r in logged if "reward" in r]) == 3  # training metrics still logged once per step
     assert all("time" in r for r in logged)
 
-    final = evaluate(compose_config(*TINY_RUN, *HELD_OUT, f"paths.cache_dir={CACHE_DIR}",
-                                    f"eval.model_path={with_eval}", "eval.checkpoints=one",
-                                    f"output_file={tmp_path / 'eval.json'}"))  # fmt: skip
+    final = evaluate(cached_config(*TINY_RUN, *HELD_OUT, f"eval.model_path={with_eval}", "eval.checkpoints=one",
+                                   f"output_file={tmp_path / 'eval.json'}"))  # fmt: skip
     summary = final["results"][0]["summary"]
     assert summary["pass@1"] == heldout[-1]["heldout/pass@1"]
     assert summary["mean_length"] == heldout[-1]["heldout/mean_length"]
@@ -158,7 +151,7 @@ def test_held_out_eval_during_training_logs_a_curve_and_leaves_training_unchange
         learning_curve.read_curve(without)
 
     a, b = load_file(with_eval / "model.safetensors"), load_file(without / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(th.equal(a[k], b[k]) for k in a)
 
 
 def test_a_non_finite_gradient_stops_training_before_the_weights_change(tmp_path):
@@ -179,5 +172,5 @@ def test_a_non_finite_gradient_stops_training_before_the_weights_change(tmp_path
     ):
         trainer.train()
     assert trainer.state.global_step == 1  # step 1 was taken; step 2 was refused before optimizer.step
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(th.isfinite(p).all() for p in model.parameters())
     assert sorted(p.name for p in (tmp_path / "t").glob("checkpoint-*")) == ["checkpoint-1"]

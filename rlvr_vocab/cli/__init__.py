@@ -17,47 +17,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
-TOOL_KEYS = ("eval", "question", "input_file")  # top-level keys that only the tools read
 # A tool writes no Hydra run folder and leaves logging alone (loguru does it); a command line may still set these.
 QUIET_HYDRA = ("hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none")
-
-
-def _needs_plus(key: str) -> bool:
-    """True for a tool key the schema does not declare yet, under a free-form ``eval`` dict or at the top level.
-
-    Once ``eval`` is a typed section, an unknown ``eval.*`` key is left to Hydra's strict error.
-    """
-    from omegaconf import OmegaConf
-
-    from rlvr_vocab.config import Config
-
-    schema = OmegaConf.structured(Config)
-    top = key.split(".")[0]
-    if top not in schema:
-        return True
-    node = schema[top]
-    if "." not in key or not OmegaConf.is_dict(node) or OmegaConf.get_type(node) is not dict:
-        return False
-    return key.split(".", 1)[1].split(".")[0] not in node
-
-
-def tool_overrides(args: list[str]) -> list[str]:
-    """Let ``eval.batch_size=4`` and ``question=...`` work before the schema declares them (``++`` adds a key).
-
-    Keys the schema declares pass unchanged, so this does nothing once they are typed.
-
-    Example:
-        >>> tool_overrides(["model=tiny", "+question=hi"])
-        ['model=tiny', '+question=hi']
-    """
-    out = []
-    for arg in args:
-        key = arg.split("=", 1)[0]
-        if "=" in arg and not key.startswith(("+", "~", "hydra")) and key.split(".")[0] in TOOL_KEYS:
-            if _needs_plus(key):
-                arg = "++" + arg
-        out.append(arg)
-    return out
 
 
 def run_tool(task: Callable[[DictConfig], object]) -> None:
@@ -68,7 +29,7 @@ def run_tool(task: Callable[[DictConfig], object]) -> None:
     import rlvr_vocab.config  # noqa: F401  (registers the schema)
     from rlvr_vocab.config import ConfigError
 
-    args = tool_overrides(sys.argv[1:])
+    args = sys.argv[1:]
     given = {a.lstrip("+~").split("=", 1)[0] for a in args}
     quiet = [q for q in QUIET_HYDRA if q.split("=", 1)[0] not in given]
     sys.argv = [sys.argv[0], *quiet, *args]

@@ -232,15 +232,6 @@ def format_summary(result: Mapping[str, Any], max_failures: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _setting(cfg: DictConfig, key: str, default: Any) -> Any:
-    """``check_rewards.<key>`` if set, else a top-level ``<key>``, else the default."""
-    group = cfg.get("check_rewards") or {}
-    value = group.get(key) if hasattr(group, "get") else None
-    if value is None:
-        value = cfg.get(key)
-    return default if value is None else value
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Load the configured dataset split and rewards, check them, print and optionally write the result."""
     from loguru import logger
@@ -248,11 +239,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from rlvr_vocab.data import load_datasets
     from rlvr_vocab.rewards import get_reward_funcs
 
-    split = _setting(cfg, "split", "train")
+    split = cfg.check_rewards.split
     if split not in ("train", "eval"):
         raise ValueError(f"check_rewards.split={split!r}: choose train or eval.")
-    limit = _setting(cfg, "limit", None)
-    max_failures = int(_setting(cfg, "max_failures", 10))
+    limit = cfg.check_rewards.limit
+    max_failures = cfg.check_rewards.max_failures
 
     funcs, weights = get_reward_funcs(cfg.reward)
     train, evaluation = load_datasets(cfg)
@@ -269,7 +260,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result["seconds"] = round(time.perf_counter() - started, 2)
     logger.info(f"checked {len(dataset)} {split} rows through {result['reward_funcs']} in {result['seconds']} s")
     print(format_summary(result, max_failures))
-    output_file = _setting(cfg, "output_file", None)
+    output_file = cfg.output_file
     if output_file:
         path = Path(output_file)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,8 @@ def read_questions(path: str | Path) -> list[dict[str, Any]]:
 def answer_questions(model, tokenizer, rows: list[dict[str, Any]], cfg: DictConfig, settings: dict[str, Any]):
     """Each row plus ``completion`` and ``answer``; with ``eval.num_samples=k`` also ``completions``/``answers``."""
     from rlvr_vocab.data import build_prompt
-    from rlvr_vocab.generation import extract_answer, generate, majority, sampling_kwargs
+    from rlvr_vocab.evaluation import extract_answer, majority
+    from rlvr_vocab.generation import generate, sampling_kwargs
 
     k = settings["num_samples"]
     outputs = generate(
@@ -113,7 +114,7 @@ def interactive(model, tokenizer, cfg: DictConfig, settings: dict[str, Any], str
 
 def infer(cfg: DictConfig, stream: TextIO | None = None) -> list[dict[str, Any]]:
     """Answer ``question``, the questions of ``input_file``, or (with a terminal) typed questions."""
-    from rlvr_vocab.cli.evaluate import eval_settings
+    from rlvr_vocab.evaluation import eval_settings
     from rlvr_vocab.generation import load_policy
 
     settings = eval_settings(cfg)

@@ -39,7 +39,7 @@ from rlvr_vocab.config import ConfigError
 # ------------------------------------------------------------------------------------------ model
 def cache_model(cfg: DictConfig) -> str:
     """Download (hub), convert (gguf) or nothing (tiny); returns where the model now lives."""
-    import torch
+    import torch as th
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlvr_vocab.models import convert_gguf
@@ -56,7 +56,7 @@ def cache_model(cfg: DictConfig) -> str:
     logger.info(f"Downloading {m.name_or_path} (revision {m.revision or 'main'}) into the Hugging Face cache")
     AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision)
     # load once in bf16 to check the weights (half the memory of fp32; no attention kernel needed)
-    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, revision=m.revision, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, revision=m.revision, dtype=th.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
     del model
     logger.info(f"Cached {m.name_or_path}: {n_params / 1e6:.0f}M parameters")

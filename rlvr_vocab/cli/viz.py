@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
-import torch
+import torch as th
 
+from rlvr_vocab.checkpoints import checkpoint_dirs
 from rlvr_vocab.reasoning_vocab import MAP_FILE, ReasoningVocab
 
 
@@ -62,12 +62,7 @@ def plot_usage(run_dir: Path, out: Path) -> Path | None:
     return _save_line_plot(plt, fig, ax, out / "usage.png")
 
 
-def _checkpoint_step(path: Path) -> int:
-    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def _rows_of(folder: Path, total_rows: int) -> dict[str, torch.Tensor]:
+def _rows_of(folder: Path, total_rows: int) -> dict[str, th.Tensor]:
     """The embedding and (untied) output-head matrices of a saved model, read from its safetensors."""
     from safetensors import safe_open
 
@@ -82,18 +77,17 @@ def _rows_of(folder: Path, total_rows: int) -> dict[str, torch.Tensor]:
     return found
 
 
-def drift(folder: Path, vocab: ReasoningVocab) -> dict[str, torch.Tensor]:
+def drift(folder: Path, vocab: ReasoningVocab) -> dict[str, th.Tensor]:
     """Per matrix: cosine(reasoning row i, its source row) in this checkpoint."""
     result = {}
     for kind, weight in _rows_of(folder, vocab.standard_size + vocab.size).items():
         rows, sources = weight[vocab.standard_size :], weight[vocab.source_ids]
-        result[kind] = torch.nn.functional.cosine_similarity(rows, sources, dim=-1)
+        result[kind] = th.nn.functional.cosine_similarity(rows, sources, dim=-1)
     return result
 
 
 def plot_drift(run_dir: Path, vocab: ReasoningVocab, out: Path) -> Path | None:
-    folders = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir()), key=_checkpoint_step)
-    points = [(_checkpoint_step(f), drift(f, vocab)) for f in folders]
+    points = [(step, drift(folder, vocab)) for step, folder in checkpoint_dirs(run_dir)]
     points = [(s, d) for s, d in points if d]
     if not points:
         return None
@@ -124,8 +118,8 @@ def sample_completion(
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prefix = model.reasoning_vocab.think_open if open_span else ""
     ids = tokenizer(text + prefix, return_tensors="pt", add_special_tokens=False)
-    torch.manual_seed(seed)
-    with torch.no_grad():
+    th.manual_seed(seed)
+    with th.no_grad():
         out = model.generate(**ids, do_sample=True, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     completion = out[0, ids["input_ids"].shape[1] :].tolist()
     if open_span:
@@ -199,7 +193,7 @@ def visualize(
     """Write usage.png, drift.png and sample.png for a run dir; returns the files written."""
     run_dir = Path(run_dir)
     vocab = ReasoningVocab.load(run_dir) or next(
-        (v for v in (ReasoningVocab.load(p) for p in sorted(run_dir.glob("checkpoint-*"), key=_checkpoint_step)) if v),
+        (v for v in (ReasoningVocab.load(p) for _, p in checkpoint_dirs(run_dir)) if v),
         None,
     )
     if vocab is None:

@@ -21,7 +21,7 @@ shape), so the valid length, a device tensor, is read when the op runs or is cap
 
 from __future__ import annotations
 
-import torch
+import torch as th
 
 DECODE_ATTENTION = "rlvr_static_decode"  # name registered with transformers' AttentionInterface
 IMPLEMENTATIONS = ("eager", "triton")
@@ -34,30 +34,28 @@ def triton_importable() -> bool:
     return triton_decode.triton is not None
 
 
-def decode_mask(
-    bias: torch.Tensor, length: torch.Tensor, window: int, kv_heads: int, dtype: torch.dtype
-) -> torch.Tensor:
+def decode_mask(bias: th.Tensor, length: th.Tensor, window: int, kv_heads: int, dtype: th.dtype) -> th.Tensor:
     """The eager maths' additive mask of one step, shared by every layer: [B, Hkv, 1, W], W = ``window``.
 
     ``bias``: [B, L] fp32 (0, or -inf on the prompts' left padding); slots from ``length`` on are -inf too.
     """
     b = bias.shape[0]
     w = min(window, bias.shape[-1])
-    slots = torch.arange(w, device=bias.device)
-    mask = torch.where(slots < length, bias[:, :w], float("-inf")).to(dtype)
+    slots = th.arange(w, device=bias.device)
+    mask = th.where(slots < length, bias[:, :w], float("-inf")).to(dtype)
     return mask[:, None, None, :].expand(b, kv_heads, 1, w).contiguous()
 
 
 def eager_decode_attention(
-    query: torch.Tensor,
-    key_new: torch.Tensor,
-    value_new: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    length: torch.Tensor,
-    mask: torch.Tensor,
+    query: th.Tensor,
+    key_new: th.Tensor,
+    value_new: th.Tensor,
+    key_cache: th.Tensor,
+    value_cache: th.Tensor,
+    length: th.Tensor,
+    mask: th.Tensor,
     scaling: float,
-) -> torch.Tensor:
+) -> th.Tensor:
     """The reference maths: write slot ``length - 1``, attend to the first W slots with ``mask`` added.
 
     Shapes as ``triton_decode.decode_attention``; ``mask``: ``decode_mask``'s [B, Hkv, 1, W]; returns
@@ -71,29 +69,29 @@ def eager_decode_attention(
     hkv = key_cache.shape[1]
     g = h // hkv
     w = mask.shape[-1]
-    scores = torch.baddbmm(  # mask + scaling * q @ k^T in one kernel: [B*Hkv, G, W]
+    scores = th.baddbmm(  # mask + scaling * q @ k^T in one kernel: [B*Hkv, G, W]
         mask.reshape(b * hkv, 1, w),
         query.reshape(b * hkv, g, d),
         key_cache[:, :, :w].transpose(-1, -2).reshape(b * hkv, d, w),
         alpha=scaling,
     )
-    probs = scores.softmax(-1, dtype=torch.float32).to(value_cache.dtype)
-    out = torch.bmm(probs, value_cache[:, :, :w].reshape(b * hkv, w, d))  # [B*Hkv, G, D] == [B, 1, H, D]
+    probs = scores.softmax(-1, dtype=th.float32).to(value_cache.dtype)
+    out = th.bmm(probs, value_cache[:, :, :w].reshape(b * hkv, w, d))  # [B*Hkv, G, D] == [B, 1, H, D]
     return out.reshape(b, 1, h, d)
 
 
-@torch.library.custom_op("rlvr_vocab::decode_attention", mutates_args=("key_cache", "value_cache"))
+@th.library.custom_op("rlvr_vocab::decode_attention", mutates_args=("key_cache", "value_cache"))
 def _decode_attention_op(
-    query: torch.Tensor,
-    key_new: torch.Tensor,
-    value_new: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    length: torch.Tensor,
-    mask: torch.Tensor,
+    query: th.Tensor,
+    key_new: th.Tensor,
+    value_new: th.Tensor,
+    key_cache: th.Tensor,
+    value_cache: th.Tensor,
+    length: th.Tensor,
+    mask: th.Tensor,
     scaling: float,
     impl: str,
-) -> torch.Tensor:
+) -> th.Tensor:
     """The op behind ``decode_attention``. ``mask``: triton: the bias [B, 1, 1, L] fp32; eager: ``decode_mask``."""
     if impl == "triton":
         from rlvr_vocab.sampling import triton_decode
@@ -110,16 +108,16 @@ def _(query, key_new, value_new, key_cache, value_cache, length, mask, scaling, 
 
 
 def decode_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    module: th.nn.Module,
+    query: th.Tensor,
+    key: th.Tensor,
+    value: th.Tensor,
+    attention_mask: th.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
     rlvr_decode: dict | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[th.Tensor, None]:
     """transformers' attention-function signature, for the decode step: ([B, 1, H, D], None).
 
     ``query``: [B, H, 1, D]; ``key``/``value``: this token's [B, Hkv, 1, D] (the sampler passes no cache
@@ -146,7 +144,7 @@ def decode_attention(
     return out, None
 
 
-def check_triton(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, device: torch.device) -> str | None:
+def check_triton(dtype: th.dtype, heads: int, kv_heads: int, head_dim: int, device: th.device) -> str | None:
     """Run the Triton kernel once against the eager maths on random inputs: None if it agrees, else why not.
 
     Two context splits and one, a length that is not a multiple of the block, some left padding; the
@@ -154,24 +152,24 @@ def check_triton(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, d
     """
     from rlvr_vocab.sampling import triton_decode
 
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = th.Generator(device=device).manual_seed(0)
     b, cache_len, length = 3, 320, 197
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+        return th.randn(*shape, generator=gen, device=device, dtype=th.float32).to(dtype)
 
     query = rand(b, 1, heads, head_dim).transpose(1, 2)
     key_new = rand(b, 1, kv_heads, head_dim).transpose(1, 2)
     value_new = rand(b, 1, kv_heads, head_dim).transpose(1, 2)
     keys, values = rand(b, kv_heads, cache_len, head_dim), rand(b, kv_heads, cache_len, head_dim)
-    bias = torch.zeros(b, cache_len, device=device)
+    bias = th.zeros(b, cache_len, device=device)
     bias[1, :5] = float("-inf")
     bias[2, :60] = float("-inf")
-    n = torch.tensor([length], device=device)
+    n = th.tensor([length], device=device)
     scaling = head_dim**-0.5
     mask = decode_mask(bias, n, cache_len, kv_heads, dtype)
     want = eager_decode_attention(query, key_new, value_new, keys.clone(), values.clone(), n, mask, scaling).float()
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    tolerance = 1e-4 if dtype == th.float32 else 2e-2
     for splits in (3, 1):
         k, v = keys.clone(), values.clone()
         try:
@@ -181,9 +179,7 @@ def check_triton(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, d
         error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
         if not error <= tolerance:  # also catches NaN
             return f"relative error {error:.2e} against the eager maths with {splits} splits"
-        if not (
-            torch.equal(k[:, :, length - 1], key_new[:, :, 0]) and torch.equal(v[:, :, length - 1], value_new[:, :, 0])
-        ):
+        if not (th.equal(k[:, :, length - 1], key_new[:, :, 0]) and th.equal(v[:, :, length - 1], value_new[:, :, 0])):
             return "the new K/V were not written to the cache"
     return None
 

@@ -9,7 +9,7 @@ pointing at the right memory.
 
 from __future__ import annotations
 
-import torch
+import torch as th
 
 
 class StaticKVCache:
@@ -19,8 +19,8 @@ class StaticKVCache:
 
     def __init__(self, num_layers: int, max_len: int):
         self.max_len = max_len
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.keys: list[th.Tensor | None] = [None] * num_layers
+        self.values: list[th.Tensor | None] = [None] * num_layers
         self.prefill_len = 0  # slots the next ``update`` writes (from slot 0)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None, *args, **kwargs):
@@ -36,12 +36,12 @@ class StaticKVCache:
         values[:, :, :p].copy_(value_states)
         return keys[:, :, :p], values[:, :, :p]
 
-    def views(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def views(self, n: int) -> tuple[list[th.Tensor], list[th.Tensor]]:
         """The buffers of the first ``n`` rows (contiguous views: same memory at every call)."""
         return [k[:n] for k in self.keys], [v[:n] for v in self.values]
 
-    @torch.no_grad()
-    def compact(self, index: torch.Tensor) -> None:
+    @th.no_grad()
+    def compact(self, index: th.Tensor) -> None:
         """Rows ``index`` (on the device) become rows ``0..len(index)-1``, one layer at a time (a small temporary)."""
         m = index.numel()
         for buf in self.keys + self.values:

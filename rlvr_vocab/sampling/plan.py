@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypedDict
 
-import torch
+import torch as th
 
 NEVER = 1 << 62  # a step threshold that is never reached
 
@@ -28,11 +28,11 @@ NEVER = 1 << 62  # a step threshold that is never reached
 class StepInputs(TypedDict):
     """The state a step reads (all [n, ...] over the live rows, except ``step``, ``thresholds``, ``columns``)."""
 
-    step: torch.Tensor  # int64 [1]: index of the token being sampled
-    thresholds: torch.Tensor  # int64 [len(steps)]: per-step thresholds of this call
+    step: th.Tensor  # int64 [1]: index of the token being sampled
+    thresholds: th.Tensor  # int64 [len(steps)]: per-step thresholds of this call
     columns: list  # per step: a bool [V] column mask, or None
-    seen: torch.Tensor | None  # bool [n, V + 1]: ids seen so far (repetition penalty); last column is spare
-    inside: torch.Tensor  # bool [n]: inside the reasoning span
+    seen: th.Tensor | None  # bool [n, V + 1]: ids seen so far (repetition penalty); last column is spare
+    inside: th.Tensor  # bool [n]: inside the reasoning span
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,9 @@ class RepetitionPenalty:
     def key(self) -> tuple:
         return ("repetition", self.penalty)
 
-    def apply(self, scores: torch.Tensor, inputs: StepInputs, index: int) -> torch.Tensor:
-        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-        return torch.where(inputs["seen"][:, :-1], penalised, scores)
+    def apply(self, scores: th.Tensor, inputs: StepInputs, index: int) -> th.Tensor:
+        penalised = th.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return th.where(inputs["seen"][:, :-1], penalised, scores)
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class BlockBefore:
     def threshold(self) -> int:
         return self.until
 
-    def apply(self, scores: torch.Tensor, inputs: StepInputs, index: int) -> torch.Tensor:
+    def apply(self, scores: th.Tensor, inputs: StepInputs, index: int) -> th.Tensor:
         blocked = inputs["columns"][index] & (inputs["step"] < inputs["thresholds"][index])
         return scores.masked_fill(blocked, float("-inf"))
 
@@ -80,7 +80,7 @@ class BlockAt:
     def threshold(self) -> int:
         return self.at
 
-    def apply(self, scores: torch.Tensor, inputs: StepInputs, index: int) -> torch.Tensor:
+    def apply(self, scores: th.Tensor, inputs: StepInputs, index: int) -> th.Tensor:
         blocked = inputs["columns"][index] & (inputs["step"] == inputs["thresholds"][index])
         return scores.masked_fill(blocked, float("-inf"))
 
@@ -94,9 +94,9 @@ class ReasoningSpan:
     def key(self) -> tuple:
         return ("reasoning", self.vocab.standard_size, self.vocab.open_id, self.vocab.close_id)
 
-    def apply(self, scores: torch.Tensor, inputs: StepInputs, index: int) -> torch.Tensor:
+    def apply(self, scores: th.Tensor, inputs: StepInputs, index: int) -> th.Tensor:
         outside = ~inputs["inside"][:, None]
-        reasoning = torch.arange(scores.shape[-1], device=scores.device) >= self.vocab.standard_size
+        reasoning = th.arange(scores.shape[-1], device=scores.device) >= self.vocab.standard_size
         return scores.masked_fill(outside & reasoning, float("-inf"))
 
 
@@ -111,7 +111,7 @@ class Warper:
         consts = tuple(sorted((k, v) for k, v in vars(self.call).items() if isinstance(v, (bool, int, float, str))))
         return ("warper", self.name, consts)
 
-    def apply(self, scores: torch.Tensor, inputs: StepInputs, index: int) -> torch.Tensor:
+    def apply(self, scores: th.Tensor, inputs: StepInputs, index: int) -> th.Tensor:
         return self.call(None, scores)
 
 
@@ -127,7 +127,7 @@ class Plan:
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
     max_length: int = 0  # prompt + completion tokens
-    repetition_skip: int | torch.Tensor | None = None  # prompt tokens the penalty ignores, per row (None: no penalty)
+    repetition_skip: int | th.Tensor | None = None  # prompt tokens the penalty ignores, per row (None: no penalty)
 
     def signature(self) -> tuple:
         """What a compiled or captured step bakes in (per-call thresholds live in a device tensor instead)."""
@@ -141,7 +141,7 @@ class Plan:
     def reasoning(self) -> ReasoningSpan | None:
         return next((s for s in self.steps if isinstance(s, ReasoningSpan)), None)
 
-    def process(self, scores: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    def process(self, scores: th.Tensor, inputs: StepInputs) -> th.Tensor:
         """Apply every step in order to the fp32 scores [n, V]."""
         for i, step in enumerate(self.steps):
             scores = step.apply(scores, inputs, i)
@@ -152,12 +152,12 @@ def _ids(t) -> tuple[int, ...]:
     """Token ids as a tuple of ints, from a tensor, a list or None.
 
     Example:
-        >>> _ids(torch.tensor([[3], [5]])), _ids([7]), _ids(None)
+        >>> _ids(th.tensor([[3], [5]])), _ids([7]), _ids(None)
         ((3, 5), (7,), ())
     """
     if t is None:
         return ()
-    return tuple(int(i) for i in (t.flatten().tolist() if isinstance(t, torch.Tensor) else list(t)))
+    return tuple(int(i) for i in (t.flatten().tolist() if isinstance(t, th.Tensor) else list(t)))
 
 
 def build_plan(

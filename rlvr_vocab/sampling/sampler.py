@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 
-import torch
+import torch as th
 from loguru import logger
 
 from rlvr_vocab.sampling import attention as attn
@@ -69,23 +69,23 @@ def _attention_implementation(config, name: str):
         config._attn_implementation = previous
 
 
-def _mark_dynamic(tensor: torch.Tensor | None, *dims: int) -> None:
+def _mark_dynamic(tensor: th.Tensor | None, *dims: int) -> None:
     if tensor is not None:
         for d in dims:
             if tensor.shape[d] > 1:
-                torch._dynamo.maybe_mark_dynamic(tensor, d)
+                th._dynamo.maybe_mark_dynamic(tensor, d)
 
 
 class Session:
     """Everything one batch needs across decode steps (and across calls, when kept): cache, state, graphs."""
 
-    def __init__(self, key: tuple, model, batch: int, cache_len: int, device: torch.device, attention: str):
+    def __init__(self, key: tuple, model, batch: int, cache_len: int, device: th.device, attention: str):
         self.key = key
         self.cache_len = cache_len
         self.cache = StaticKVCache(model.config.num_hidden_layers, cache_len)
         self.state = DecodeState(batch, cache_len, device)
         self.attention = attention  # the decode attention in use: "triton" or "eager"
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (live rows, window or None) -> captured step
+        self.graphs: dict[tuple, th.cuda.CUDAGraph] = {}  # (live rows, window or None) -> captured step
         self.warmed: set[tuple] = set()  # keys whose step ran once uncaptured (compiles, Triton JIT)
         self.pool = None
         self.graphs_failed = False
@@ -127,7 +127,7 @@ class FastSampler:
         min_rows: int = MIN_ROWS,
         window: int = WINDOW,
         stop_check_every: int = STOP_CHECK_EVERY,
-        force_eos_at: torch.Tensor | None = None,
+        force_eos_at: th.Tensor | None = None,
         keep_bytes: int = KEEP_BYTES,
     ):
         if attention not in ATTENTION_CHOICES:
@@ -144,7 +144,7 @@ class FastSampler:
         self.force_eos_at = force_eos_at
         self.keep_bytes = keep_bytes
         self.session: Session | None = None
-        self.last_logprobs: torch.Tensor | None = None  # [B, n] processed log-probs of the last call's tokens
+        self.last_logprobs: th.Tensor | None = None  # [B, n] processed log-probs of the last call's tokens
         self.last_used_fast_path = False
         self.stats = dict(
             captures=0, compiles=0, compactions=0, fallbacks=0, failures=0, replays=0, steps=0, row_steps=0
@@ -190,15 +190,15 @@ class FastSampler:
         self.last_used_fast_path = True
         attention_mask = model_kwargs.get("attention_mask")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = th.ones_like(input_ids)
         position_ids = model_kwargs.get("position_ids")
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
         return self.generate(model, input_ids, attention_mask, position_ids, plan)
 
     # ------------------------------------------------------------------------------------ one batch
-    @torch.no_grad()
-    def generate(self, model, input_ids, attention_mask, position_ids, plan: Plan) -> torch.Tensor:
+    @th.no_grad()
+    def generate(self, model, input_ids, attention_mask, position_ids, plan: Plan) -> th.Tensor:
         """Prompt + sampled tokens [B, p + n] (n: tokens until every row finished, at most max_length - p)."""
         batch, prompt_len = input_ids.shape
         new_tokens = plan.max_length - prompt_len
@@ -213,7 +213,7 @@ class FastSampler:
             pick(plan, logits, st.tensors())  # token 0
             n = self._decode(model, s, plan, prompt_len, new_tokens)
             self.last_logprobs = st.logp[:, :n].clone()
-            return torch.cat([input_ids, st.out[:, :n]], dim=1)
+            return th.cat([input_ids, st.out[:, :n]], dim=1)
         finally:
             if s.cache.nbytes() > self.keep_bytes:
                 self.session = None  # leave the memory to the training step
@@ -230,16 +230,16 @@ class FastSampler:
         self.session = Session(key, model, batch, cache_len, device, self._resolve_attention(model, device))
         return self.session
 
-    def _prefill(self, model, s: Session, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def _prefill(self, model, s: Session, input_ids, attention_mask, position_ids) -> th.Tensor:
         p = input_ids.shape[1]
         real = attention_mask.bool()
-        eye = torch.eye(p, dtype=torch.bool, device=input_ids.device)
-        causal = torch.ones(p, p, dtype=torch.bool, device=input_ids.device).tril()
+        eye = th.eye(p, dtype=th.bool, device=input_ids.device)
+        causal = th.ones(p, p, dtype=th.bool, device=input_ids.device).tril()
         # padding rows attend to themselves only (no all-masked rows, so no NaN reaches the cache)
         mask = (causal & (real[:, None, :] | eye))[:, None]
         if model.config._attn_implementation == "eager":
-            bias = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device)
-            mask = bias.masked_fill_(~mask, torch.finfo(model.dtype).min)
+            bias = th.zeros(mask.shape, dtype=model.dtype, device=mask.device)
+            mask = bias.masked_fill_(~mask, th.finfo(model.dtype).min)
         out = model(
             input_ids=input_ids,
             attention_mask=mask,  # 4-D: transformers uses it as it is
@@ -248,10 +248,10 @@ class FastSampler:
             use_cache=True,
             logits_to_keep=1,
         )
-        return out.logits[:, -1].to(dtype=torch.float32, copy=True)
+        return out.logits[:, -1].to(dtype=th.float32, copy=True)
 
     # ------------------------------------------------------------------------------------ attention choice
-    def _resolve_attention(self, model, device: torch.device) -> str:
+    def _resolve_attention(self, model, device: th.device) -> str:
         """The decode attention of a new session: "triton" or "eager"."""
         if self.attention == "eager":
             return "eager"
@@ -296,7 +296,7 @@ class FastSampler:
             return model
         compiled = self._compiled.get(id(model))
         if compiled is None:
-            compiled = self._compiled[id(model)] = torch.compile(model, dynamic=False)
+            compiled = self._compiled[id(model)] = th.compile(model, dynamic=False)
             self.stats["compiles"] += 1
         return compiled
 
@@ -311,7 +311,7 @@ class FastSampler:
             def run(logits, t, _plan=plan):
                 pick(_plan, logits, t)
 
-            picker = self._pickers[key] = torch.compile(run, dynamic=False)
+            picker = self._pickers[key] = th.compile(run, dynamic=False)
             self.stats["compiles"] += 1
         return picker
 
@@ -421,19 +421,19 @@ class FastSampler:
             self._run_safely(model, s, plan)
             return
         # warm-up on a side stream, as capture wants: compiles, autotunes and JITs the kernels of this key
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        stream = th.cuda.Stream()
+        stream.wait_stream(th.cuda.current_stream())
+        with th.cuda.stream(stream):
             self._run_safely(model, s, plan)
-        torch.cuda.current_stream().wait_stream(stream)
+        th.cuda.current_stream().wait_stream(stream)
         s.warmed.add((st.n, st.window if s.attention == "eager" else None))
 
     def _capture(self, model, s: Session, plan: Plan, key: tuple):
         try:
             if s.pool is None:
-                s.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=s.pool):
+                s.pool = th.cuda.graph_pool_handle()
+            graph = th.cuda.CUDAGraph()
+            with th.cuda.graph(graph, pool=s.pool):
                 self._run_step(model, s, plan)
             self.stats["steps"] -= 1  # captured, not run
             self.stats["row_steps"] -= s.state.n
@@ -441,7 +441,7 @@ class FastSampler:
             s.graphs_failed = True
             self.stats["failures"] += 1
             self._log_once(f"generation_backend=fast: CUDA graph capture failed ({type(err).__name__}: {err}); eager")
-            torch.cuda.synchronize()
+            th.cuda.synchronize()
             return None
         s.graphs[key] = graph
         self.stats["captures"] += 1

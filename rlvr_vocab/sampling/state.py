@@ -9,7 +9,7 @@ which other sequences are still live, and a compacted run samples the same token
 
 from __future__ import annotations
 
-import torch
+import torch as th
 
 from rlvr_vocab.sampling.plan import BlockAt, BlockBefore, Plan, StepInputs
 
@@ -17,46 +17,46 @@ from rlvr_vocab.sampling.plan import BlockAt, BlockBefore, Plan, StepInputs
 class DecodeState:
     """The tensors a decode step reads and writes, for a batch of ``batch`` rows and ``cache_len`` slots."""
 
-    def __init__(self, batch: int, cache_len: int, device: torch.device):
-        long = dict(dtype=torch.long, device=device)
+    def __init__(self, batch: int, cache_len: int, device: th.device):
+        long = dict(dtype=th.long, device=device)
         self.batch = batch
         self.n = batch  # live rows (the first n)
         self.device = device
-        self.tok = torch.zeros(batch, **long)  # last sampled token, fed to the next decode step
-        self.pos = torch.zeros(batch, **long)  # its position id
-        self.rows = torch.arange(batch, **long)  # original row of each live row
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.inside = torch.zeros(batch, dtype=torch.bool, device=device)  # reasoning span state
+        self.tok = th.zeros(batch, **long)  # last sampled token, fed to the next decode step
+        self.pos = th.zeros(batch, **long)  # its position id
+        self.rows = th.arange(batch, **long)  # original row of each live row
+        self.finished = th.zeros(batch, dtype=th.bool, device=device)
+        self.inside = th.zeros(batch, dtype=th.bool, device=device)  # reasoning span state
         # additive attention bias per cache slot: -inf on the prompts' left padding, 0 elsewhere
-        self.bias = torch.zeros(batch, 1, 1, cache_len, dtype=torch.float32, device=device)
-        self.out = torch.zeros(batch, cache_len, **long)  # sampled tokens, original row order
-        self.logp = torch.zeros(batch, cache_len, dtype=torch.float32, device=device)  # their processed log-probs
-        self.step = torch.zeros(1, **long)  # index of the token being sampled
-        self.length = torch.zeros(1, **long)  # valid cache slots once this step's token is written
+        self.bias = th.zeros(batch, 1, 1, cache_len, dtype=th.float32, device=device)
+        self.out = th.zeros(batch, cache_len, **long)  # sampled tokens, original row order
+        self.logp = th.zeros(batch, cache_len, dtype=th.float32, device=device)  # their processed log-probs
+        self.step = th.zeros(1, **long)  # index of the token being sampled
+        self.length = th.zeros(1, **long)  # valid cache slots once this step's token is written
         self.window = cache_len  # slots the eager attention reads this step (the length rounded up)
-        self.thresholds: torch.Tensor | None = None  # per-step thresholds of this call
-        self.columns: list[torch.Tensor | None] = []  # per-step constant column masks [V]
-        self.eos: torch.Tensor | None = None  # EOS ids
-        self.eos_columns: torch.Tensor | None = None  # bool [V]: EOS columns (the forced-EOS hook)
-        self.seen: torch.Tensor | None = None  # bool [B, V + 1]: ids seen so far (repetition penalty)
-        self.noise: torch.Tensor | None = None  # fp32 [B, V]: exponential noise of one step
-        self.force_eos_at: torch.Tensor | None = None  # int64 [B]: token index at which EOS is forced (bench)
+        self.thresholds: th.Tensor | None = None  # per-step thresholds of this call
+        self.columns: list[th.Tensor | None] = []  # per-step constant column masks [V]
+        self.eos: th.Tensor | None = None  # EOS ids
+        self.eos_columns: th.Tensor | None = None  # bool [V]: EOS columns (the forced-EOS hook)
+        self.seen: th.Tensor | None = None  # bool [B, V + 1]: ids seen so far (repetition penalty)
+        self.noise: th.Tensor | None = None  # fp32 [B, V]: exponential noise of one step
+        self.force_eos_at: th.Tensor | None = None  # int64 [B]: token index at which EOS is forced (bench)
 
     # ------------------------------------------------------------------------------------ per call
     def start(
         self,
         plan: Plan,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
+        input_ids: th.Tensor,
+        attention_mask: th.Tensor,
+        position_ids: th.Tensor,
         vocab_size: int,
-        force_eos_at: torch.Tensor | None,
+        force_eos_at: th.Tensor | None,
     ) -> None:
         """Reset every per-row tensor for a new call (the prefill has written slots ``[0, p)``)."""
         batch, p = input_ids.shape
         device = self.device
         self.n = batch
-        self.rows.copy_(torch.arange(batch, device=device))
+        self.rows.copy_(th.arange(batch, device=device))
         self.step.zero_()
         # the pick of token 0 (from the prefill's logits) advances these to the first decode step's values:
         # token 0 is fed at the next position and written to slot p
@@ -68,38 +68,38 @@ class DecodeState:
         self.bias.zero_()
         self.bias[:, 0, 0, :p].masked_fill_(attention_mask == 0, float("-inf"))
         reasoning = plan.reasoning()
-        self.inside.copy_(reasoning.vocab.span_state(input_ids)[:, -1] if reasoning else torch.zeros_like(self.inside))
+        self.inside.copy_(reasoning.vocab.span_state(input_ids)[:, -1] if reasoning else th.zeros_like(self.inside))
         if plan.repetition_skip is not None:
             if self.seen is None:  # one spare column receives the ignored prompt tokens
-                self.seen = torch.zeros(batch, vocab_size + 1, dtype=torch.bool, device=device)
-            skip = torch.as_tensor(plan.repetition_skip, device=device).reshape(-1, 1)
-            counted = torch.arange(p, device=device)[None, :] >= skip
+                self.seen = th.zeros(batch, vocab_size + 1, dtype=th.bool, device=device)
+            skip = th.as_tensor(plan.repetition_skip, device=device).reshape(-1, 1)
+            counted = th.arange(p, device=device)[None, :] >= skip
             self.seen.zero_()
             self.seen.scatter_(1, input_ids.masked_fill(~counted, vocab_size), True)
         if not self.columns:
             for step in plan.steps:
                 cols = None
                 if isinstance(step, (BlockBefore, BlockAt)):
-                    cols = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+                    cols = th.zeros(vocab_size, dtype=th.bool, device=device)
                     cols[[t for t in step.ids if 0 <= t < vocab_size]] = True
                 self.columns.append(cols)
-        thresholds = torch.tensor(plan.thresholds() or [0], dtype=torch.long)
+        thresholds = th.tensor(plan.thresholds() or [0], dtype=th.long)
         if self.thresholds is None:
-            self.thresholds = torch.zeros(thresholds.shape, dtype=torch.long, device=device)
+            self.thresholds = th.zeros(thresholds.shape, dtype=th.long, device=device)
         self.thresholds.copy_(thresholds)  # in place: captured graphs read this tensor
         if plan.eos_ids and self.eos is None:
-            self.eos = torch.tensor(plan.eos_ids, dtype=torch.long, device=device)
-            self.eos_columns = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.eos = th.tensor(plan.eos_ids, dtype=th.long, device=device)
+            self.eos_columns = th.zeros(vocab_size, dtype=th.bool, device=device)
             self.eos_columns[[t for t in plan.eos_ids if 0 <= t < vocab_size]] = True
         if not plan.greedy and self.noise is None:
-            self.noise = torch.empty(batch, vocab_size, dtype=torch.float32, device=device)
+            self.noise = th.empty(batch, vocab_size, dtype=th.float32, device=device)
         if force_eos_at is None:
             self.force_eos_at = None
         else:
             if not plan.eos_ids:
                 raise ValueError("FastSampler(force_eos_at=...) needs an eos_token_id in the generation config")
             if self.force_eos_at is None:
-                self.force_eos_at = torch.empty(batch, dtype=torch.long, device=device)
+                self.force_eos_at = th.empty(batch, dtype=th.long, device=device)
             self.force_eos_at.copy_(force_eos_at.reshape(batch))
 
     # ------------------------------------------------------------------------------------ per step
@@ -125,7 +125,7 @@ class DecodeState:
             "force_eos_at": self.force_eos_at,
         }
 
-    def draw_noise(self) -> torch.Tensor | None:
+    def draw_noise(self) -> th.Tensor | None:
         """Exponential noise for every original row (live or not), in place; None when greedy.
 
         torch's CUDA ``exponential_`` never returns 0, so ``p / E`` is the exponential race exactly.
@@ -137,13 +137,13 @@ class DecodeState:
         """Live rows among the first ``n`` (a host sync)."""
         return self.n - int(self.finished[: self.n].sum())
 
-    def live_first(self, m: int) -> torch.Tensor:
+    def live_first(self, m: int) -> th.Tensor:
         """``m`` row indices: the live rows in order, then finished ones as filler (device, no sync)."""
-        order = torch.sort(self.finished[: self.n].to(torch.uint8), stable=True).indices
+        order = th.sort(self.finished[: self.n].to(th.uint8), stable=True).indices
         return order[:m]
 
-    @torch.no_grad()
-    def compact(self, index: torch.Tensor) -> None:
+    @th.no_grad()
+    def compact(self, index: th.Tensor) -> None:
         """Rows ``index`` become the live rows ``0..len(index)-1`` (the KV cache is compacted by its owner)."""
         m = index.numel()
         for t in (self.tok, self.pos, self.rows, self.finished, self.inside, self.bias, self.seen):
@@ -152,7 +152,7 @@ class DecodeState:
         self.n = m
 
 
-def pick(plan: Plan, logits: torch.Tensor, t: dict) -> None:
+def pick(plan: Plan, logits: th.Tensor, t: dict) -> None:
     """Process the logits in transformers' order, pick each live row's token, update the state. Graph-safe.
 
     Greedy: argmax. Sampling: ``argmax(softmax(scores) / E)``, ``E`` the row's exponential noise (the law of
@@ -164,15 +164,15 @@ def pick(plan: Plan, logits: torch.Tensor, t: dict) -> None:
     rows, step, finished = t["rows"], t["step"], t["finished"]
     if t["force_eos_at"] is not None:  # bench-only: this row's token number force_eos_at is EOS
         forced = (t["force_eos_at"].index_select(0, rows) == step)[:, None]
-        eos_only = torch.where(t["eos_columns"], 0.0, float("-inf"))
-        scores = torch.where(forced, eos_only, scores)
+        eos_only = th.where(t["eos_columns"], 0.0, float("-inf"))
+        scores = th.where(forced, eos_only, scores)
     if t["noise"] is None:
         nxt = scores.argmax(-1)
     else:
         nxt = (scores.softmax(-1) / t["noise"].index_select(0, rows)).argmax(-1)
     logp = scores.gather(1, nxt[:, None]).squeeze(1) - scores.logsumexp(-1)
-    nxt = torch.where(finished, plan.pad_id, nxt)
-    logp = torch.where(finished, 0.0, logp)
+    nxt = th.where(finished, plan.pad_id, nxt)
+    logp = th.where(finished, 0.0, logp)
     cols = step.expand(rows.shape[0])
     t["out"].index_put_((rows, cols), nxt)
     t["logp"].index_put_((rows, cols), logp)

@@ -20,7 +20,7 @@ first import to run them on CPU tensors (tests do that).
 
 from __future__ import annotations
 
-import torch
+import torch as th
 
 try:
     import triton
@@ -185,32 +185,32 @@ if triton is not None:
         tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
 
 
-def num_splits(rows: int, cache_len: int, device: torch.device) -> int:
+def num_splits(rows: int, cache_len: int, device: th.device) -> int:
     """Context splits per (row, KV head) program: about ``WAVES`` programs per SM, at most one split per block.
 
     ``rows``: batch x KV heads. On the CPU (Triton's interpreter, which runs programs one by one) the "GPU"
     has one SM.
 
     Example:
-        >>> num_splits(256, 1024, torch.device("cpu")), num_splits(1, 300, torch.device("cpu"))
+        >>> num_splits(256, 1024, th.device("cpu")), num_splits(1, 300, th.device("cpu"))
         (1, 4)
     """
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = th.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     wanted = -(-WAVES * sms // max(rows, 1))
     return max(1, min(wanted, -(-cache_len // BLOCK_N), 64))
 
 
 def decode_attention(
-    query: torch.Tensor,
-    key_new: torch.Tensor,
-    value_new: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    length: torch.Tensor,
-    bias: torch.Tensor | None,
+    query: th.Tensor,
+    key_new: th.Tensor,
+    value_new: th.Tensor,
+    key_cache: th.Tensor,
+    value_cache: th.Tensor,
+    length: th.Tensor,
+    bias: th.Tensor | None,
     scaling: float,
     splits: int | None = None,
-) -> torch.Tensor:
+) -> th.Tensor:
     """Write the new K/V at slot ``length - 1`` and attend to slots ``[0, length)``: [B, 1, H, D].
 
     ``query``: [B, H, 1, D]; ``key_new``/``value_new``: [B, Hkv, 1, D]; ``key_cache``/``value_cache``:
@@ -227,11 +227,11 @@ def decode_attention(
     block_g = max(MIN_DOT, triton.next_power_of_2(g))
     out = query.new_empty(b, 1, h, d)
     if splits > 1:
-        part_o = torch.empty(b, h, splits, block_d, dtype=torch.float32, device=query.device)
-        part_l = torch.empty(b, h, splits, dtype=torch.float32, device=query.device)
+        part_o = th.empty(b, h, splits, block_d, dtype=th.float32, device=query.device)
+        part_l = th.empty(b, h, splits, dtype=th.float32, device=query.device)
     else:
         part_o = part_l = out  # unused
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    precision = "ieee" if query.dtype == th.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     bias_arg = bias if bias is not None else length
     _split_kernel[(b * hkv, splits)](
         query,
