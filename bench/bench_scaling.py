@@ -387,6 +387,8 @@ def plot(rows: list[dict], strategies: list[str], path: Path) -> bool:
             ax_step.plot(gpus, [r["s_per_step"] for r in series], "o-", label=label, color=line.get_color())
     for ax, what in ((ax_tok, "completion tokens/s (all GPUs); dotted: ideal"), (ax_step, "s per optimizer step")):
         ax.set_xscale("log", base=2)
+        ticks = sorted({r["gpus"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("GPUs (same batch per GPU)")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
