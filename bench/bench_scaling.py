@@ -255,6 +255,26 @@ def read_records(records: Path) -> dict[int, list[dict]]:
     return out
 
 
+WORKLOAD_KEYS = ("device", "steps", "warmup", "completions_per_gpu", "micro_batch", "generations", "completion")
+WORKLOAD_KEYS += ("gradient_checkpointing", "seed")
+
+
+def previous_results(path: Path, args: dict) -> dict[str, dict]:
+    """Successful points of an earlier call into the same folder with the same workload (name -> result), so a
+    sweep can be split over several calls (a device lease of 10 minutes a command); {} if none or it differed.
+
+    Example:
+        >>> previous_results(Path("/nonexistent/scaling.json"), {})
+        {}
+    """
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if any(data.get("args", {}).get(k) != args.get(k) for k in WORKLOAD_KEYS):
+        return {}
+    return {r["name"]: r for r in data.get("raw", []) if r.get("rc") == 0 and r.get("ranks")}
+
+
 # ------------------------------------------------------------------------------------------ reading results
 def summarise(result: dict, warmup: int) -> dict:
     """One table row: step time, generation share, tokens/s (total, per GPU), peak memory, from every rank."""
@@ -417,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="training.gradient_checkpointing=true")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per point")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh", action="store_true", help="rerun points already measured in --out")
     args = parser.parse_args(argv)
 
     strategies = [s for s in args.strategy.split(",") if s]
@@ -430,18 +451,29 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     per_gpu_prompts = args.completions_per_gpu // args.generations
-    model_dir, data = prepare_workload(
-        out, args.device, per_gpu_prompts * max(args.gpus) * (args.warmup + args.steps) + 8
-    )
+    # as many prompts whatever --gpus asks (so the data, hence its shuffled order, is the same in every call)
+    prompts = per_gpu_prompts * max(8, *args.gpus) * (args.warmup + args.steps) + 8
+    model_dir, data = prepare_workload(out, args.device, prompts)
 
+    done = previous_results(out / "scaling.json", vars(args)) if not args.fresh else {}
     results, rows = [], []
     for point in points(args.gpus, strategies, args.reasoning_vocab):
-        results.append(run_point(args, point, model_dir, data, out))
-        rows = add_efficiency([summarise(r, args.warmup) for r in results])
-        write_json(out / "scaling.json", {"args": vars(args), "summary": rows, "raw": results})
-    md = table(rows, strategies)
+        if point.name in done:
+            print(
+                f"=== {point.name}: measured before with the same workload ({out / 'scaling.json'}), kept", flush=True
+            )
+            results.append(done.pop(point.name))
+        else:
+            results.append(run_point(args, point, model_dir, data, out))
+        kept = results + list(done.values())  # points of earlier calls that this one did not ask for stay
+        rows = add_efficiency([summarise(r, args.warmup) for r in kept])
+        write_json(out / "scaling.json", {"args": vars(args), "summary": rows, "raw": kept})
+    rows = add_efficiency([summarise(r, args.warmup) for r in results + list(done.values())])
+    shown = [s for s in ("ddp", "fsdp2") if any(r["strategy"] == s for r in rows)]
+    shown += [s for s in strategies if s not in shown]
+    md = table(rows, shown)
     (out / "scaling.md").write_text(md + "\n")
-    drew = plot(rows, strategies, out / "scaling.png")
+    drew = plot(rows, shown, out / "scaling.png")
     print("\n" + md)
     print(f"\nwrote {out / 'scaling.json'}, {out / 'scaling.md'}" + (f", {out / 'scaling.png'}" if drew else ""))
     return 0 if all("s_per_step" in r for r in rows) else 1

@@ -94,3 +94,13 @@ def test_cpu_run_with_one_and_two_processes(tmp_path):
     assert [p.name for p in records] == ["rank-0.jsonl", "rank-1.jsonl"]
     assert "| ddp | 512 | 2 |" in (out / "scaling.md").read_text()
     assert (out / "scaling.png").stat().st_size > 1000
+
+
+def test_an_earlier_call_into_the_same_folder_keeps_its_points_only_for_the_same_workload(tmp_path):
+    args = vars(_args(gpus=[1, 2], strategy="ddp"))
+    ok = {"name": "ddp-2gpu-rv0", "rc": 0, "ranks": {"0": []}}
+    failed = {"name": "ddp-4gpu-rv0", "rc": 1, "ranks": {}}
+    path = tmp_path / "scaling.json"
+    path.write_text(json.dumps({"args": {**args, "gpus": [2, 4]}, "raw": [ok, failed]}))
+    assert list(bench_scaling.previous_results(path, args)) == ["ddp-2gpu-rv0"]  # other --gpus: kept; failures: not
+    assert bench_scaling.previous_results(path, {**args, "completion": 1024}) == {}  # another workload: rerun all
