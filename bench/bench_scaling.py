@@ -238,6 +238,8 @@ def run_point(args, point: Point, model_dir: Path, data: Path, out: Path) -> dic
         except subprocess.TimeoutExpired:
             rc = "timeout"
     result = {"point": asdict(point), "name": point.name, "command": command, "rc": rc, "wall_s": time.time() - t0}
+    for weights in (folder / "run").glob("*.safetensors"):  # the final model (GBs per point): not a result here
+        weights.unlink()
     result["ranks"] = read_records(records)
     if rc != 0:
         text = log.read_text(errors="replace")
