@@ -116,6 +116,48 @@ def apply_fix_env(fix: str) -> None:
         os.environ["TRITON_CACHE_DIR"] = os.path.join(root, "triton")
 
 
+# ------------------------------------------------------------------------------------------ timing a trainer
+def time_generation(trainer, sync, current: dict, params: int, config) -> None:
+    """Wrap the trainer's generation so each call adds to ``current``: generation_s, completion_tokens,
+    trained_tokens, flops (of training on what was generated) and gen_and_score_s (generation plus rewards).
+
+    ``sync``: ``torch.cuda.synchronize`` on the GPU (a no-op elsewhere); the caller clears ``current`` per step.
+    """
+    original_generate = trainer._generate_single_turn
+    original_score = trainer._generate_and_score_completions
+
+    def timed_generate(*a, **k):
+        prompt_ids = a[0] if a else k["prompt_ids"]
+        sync()
+        t0 = time.perf_counter()
+        ids, logps = original_generate(*a, **k)
+        sync()
+        current["generation_s"] = current.get("generation_s", 0.0) + time.perf_counter() - t0
+        current["completion_tokens"] = current.get("completion_tokens", 0) + sum(len(c) for c in ids)
+        length = max(len(p) for p in prompt_ids) + max(len(c) for c in ids)
+        current["trained_tokens"] = current.get("trained_tokens", 0) + len(ids) * length
+        current["flops"] = current.get("flops", 0.0) + training_flops(
+            params,
+            config.num_hidden_layers,
+            config.num_attention_heads,
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            len(ids),
+            length,
+        )
+        return ids, logps
+
+    def timed_score(*a, **k):
+        sync()
+        t0 = time.perf_counter()
+        out = original_score(*a, **k)
+        sync()
+        current["gen_and_score_s"] = current.get("gen_and_score_s", 0.0) + time.perf_counter() - t0
+        return out
+
+    trainer._generate_single_turn = timed_generate
+    trainer._generate_and_score_completions = timed_score
+
+
 # ------------------------------------------------------------------------------------------ one run
 def run_variant(
     v: Variant,
@@ -210,39 +252,7 @@ def run_variant(
     except Exception:  # noqa: BLE001
         pass
     current: dict = {}
-    original_generate = trainer._generate_single_turn
-    original_score = trainer._generate_and_score_completions
-
-    def timed_generate(*a, **k):
-        prompt_ids = a[0] if a else k["prompt_ids"]
-        sync()
-        t0 = time.perf_counter()
-        ids, logps = original_generate(*a, **k)
-        sync()
-        current["generation_s"] = current.get("generation_s", 0.0) + time.perf_counter() - t0
-        current["completion_tokens"] = current.get("completion_tokens", 0) + sum(len(c) for c in ids)
-        length = max(len(p) for p in prompt_ids) + max(len(c) for c in ids)
-        current["trained_tokens"] = current.get("trained_tokens", 0) + len(ids) * length
-        current["flops"] = current.get("flops", 0.0) + training_flops(
-            params,
-            config.num_hidden_layers,
-            config.num_attention_heads,
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            len(ids),
-            length,
-        )
-        return ids, logps
-
-    def timed_score(*a, **k):
-        sync()
-        t0 = time.perf_counter()
-        out = original_score(*a, **k)
-        sync()
-        current["gen_and_score_s"] = current.get("gen_and_score_s", 0.0) + time.perf_counter() - t0
-        return out
-
-    trainer._generate_single_turn = timed_generate
-    trainer._generate_and_score_completions = timed_score
+    time_generation(trainer, sync, current, params, config)
     probe = StepProbe(lambda: getattr(trainer, "fast_sampler", None))
 
     def after_warmup() -> None:

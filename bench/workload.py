@@ -79,18 +79,26 @@ def build_model(tok, seed: int = 0, tiny: bool = False, device: str | None = Non
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
 
 
-def prompt_words(rng: random.Random, vocab_size: int) -> str:
-    """One prompt of 48-80 random word tokens in ChatML, ending in an open ``<think>`` span."""
+def problem_words(rng: random.Random, vocab_size: int) -> str:
+    """48-80 random word tokens (one token each), the text of one prompt."""
     length = rng.randint(*PROMPT_TOKENS)
     top = max(vocab_size - len(SPECIALS), 2)
-    words = " ".join(f"t{rng.randrange(min(100, top - 1), top)}" for _ in range(length))
-    return f"<|im_start|> {words} <|im_end|> <|im_start|> <think>"
+    return " ".join(f"t{rng.randrange(min(100, top - 1), top)}" for _ in range(length))
 
 
-def build_prompts(n: int, seed: int = 0, vocab_size: int = VOCAB) -> list[str]:
-    """``n`` prompts of random tokens below ``vocab_size`` (left-padded when batched: lengths differ)."""
+def prompt_words(rng: random.Random, vocab_size: int) -> str:
+    """One prompt of 48-80 random word tokens in ChatML, ending in an open ``<think>`` span."""
+    return f"<|im_start|> {problem_words(rng, vocab_size)} <|im_end|> <|im_start|> <think>"
+
+
+def build_prompts(n: int, seed: int = 0, vocab_size: int = VOCAB, chat: bool = True) -> list[str]:
+    """``n`` prompts of random tokens below ``vocab_size`` (left-padded when batched: lengths differ).
+
+    ``chat=False``: the words alone (for a dataset whose prompts the chat template wraps).
+    """
     rng = random.Random(seed)
-    return [prompt_words(rng, vocab_size) for _ in range(n)]
+    make = prompt_words if chat else problem_words
+    return [make(rng, vocab_size) for _ in range(n)]
 
 
 def build_dataset(n: int, seed: int = 0, vocab_size: int = VOCAB):
