@@ -525,7 +525,7 @@ def markdown(result: dict[str, Any]) -> str:
         for run in arm["runs"]:
             m = run["metrics"]
             cells = [
-                "–" if m[n] is None else (f"{m[n]:.3f}" if isinstance(m[n], float) else str(m[n])) for n in NUMBERS[:4]
+                "–" if m[n] is None else (f"{m[n]:.3f}" if isinstance(m[n], float) else str(m[n])) for n in NUMBERS[:5]
             ]
             lines.append(f"| {arm['label']} | {run['seed']} | " + " | ".join(cells) + f" | {Path(run['dir']).name} |")
     return "\n".join(line for line in lines if line is not None) + "\n"

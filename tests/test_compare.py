@@ -68,6 +68,12 @@ def test_statistics_have_the_known_answer(tmp_path):
     # P(X > Y) over the 9 pairs of (0.5, 0.6, 0.7) x (0.4, 0.5, 0.6): 6 wins, 2 ties, 1 loss -> (6 + 1) / 9
     assert diff["prob_improvement"] == pytest.approx(7 / 9)
     assert result["target"] == 0.3
+    # the per-run table: every row has as many cells as its header, the training reward under its own column
+    from rlvr_vocab.comparison import markdown
+
+    table = markdown(result).split("Per run:")[1].strip().splitlines()
+    assert {row.count("|") for row in table} == {table[0].count("|")}
+    assert "training reward" in table[0] and "| 0.400 | rv1 |" in table[-3]
 
 
 def test_unpaired_difference_and_probability_of_improvement():
