@@ -13,6 +13,7 @@ from loguru import logger
 from rlvr_vocab.models import build_tiny_tokenizer, prepare_tokenizer
 from rlvr_vocab.rewards.registry import AnswerAfterSpan, build_reward, for_span
 from rlvr_vocab.thinking import (
+    CompletionSpan,
     add_tag_tokens,
     apply_think_mode,
     find_tags,
@@ -126,6 +127,11 @@ def test_correctness_counts_only_the_answer_after_the_span():
     assert fmt(["\\boxed{7}</think>7", "7</think>\\boxed{7}"]) == [0.0, 1.0]  # the box must follow the span
     [think] = for_span([build_reward("think_format")], "<think>", "</think>", starts_inside=True)
     assert think(["2+2=4</think> 4", "<think>2+2=4</think> 4"]) == [1.0, 0.0]  # the prompt already opened it
+    # from token ids: one closed span, then an answer free of tags. More close tags after the span are not an
+    # answer (SmolLM2 learned to spam them for this bonus on 2026-12-02, RESULTS.md)
+    spans = [CompletionSpan(think_tokens=5, used=True, closed=True, answer_start=5)] * 3
+    answers = [" 4", "</think></</think></think>", "\n4 <think>"]
+    assert think(["x"] * 3, completion_span=spans, completion_answer=answers) == [1.0, 0.0, 0.0]
 
 
 def test_guard_warns_before_training_when_no_prompt_opens_the_span(messages):

@@ -68,11 +68,16 @@ class ThinkFormat:
     def __call__(self, completions: list, completion_span: list | None = None, completion_answer=None, **kwargs):
         if completion_span is None or completion_answer is None:
             return [self.score(completion_text(c)) for c in completions]
-        # From token ids (the trainer's split): a closed span with thinking in it, then a non-blank answer.
+        # From token ids (the trainer's split): a closed span with thinking in it, then a non-blank answer that
+        # holds no tag (as in the text path, where each tag appears once): more close tags after the span are
+        # not an answer, and a policy must not be paid for repeating them.
         return [
-            1.0 if span.closed and span.think_tokens > 1 and (answer or "").strip() else 0.0
+            1.0 if span.closed and span.think_tokens > 1 and self._is_answer(answer) else 0.0
             for span, answer in zip(completion_span, completion_answer, strict=True)
         ]
+
+    def _is_answer(self, answer: str | None) -> bool:
+        return bool((answer or "").strip()) and self.open_tag not in answer and self.close_tag not in answer
 
 
 class SoftOverlong:
