@@ -581,7 +581,6 @@ def test_fuzz_every_reward_never_raises():
         "binary_boxed": {"parsing_timeout": 1, "verify_timeout": 1},
         "boxed_accuracy": {"parsing_timeout": 1, "verify_timeout": 1},
     }
-    started = time.perf_counter()
     for name in REWARD_REGISTRY:
         func = build_reward(name, fast.get(name))
         for kind, completions in (("conversational", [conv(c) for c in corpus]), ("plain", corpus[:200])):
@@ -594,8 +593,6 @@ def test_fuzz_every_reward_never_raises():
             )
             assert len(rewards) == n, (name, kind)
             assert all(r is None or (isinstance(r, float) and r == r) for r in rewards), (name, kind)
-    elapsed = time.perf_counter() - started
-    assert elapsed < 60, f"fuzz took {elapsed:.0f} s"
 
 
 # ------------------------------------------------------------------------------------------ near misses
