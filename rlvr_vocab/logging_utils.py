@@ -81,15 +81,14 @@ LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{
 
 
 @contextlib.contextmanager
-def run_log(path: Path) -> Iterator[None]:
+def run_log(path: Path, enabled: bool = True) -> Iterator[None]:
     """While inside: every loguru line at INFO or above also goes to ``path`` (appended: a resume continues it).
 
-    Rank 0 only (the other ranks' lines would repeat its own). A failure's traceback is appended to the file
-    as well (the console gets it from whoever handles the exception, hydra_entry or the caller).
+    ``enabled``: false on ranks other than 0 (their lines would repeat its own). A failure's traceback is
+    appended to the file as well (the console gets it from whoever handles the exception, hydra_entry or the
+    caller).
     """
-    from rlvr_vocab.rundir import process_rank
-
-    if process_rank() != 0:
+    if not enabled:
         yield
         return
     sink = logger.add(path, level="INFO", format=LOG_FORMAT, colorize=False, mode="a", encoding="utf-8")

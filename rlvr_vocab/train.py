@@ -75,11 +75,12 @@ def _train(
     ``rundir.open_run`` checked and locked."""
     from rlvr_vocab.data import load_datasets
     from rlvr_vocab.logging_utils import RUN_LOG, run_log
+    from rlvr_vocab.rundir import process_rank
 
     # ---- data (before the model: data errors surface before an expensive load, and before any write)
     train_dataset, eval_dataset = load_datasets(cfg)
     run.commit(hydra_files)  # config record, .hydra/, metrics.jsonl trimmed to the checkpoint
-    with run_log(run.path / RUN_LOG):
+    with run_log(run.path / RUN_LOG, enabled=process_rank() == 0):
         return _fit(cfg, run, bf16, reward_funcs, reward_weights, train_dataset, eval_dataset, started)
 
 
