@@ -91,18 +91,20 @@ def run_log(path: Path, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    sink = logger.add(path, level="INFO", format=LOG_FORMAT, colorize=False, mode="a", encoding="utf-8")
-    try:
-        yield
-    except Exception:
-        logger.remove(sink)
-        sink = None
-        with Path(path).open("a", encoding="utf-8") as f:
-            f.write(f"Training failed:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if sink is not None:
+    # An open file, not the path: loguru formats a path as a template ({time}), and a sweep point's folder
+    # name holds the override's braces (0_+reward.kwargs.x={a:1},...).
+    with Path(path).open("a", encoding="utf-8", buffering=1) as stream:
+        sink = logger.add(stream, level="INFO", format=LOG_FORMAT, colorize=False)
+        try:
+            yield
+        except Exception:
             logger.remove(sink)
+            sink = None
+            stream.write(f"Training failed:\n{traceback.format_exc()}")
+            raise
+        finally:
+            if sink is not None:
+                logger.remove(sink)
 
 
 @contextlib.contextmanager

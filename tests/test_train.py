@@ -176,15 +176,19 @@ def test_a_non_finite_gradient_stops_training_before_the_weights_change(tmp_path
     assert sorted(p.name for p in (tmp_path / "t").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
-def test_console_shows_a_banner_one_line_per_step_and_a_summary_and_train_log_holds_them(make_cfg, capfd):
+def test_console_shows_a_banner_one_line_per_step_and_a_summary_and_train_log_holds_them(tmp_path, capfd):
     """What a researcher reads (issue 15): no transformers metrics dicts, bars or held-out dicts; the same lines
-    in the run dir's train.log. One 2-step debug run with a held-out eval at every step."""
+    in the run dir's train.log. One 2-step debug run with a held-out eval at every step, in a folder named as a
+    sweep point's (braces: loguru must not read the path as a template)."""
     import re
     import sys
 
     from loguru import logger
 
-    cfg = make_cfg("experiment=debug", "eval.every_steps=1", "eval.max_samples=4", "eval.batch_size=4")
+    run_dir = tmp_path / "0_+reward.kwargs.x={a:1},seed=1"
+    cfg = cached_config(f"output_dir='{run_dir}'", "experiment=debug", "eval.every_steps=1", "eval.max_samples=4",
+                        "eval.batch_size=4")  # fmt: skip
+    assert Path(cfg.output_dir) == run_dir
     console_sink = logger.add(sys.stderr, level="INFO")  # loguru's own console handler holds the stderr of import
     try:  # time, which capfd does not read: this one writes where transformers' prints and bars go
         train(cfg)
