@@ -1,11 +1,21 @@
-"""Experiment tracking (wandb / none), the run's metrics.jsonl, and the secret-free config trackers record."""
+"""Experiment tracking (wandb / none), the run's metrics.jsonl and train.log, the console's lines, and the
+secret-free config trackers record.
+
+The console is for people, files are for programs: one line per logging step (``step_line``) in place of
+transformers' metrics dicts and progress bars (``quiet_console``); the full metrics go to ``metrics.jsonl`` and
+the tracker, and every console line of the run also to ``<run dir>/train.log`` (``run_log``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import math
 import os
 import time
+import traceback
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +76,113 @@ def finish_tracker(cfg: DictConfig) -> None:
             wandb.finish()
 
 
+RUN_LOG = "train.log"  # in the run dir: the console's loguru lines (banner, step lines, held-out, summary)
+LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}"  # loguru's own
+
+
+@contextlib.contextmanager
+def run_log(path: Path, enabled: bool = True) -> Iterator[None]:
+    """While inside: every loguru line at INFO or above also goes to ``path`` (appended: a resume continues it).
+
+    ``enabled``: false on ranks other than 0 (their lines would repeat its own). A failure's traceback is
+    appended to the file as well (the console gets it from whoever handles the exception, hydra_entry or the
+    caller).
+    """
+    if not enabled:
+        yield
+        return
+    # An open file, not the path: loguru formats a path as a template ({time}), and a sweep point's folder
+    # name holds the override's braces (0_+reward.kwargs.x={a:1},...).
+    with Path(path).open("a", encoding="utf-8", buffering=1) as stream:
+        sink = logger.add(stream, level="INFO", format=LOG_FORMAT, colorize=False)
+        try:
+            yield
+        except Exception:
+            logger.remove(sink)
+            sink = None
+            stream.write(f"Training failed:\n{traceback.format_exc()}")
+            raise
+        finally:
+            if sink is not None:
+                logger.remove(sink)
+
+
+@contextlib.contextmanager
+def quiet_console(trainer) -> Iterator[None]:
+    """Our one line per logging step in place of what transformers prints: its metrics dict at every log
+    (ProgressCallback / PrinterCallback, numbers as strings), its tqdm bar (redrawn lines in a Slurm log, and
+    loguru lines cut into it on a terminal) and save_pretrained's "Writing model shards" bar at every save.
+
+    The callbacks are taken off ``trainer`` for good; progress bars (transformers' and the Hub's) are off while
+    inside and back on afterwards if they were on. Neither changes what metrics.jsonl or the tracker receive.
+    """
+    from transformers import PrinterCallback, ProgressCallback
+    from transformers.utils import logging as hf_logging
+
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def step_line(
+    step: int, max_steps: int, logs: Mapping[str, Any], seconds_per_step: float | None, eta: float | None
+) -> str:
+    """The console's line for one logging step: what a researcher watches (metrics.jsonl holds every metric).
+
+    Reward mean ± std, each reward function's mean, completion length, the share of completions cut at the
+    token limit, learning rate, wall seconds per step and time left; with reasoning rows (``reasoning/*``) the
+    share of completion tokens drawn from them and their share of the span's tokens.
+
+    >>> logs = {"reward": 0.5, "reward_std": 0.25, "rewards/accuracy/mean": 0.5, "rewards/format/mean": 1.0,
+    ...         "completions/mean_length": 41.0, "completions/clipped_ratio": 0.125, "learning_rate": 3e-6}
+    >>> step_line(3, 10, logs, 1.5, 10.5).split(" | ")  # doctest: +NORMALIZE_WHITESPACE
+    ['step 3/10', 'reward 0.500 ± 0.250', 'accuracy 0.500 format 1.000', 'len 41.0 clipped 0.12', 'lr 3.0e-06',
+     '1.50 s/step ETA 0:00:10']
+    >>> step_line(1, 2, {"reward": 0.0, "reasoning/token_fraction": 0.05, "reasoning/span_token_fraction": 0.2},
+    ...           None, None)
+    'step 1/2 | reward 0.000 ± nan | len nan clipped nan | lr nan | reasoning 0.050 of tokens, 0.200 of span'
+    """
+    nan = float("nan")
+    parts = [f"step {step}/{max_steps}", f"reward {logs.get('reward', nan):.3f} ± {logs.get('reward_std', nan):.3f}"]
+    rewards = [
+        f"{key[len('rewards/') : -len('/mean')]} {value:.3f}"
+        for key, value in logs.items()
+        if key.startswith("rewards/") and key.endswith("/mean")
+    ]
+    if rewards:
+        parts.append(" ".join(rewards))
+    parts.append(
+        f"len {logs.get('completions/mean_length', nan):.1f} clipped {logs.get('completions/clipped_ratio', nan):.2f}"
+    )
+    parts.append(f"lr {logs.get('learning_rate', nan):.1e}")
+    if seconds_per_step is not None:
+        eta_text = f" ETA {datetime.timedelta(seconds=round(eta))}" if eta is not None else ""
+        parts.append(f"{seconds_per_step:.2f} s/step{eta_text}")
+    if "reasoning/token_fraction" in logs:
+        span = logs.get("reasoning/span_token_fraction")
+        span_text = f", {span:.3f} of span" if span is not None else ""
+        parts.append(f"reasoning {logs['reasoning/token_fraction']:.3f} of tokens{span_text}")
+    return " | ".join(parts)
+
+
 class MetricsFileCallback(TrainerCallback):
-    """Append every logged metrics dict (with its step and unix time) to <output_dir>/metrics.jsonl; echo the reward."""
+    """Append every logged metrics dict (with its step and unix time) to <output_dir>/metrics.jsonl; print the
+    step's ``step_line`` (wall seconds per step over the last logging interval, time left at the mean pace of
+    this process's steps so far)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.started: tuple[float, int] | None = None  # (perf_counter, global_step) at on_train_begin
+        self.last: tuple[float, int] | None = None  # the same at the latest step line
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.last = (time.perf_counter(), state.global_step)
 
     @staticmethod
     def truncate_after(path: Path, step: int) -> None:
@@ -113,11 +225,17 @@ class MetricsFileCallback(TrainerCallback):
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if "reward" in logs:
-            logger.info(
-                f"step {state.global_step}/{state.max_steps} reward {logs['reward']:.3f} "
-                f"(std {logs.get('reward_std', float('nan')):.3f}) "
-                f"len {logs.get('completions/mean_length', float('nan')):.1f}"
-            )
+            logger.info(step_line(state.global_step, state.max_steps, logs, *self._pace(state)))
+
+    def _pace(self, state) -> tuple[float | None, float | None]:
+        """(wall seconds per step since the previous step line, seconds left at the mean pace so far)."""
+        now, step = time.perf_counter(), state.global_step
+        if self.started is None or self.last is None or step <= self.last[1]:
+            return None, None
+        per_step = (now - self.last[0]) / (step - self.last[1])
+        mean = (now - self.started[0]) / (step - self.started[1])
+        self.last = (now, step)
+        return per_step, mean * max(state.max_steps - step, 0)
 
 
 def _is_number(v: Any) -> bool:

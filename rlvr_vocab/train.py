@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +43,7 @@ def train(cfg: DictConfig, hydra_files: dict[str, str] | None = None) -> dict:
     from rlvr_vocab.rewards.registry import get_reward_funcs
     from rlvr_vocab.trainer import grpo_config_kwargs
 
+    started = time.perf_counter()
     # ---- config: every check that needs no model or data runs first
     validate(cfg)
     check_qlora(cfg.model.lora, cfg.model.source)  # model.lora.load_in_4bit needs CUDA + bitsandbytes + an adapter
@@ -60,26 +63,41 @@ def train(cfg: DictConfig, hydra_files: dict[str, str] | None = None) -> dict:
     try:
         if run.finished_step is not None:
             return {"global_step": run.finished_step, "already_finished": True}
-        return _train(cfg, run, hydra_files, bf16, reward_funcs, reward_weights)
+        return _train(cfg, run, hydra_files, bf16, reward_funcs, reward_weights, started)
     finally:
         run.release()
 
 
-def _train(cfg: DictConfig, run: RunDir, hydra_files, bf16: bool, reward_funcs: list, reward_weights: list) -> dict:
-    """Data, model, trainer, train, save: in the run dir that ``rundir.open_run`` checked and locked."""
-    from rlvr_vocab import resume
+def _train(
+    cfg: DictConfig, run: RunDir, hydra_files, bf16: bool, reward_funcs: list, reward_weights: list, started: float
+) -> dict:
+    """Data, then (its lines also in the run dir's train.log) model, trainer, train, save: in the run dir that
+    ``rundir.open_run`` checked and locked."""
     from rlvr_vocab.data import load_datasets
+    from rlvr_vocab.logging_utils import RUN_LOG, run_log
+    from rlvr_vocab.rundir import process_rank
+
+    # ---- data (before the model: data errors surface before an expensive load, and before any write)
+    train_dataset, eval_dataset = load_datasets(cfg)
+    run.commit(hydra_files)  # config record, .hydra/, metrics.jsonl trimmed to the checkpoint
+    with run_log(run.path / RUN_LOG, enabled=process_rank() == 0):
+        return _fit(cfg, run, bf16, reward_funcs, reward_weights, train_dataset, eval_dataset, started)
+
+
+def _fit(
+    cfg: DictConfig, run: RunDir, bf16: bool, reward_funcs: list, reward_weights: list, train_dataset, eval_dataset,
+    started: float,
+) -> dict:  # fmt: skip
+    """Model, trainer, train, save, with the start banner and the closing summary on the console."""
+    from rlvr_vocab import resume
     from rlvr_vocab.distributed import RankRecordCallback
-    from rlvr_vocab.logging_utils import MetricsFileCallback, finish_tracker, start_tracker
+    from rlvr_vocab.logging_utils import MetricsFileCallback, finish_tracker, quiet_console, start_tracker
     from rlvr_vocab.models import load_model_and_tokenizer
 
     output_dir, checkpoint = run.path, run.checkpoint
     if checkpoint:
         logger.info(f"Resuming from {checkpoint}")
-
-    # ---- data (before the model: data errors surface before an expensive load, and before any write)
-    train_dataset, eval_dataset = load_datasets(cfg)
-    run.commit(hydra_files)  # config record, .hydra/, metrics.jsonl trimmed to the checkpoint
+    rows = {"train": len(train_dataset), "held-out": len(eval_dataset) if eval_dataset is not None else 0}
     callbacks = [MetricsFileCallback(output_dir / "metrics.jsonl"), resume.PreemptionCallback()]
     callbacks.append(RankRecordCallback(output_dir))  # several processes: <output_dir>/ranks/rank-<r>.jsonl
     heldout = None
@@ -146,24 +164,75 @@ def _train(cfg: DictConfig, run: RunDir, hydra_files, bf16: bool, reward_funcs: 
         )
         if heldout is not None:
             heldout.trainer = trainer
-        if vocab is not None and cfg.model.reasoning.keep_initial_checkpoint and not checkpoint:
-            trainer.save_initial_checkpoint()
+        if trainer.is_world_process_zero():
+            logger.info(_banner(cfg, trainer, rows, heldout, output_dir, report_to, checkpoint))
+        with quiet_console(trainer):  # our step lines, no metrics dicts or progress bars
+            if vocab is not None and cfg.model.reasoning.keep_initial_checkpoint and not checkpoint:
+                trainer.save_initial_checkpoint()
 
-        # ---- train
-        with resume.signal_handlers():
-            result = trainer.train(resume_from_checkpoint=checkpoint)
+            # ---- train
+            with resume.signal_handlers():
+                result = trainer.train(resume_from_checkpoint=checkpoint)
 
-        # ---- save: the final model, its tokenizer, the reasoning map and trainer_state.json in the run dir
-        trainer.save_model(str(output_dir))
-        trainer.save_state()
+            # ---- save: the final model, its tokenizer, the reasoning map and trainer_state.json in the run dir
+            trainer.save_model(str(output_dir))
+            trainer.save_state()
         run.mark_finished(trainer.state.global_step, trainer.state.max_steps, cfg.training.num_train_epochs)
         metrics = dict(result.metrics)
         metrics["global_step"] = trainer.state.global_step
         if trainer.is_world_process_zero():
-            logger.info(f"Finished at step {trainer.state.global_step}; outputs in {output_dir}")
+            logger.info(_summary(trainer.state, time.perf_counter() - started, output_dir))
         return metrics
     finally:
         finish_tracker(cfg)
+
+
+def _banner(cfg: DictConfig, trainer, rows: dict[str, int], heldout, output_dir: Path, report_to: str, checkpoint):
+    """The start banner: what is trained, on what, with which rewards, for how long, and where it goes."""
+    args = trainer.args
+    n = cfg.model.reasoning_vocab_size
+    reasoning = f", {n} reasoning rows (init {cfg.model.reasoning.init})" if n > 0 else ", no reasoning rows"
+    evaluation = "off"
+    if heldout is not None:
+        split = " of the training split" if heldout.settings["split"] == "train" else ""
+        every = "every step" if heldout.every == 1 else f"every {heldout.every} steps"
+        evaluation = f"{every} on {len(heldout.rows)} problems{split}"
+    rewards = " + ".join(
+        f"{w:g} x {name}" for name, w in zip(trainer.reward_func_names, trainer.reward_weights.tolist(), strict=True)
+    )
+    completions = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    prompts = completions // args.num_generations
+    steps = f"max_steps {args.max_steps}" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+    tracker = report_to
+    if report_to in ("wandb", "trackio"):
+        tracker += f" (project {cfg.logging.project}" + (f", {cfg.logging.mode})" if report_to == "wandb" else ")")
+    resuming = f" (resuming from {Path(checkpoint).name})" if checkpoint else ""
+    return "\n".join(
+        [
+            f"GRPO run {cfg.exp_name}",
+            f"  model    {cfg.model.name_or_path} ({cfg.model.source}){reasoning}",
+            f"  data     {cfg.dataset.name}: {rows['train']} train rows, {rows['held-out']} held-out rows; "
+            f"held-out eval {evaluation}",
+            f"  rewards  {rewards}",
+            f"  steps    {steps}, {prompts} prompts x {args.num_generations} completions per step, "
+            f"max {args.max_completion_length} completion tokens, lr {args.learning_rate:.1e}",
+            f"  output   {output_dir}{resuming}",
+            f"  tracker  {tracker}",
+        ]
+    )
+
+
+def _summary(state, seconds: float, output_dir: Path) -> str:
+    """The closing line: steps done, wall time, the last training reward and held-out pass@1, the outputs."""
+    reward = next((e["reward"] for e in reversed(state.log_history) if "reward" in e), None)
+    last_eval = next((e for e in reversed(state.log_history) if "heldout/pass@1" in e), None)
+    parts = [f"Finished: step {state.global_step}/{state.max_steps} in {datetime.timedelta(seconds=round(seconds))}"]
+    if reward is not None:
+        parts.append(f"final reward {reward:.3f}")
+    if last_eval is not None:
+        parts.append(f"held-out pass@1 {last_eval['heldout/pass@1']:.3f} (step {last_eval['step']})")
+    parts.append(f"outputs in {output_dir}")
+    return " | ".join(parts)
 
 
 def _has_accelerator() -> bool:

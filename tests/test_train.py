@@ -174,3 +174,65 @@ def test_a_non_finite_gradient_stops_training_before_the_weights_change(tmp_path
     assert trainer.state.global_step == 1  # step 1 was taken; step 2 was refused before optimizer.step
     assert all(th.isfinite(p).all() for p in model.parameters())
     assert sorted(p.name for p in (tmp_path / "t").glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_console_shows_a_banner_one_line_per_step_and_a_summary_and_train_log_holds_them(tmp_path, capfd):
+    """What a researcher reads (issue 15): no transformers metrics dicts, bars or held-out dicts; the same lines
+    in the run dir's train.log. One 2-step debug run with a held-out eval at every step, in a folder named as a
+    sweep point's (braces: loguru must not read the path as a template)."""
+    import re
+    import sys
+
+    from loguru import logger
+
+    run_dir = tmp_path / "0_+reward.kwargs.x={a:1},seed=1"
+    cfg = cached_config(f"output_dir='{run_dir}'", "experiment=debug", "eval.every_steps=1", "eval.max_samples=4",
+                        "eval.batch_size=4")  # fmt: skip
+    assert Path(cfg.output_dir) == run_dir
+    console_sink = logger.add(sys.stderr, level="INFO")  # loguru's own console handler holds the stderr of import
+    try:  # time, which capfd does not read: this one writes where transformers' prints and bars go
+        train(cfg)
+    finally:
+        logger.remove(console_sink)
+    out = Path(cfg.output_dir)
+    captured = capfd.readouterr()
+    console = captured.out + captured.err
+
+    assert console.count("GRPO run debug") == 1
+    banner = "\n".join(console[console.index("GRPO run debug") :].splitlines()[:7])  # one block
+    for expected in ("tiny-qwen3", "no reasoning rows", "32 train rows", "8 held-out rows", "1 x accuracy",
+                     "max_steps 2", "2 prompts x 2 completions", "max 8 completion tokens", f"output   {out}\n",
+                     "tracker  none"):  # fmt: skip
+        assert expected in banner, expected
+
+    step_lines = [line for line in console.splitlines() if re.search(r"step \d+/2 \| reward", line)]
+    assert [int(re.search(r"step (\d+)/2", line).group(1)) for line in step_lines] == [1, 2]
+    for line in step_lines:
+        for field in ("reward 0.", " ± ", "| accuracy ", "| len ", " clipped ", "| lr 1.0e-03", " s/step ETA "):
+            assert field in line, (field, line)
+    heldout_lines = [line for line in console.splitlines() if "held-out step " in line]
+    assert [re.search(r"held-out step (\d+):", line).group(1) for line in heldout_lines] == ["0", "1", "2"]
+    assert "Finished: step 2/2" in console and "held-out pass@1" in console.split("Finished: ")[1]
+    for noise in ("{'loss'", "{'heldout", "{'train_runtime'", "Writing model shards", "it/s]"):
+        assert noise not in console, noise
+
+    log = (out / "train.log").read_text()
+    assert "GRPO run debug" in log and "  model    tiny-qwen3" in log
+    for line in step_lines + heldout_lines:
+        assert line.split(" - ", 1)[1] in log
+    assert "Finished: step 2/2" in log
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in logged if "reward" in r]) == 2 and "total_flos" in logged[-1]  # the file keeps it all
+
+
+def test_a_failed_run_leaves_its_traceback_in_train_log(make_cfg, monkeypatch):
+    def broken_reward(completions, **kwargs):
+        raise RuntimeError("reward server is down")
+
+    monkeypatch.setitem(REWARD_REGISTRY, "broken_reward", broken_reward)
+    cfg = make_cfg("experiment=debug", "reward.funcs=[broken_reward]", "reward.weights=[1.0]")
+    with pytest.raises(RuntimeError, match="reward server is down"):
+        train(cfg)
+    log = (Path(cfg.output_dir) / "train.log").read_text()
+    assert "GRPO run debug" in log
+    assert "Training failed:" in log and "RuntimeError: reward server is down" in log
