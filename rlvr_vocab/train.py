@@ -6,6 +6,7 @@ import datetime
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,9 @@ def train(cfg: DictConfig, hydra_files: dict[str, str] | None = None) -> dict:
     check_qlora(cfg.model.lora, cfg.model.source)  # model.lora.load_in_4bit needs CUDA + bitsandbytes + an adapter
     grpo_config_kwargs(cfg)  # every training key is a GRPOConfig field
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeout warnings print whole completions
+    # trl 1.16 reads model.is_gradient_checkpointing at every generation, which transformers 5.2x deprecates: a
+    # FutureWarning per step that no setting of ours causes or cures (pyproject pins both)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if not cfg.output_dir:
         raise ConfigError("output_dir is not set (grpo_train.py sets it to the Hydra run dir).")
     bf16 = resolve_bf16(cfg.training.bf16)

@@ -182,6 +182,7 @@ def test_console_shows_a_banner_one_line_per_step_and_a_summary_and_train_log_ho
     sweep point's (braces: loguru must not read the path as a template)."""
     import re
     import sys
+    import warnings
 
     from loguru import logger
 
@@ -191,9 +192,12 @@ def test_console_shows_a_banner_one_line_per_step_and_a_summary_and_train_log_ho
     assert Path(cfg.output_dir) == run_dir
     console_sink = logger.add(sys.stderr, level="INFO")  # loguru's own console handler holds the stderr of import
     try:  # time, which capfd does not read: this one writes where transformers' prints and bars go
-        train(cfg)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # what a user's console shows, not pytest's filters
+            train(cfg)
     finally:
         logger.remove(console_sink)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
     out = Path(cfg.output_dir)
     captured = capfd.readouterr()
     console = captured.out + captured.err
