@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,33 +252,38 @@ class NonFiniteGradientGuard(TrainerCallback):
 
     Without it, one bad step turns every weight into NaN (gradient clipping multiplies every gradient by the NaN
     norm), and the run goes on sampling garbage and logging ``loss 0`` (transformers' ``logging_nan_inf_filter``)
-    until ``max_steps``. The trainer calls :meth:`note` after each micro-batch's backward, before clipping spreads
-    the NaN, so the error names where it started; the check itself runs before the optimizer step, where every
-    rank holds the same reduced gradients (all ranks stop together).
+    until ``max_steps``. The trainer calls :meth:`note` after each micro-batch's backward: it checks the loss there
+    (a scalar transformers reads anyway) and, after the step's last micro-batch, the accumulated gradients once,
+    before clipping spreads a NaN to all of them, so the error names where it started. The error is raised before
+    the optimizer step, where every rank holds the same reduced gradients (all ranks stop together).
     """
 
     def __init__(self):
-        self.origin: str | None = None
+        self.origin: str | None = None  # where this step first went non-finite
+        self.checked = False  # this step's gradients were checked by note()
 
-    def note(self, model, loss, micro_batch: int) -> None:
-        """Record the first micro-batch of this step whose loss or gradients are not finite."""
+    def note(self, model, loss, micro_batch: int, last: bool) -> None:
+        """Check one micro-batch's loss, and after the step's last micro-batch (``last``) its gradients."""
         if self.origin is not None:
             return
-        bad, total = _non_finite_grads(model)
         loss_value = float(loss.detach().float().mean()) if isinstance(loss, th.Tensor) else float("nan")
-        if bad or not th.isfinite(th.tensor(loss_value)):
+        bad, total = _non_finite_grads(model) if last else ([], 0)
+        self.checked = last
+        if bad or not math.isfinite(loss_value):
             names = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
-            self.origin = (
-                f"first seen in micro-batch {micro_batch} (loss {loss_value:.4g}): "
-                f"{len(bad)} of {total} gradients non-finite ({names or 'none yet'})"
+            grads = (
+                f"{len(bad)} of {total} gradients non-finite ({names or 'none'})" if last else "gradients unchecked"
             )
+            self.origin = f"first seen in micro-batch {micro_batch} (loss {loss_value:.4g}): {grads}"
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        bad, total = _non_finite_grads(model)
-        if not bad:
-            self.origin = None
+        origin, self.origin = self.origin, None
+        if origin is None and not self.checked:  # note() did not see this step's gradients: check them here
+            bad, total = _non_finite_grads(model)
+            origin = f"{len(bad)} of {total} gradients non-finite" if bad else None
+        self.checked = False
+        if origin is None:
             return
-        origin = self.origin or f"{len(bad)} of {total} gradients non-finite"
         raise NonFiniteGradientError(
             f"step {state.global_step + 1}: non-finite gradients, {origin}. The optimizer step was not taken, so "
             "the weights are still finite and the last checkpoint is intact. Lower training.learning_rate or "
@@ -333,9 +339,10 @@ class RLVRGRPOTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """TRL's step, then the NaN guard's note on this micro-batch (before clipping mixes the gradients)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        index = self._micro_batches % self.args.gradient_accumulation_steps + 1  # 1-based, within the step
+        accumulation = self.args.gradient_accumulation_steps
+        index = self._micro_batches % accumulation + 1  # 1-based, within the step
         self._micro_batches += 1
-        self.grad_guard.note(model, loss, index)
+        self.grad_guard.note(model, loss, index, last=index == accumulation)
         return loss
 
     # ------------------------------------------------------------------ log-probs

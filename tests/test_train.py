@@ -154,7 +154,8 @@ def test_held_out_eval_during_training_logs_a_curve_and_leaves_training_unchange
     assert a.keys() == b.keys() and all(th.equal(a[k], b[k]) for k in a)
 
 
-def test_a_non_finite_gradient_stops_training_before_the_weights_change(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_non_finite_gradient_stops_training_before_the_weights_change(tmp_path, accumulation):
     """One NaN gradient must not reach the weights: the run stops at that step, naming it and the parameter."""
     from conftest import make_trainer, tiny_llama
 
@@ -163,12 +164,15 @@ def test_a_non_finite_gradient_stops_training_before_the_weights_change(tmp_path
 
     tok = build_tiny_tokenizer()
     model = tiny_llama(tok, seed=1)
-    trainer = make_trainer(model, tok, None, tmp_path, max_steps=3, save_steps=1, learning_rate=1e-2)
+    trainer = make_trainer(
+        model, tok, None, tmp_path, max_steps=3, save_steps=1, learning_rate=1e-2,
+        gradient_accumulation_steps=accumulation,
+    )  # fmt: skip
     poisoned = model.model.layers[0].mlp.up_proj.weight
     poisoned.register_hook(lambda grad: grad * float("nan") if trainer.state.global_step == 1 else grad)
     with pytest.raises(
         NonFiniteGradientError,
-        match=r"step 2: non-finite gradients, first seen in micro-batch 1 .*: 1 of \d+ gradients non-finite \(model\.layers\.0\.mlp\.up_proj\.weight\)",
+        match=rf"step 2: non-finite gradients, first seen in micro-batch {accumulation} .*: 1 of \d+ gradients non-finite \(model\.layers\.0\.mlp\.up_proj\.weight\)",
     ):
         trainer.train()
     assert trainer.state.global_step == 1  # step 1 was taken; step 2 was refused before optimizer.step
