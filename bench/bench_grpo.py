@@ -180,7 +180,7 @@ def run_variant(
     from bench.diagnostics import StepProbe
     from rlvr_vocab.config import ReasoningVocabConfig
     from rlvr_vocab.reasoning_vocab import extend_model
-    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
+    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer, checkpointing_field
 
     cuda = th.cuda.is_available() and not tiny
     sync = th.cuda.synchronize if cuda else (lambda: None)
@@ -210,7 +210,7 @@ def run_variant(
         learning_rate=1e-6,
         bf16=cuda,
         use_cpu=not cuda,
-        activation_checkpointing=v.checkpointing,
+        **{checkpointing_field(): v.checkpointing},  # its name depends on the transformers version
         logging_steps=1,
         save_strategy="no",
         report_to="none",

@@ -137,7 +137,7 @@ def _trainer(model, tok, vocab, tokens: int, cuda: bool):
     """An RLVRGRPOTrainer around ``model`` (for its log-prob recomputation; it never trains here)."""
     from datasets import Dataset
 
-    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
+    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer, checkpointing_field
 
     args = RLVRGRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="check-sampler-"),
@@ -150,7 +150,7 @@ def _trainer(model, tok, vocab, tokens: int, cuda: bool):
         report_to="none",
         beta=0.0,
         disable_dropout=True,
-        activation_checkpointing=True,  # GRPOConfig's default, by its current name (the old one warns)
+        **{checkpointing_field(): True},  # GRPOConfig's default, by the name this transformers takes silently
     )
     return RLVRGRPOTrainer(
         model=model,

@@ -47,6 +47,7 @@ CURVES = {  # PNG name -> (metric in metrics.jsonl, axis label)
     "reasoning_fraction": ("reasoning/span_token_fraction", "reasoning-vocab share of span tokens"),
     "closed": ("think/closed_fraction", "completions that close the span"),
     "heldout_format": ("heldout/closed_boxed_rate", "held-out: span closed, boxed answer after it"),
+    "heldout_answered": ("heldout/closed_answered_rate", "held-out: span closed, an answer (box or number) after it"),
 }
 
 
@@ -262,9 +263,11 @@ def run_metrics(run: Run, target: float | None, tail: float = 0.1) -> dict[str, 
     """One run's numbers (None where the run did not log what a number needs)."""
     held = curve(run.records, HELDOUT)
     closed_boxed = curve(run.records, "heldout/closed_boxed_rate") or curve(run.records, "heldout/format_rate")
+    answered = curve(run.records, "heldout/closed_answered_rate")
     out: dict[str, Any] = {
         "final_pass@1": held[-1][1] if held else None,
         "final_format": closed_boxed[-1][1] if closed_boxed else None,
+        "final_answered": answered[-1][1] if answered else None,
         "auc_pass@1": area_under(held),
         "steps_to_target": steps_to(held, target) if target is not None and held else None,
         "last_step": max((int(r.get("step", 0)) for r in run.records), default=0),
@@ -360,6 +363,7 @@ def compare_values(
 NUMBERS = (
     "final_pass@1",
     "final_format",
+    "final_answered",
     "auc_pass@1",
     "steps_to_target",
     "train_reward",
@@ -481,6 +485,7 @@ def markdown(result: dict[str, Any]) -> str:
     names = {
         "final_pass@1": "final held-out pass@1",
         "final_format": "final held-out format (span closed, boxed answer after it)",
+        "final_answered": "final held-out answered (span closed, a box or number after it)",
         "auc_pass@1": "held-out AUC",
         "steps_to_target": "steps to target",
         "train_reward": "training reward",

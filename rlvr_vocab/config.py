@@ -308,8 +308,6 @@ def training_kwargs(cfg: DictConfig) -> dict[str, Any]:
             "training.extra.activation_checkpointing duplicates training.gradient_checkpointing: set that instead."
         )
     kwargs = {**training, **extra}
-    # transformers deprecates the name gradient_checkpointing (a FutureWarning on every run): same switch, new name
-    kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
 
     gen = dict(OmegaConf.to_container(cfg.model.generation_kwargs, resolve=True) or {})
     if "max_new_tokens" in gen:

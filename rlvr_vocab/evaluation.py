@@ -136,6 +136,10 @@ def summarize(records: list[dict[str, Any]], num_samples: int) -> dict[str, Any]
     if any(r.get("closed_span") is not None for r in records):  # a thinking span: closed, and answered after it
         summary["closed_rate"] = sum(bool(r.get("closed_span")) for r in records) / n
         summary["closed_boxed_rate"] = sum(bool(r.get("closed_span")) and r["boxed"] is not None for r in records) / n
+        # closed, and an answer after it (a box or a number): what a last_number-judged experiment counts as answered
+        summary["closed_answered_rate"] = (
+            sum(bool(r.get("closed_span")) and r.get("extracted") is not None for r in records) / n
+        )
         summary["think_length"] = sum(r.get("think_tokens", 0) for r in records) / n
     if num_samples > 1:
         k = num_samples

@@ -30,7 +30,8 @@ class HeldOutEvalCallback(TrainerCallback):
     trainer's log: metrics.jsonl and the tracker. Every rank evaluates the same problems (FSDP needs all
     ranks in a forward); the random state is restored afterwards, so training samples as without it.
     With a thinking span it also logs ``heldout/closed_rate`` (the span closed), ``heldout/closed_boxed_rate``
-    (closed, and a boxed answer after it) and ``heldout/think_length``; correctness judges the answer after the
+    (closed, and a boxed answer after it), ``heldout/closed_answered_rate`` (closed, and a box or a number after
+    it) and ``heldout/think_length``; correctness judges the answer after the
     span. The latest eval's completions go to ``heldout_samples.jsonl`` in the run dir (rewritten at each eval).
     """
 

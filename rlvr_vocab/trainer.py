@@ -72,12 +72,21 @@ class RLVRGRPOConfig(GRPOConfig):
         return scrub_secrets(super().to_dict())
 
 
-def grpo_config_kwargs(cfg: DictConfig) -> dict[str, Any]:
+def checkpointing_field(config_class=None) -> str:
+    """The name GRPOConfig takes ``training.gradient_checkpointing`` by: transformers >= 5.2x renamed it
+    ``activation_checkpointing`` (the old name prints a FutureWarning on every run); older ones (e.g. 5.17)
+    know only ``gradient_checkpointing``."""
+    fields = {f.name for f in dataclasses.fields(config_class or RLVRGRPOConfig)}
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
+def grpo_config_kwargs(cfg: DictConfig, config_class=None) -> dict[str, Any]:
     """Map ``training.*`` and ``model.generation_kwargs`` onto RLVRGRPOConfig fields (``config.training_kwargs``).
 
     Raises ConfigError naming the key, with the closest field, when a ``training`` key is not a field.
     """
-    valid = {f.name for f in dataclasses.fields(RLVRGRPOConfig)}
+    config_class = config_class or RLVRGRPOConfig
+    valid = {f.name for f in dataclasses.fields(config_class)}
     extra = cfg.training.get("extra") or {}
     for key in extra:
         if key not in valid:
@@ -85,7 +94,9 @@ def grpo_config_kwargs(cfg: DictConfig) -> dict[str, Any]:
     for key in cfg.training:  # the schema and GRPOConfig must agree (tests check this too)
         if key != "extra" and key not in valid:
             raise ConfigError(f"training.{key} is not a trl.GRPOConfig field.{suggest(key, valid)}")
-    return training_kwargs(cfg)
+    kwargs = training_kwargs(cfg)
+    kwargs[checkpointing_field(config_class)] = kwargs.pop("gradient_checkpointing")
+    return kwargs
 
 
 # ---------------------------------------------------------------------------------- masked log-probs

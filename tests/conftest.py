@@ -82,7 +82,7 @@ def make_trainer(model, tokenizer, vocab, tmp_path, **kwargs):
     """
     from datasets import Dataset
 
-    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer
+    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer, checkpointing_field
 
     def zero(completions, **_):
         return [0.0] * len(completions)
@@ -96,7 +96,7 @@ def make_trainer(model, tokenizer, vocab, tmp_path, **kwargs):
         "max_completion_length": 24,
         "report_to": "none",
         "generation_backend": "fast",
-        "activation_checkpointing": True,  # GRPOConfig's default, by its current name (the old one warns)
+        checkpointing_field(): True,  # GRPOConfig's default, by the name this transformers takes without a warning
     }
     args = RLVRGRPOConfig(**{**settings, **kwargs})
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": "1+1?"}]}] * 4)

@@ -195,3 +195,20 @@ def test_cli_runs_and_reports_config_errors(tmp_path):
     bad = subprocess.run([*common, "eval.split=dev"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "eval.split" in bad.stderr
     assert str(REPO)  # the tool finds conf/ from any working directory
+
+
+def test_answered_rate_counts_a_closed_span_with_a_number_or_box_after_it():
+    """``heldout/closed_answered_rate``: the span closed and an answer (a box or a bare number) after it; a closed
+    span followed only by tags, or an open span with a number, is no answer. (The closed_boxed rate counts only
+    boxes, which a last_number experiment's answers seldom are.)"""
+    base = {"correct": False, "truncated": False, "num_tokens": 5, "think_tokens": 2}
+    records = [
+        {**base, "closed_span": True, "boxed": None, "extracted": "58"},  # a bare number after the span
+        {**base, "closed_span": True, "boxed": "7", "extracted": "7"},  # a box
+        {**base, "closed_span": True, "boxed": None, "extracted": None},  # only close tags after it
+        {**base, "closed_span": False, "boxed": None, "extracted": "3"},  # never closed
+    ]
+    summary = evaluation.summarize(records, 1)
+    assert summary["closed_answered_rate"] == 0.5
+    assert summary["closed_boxed_rate"] == 0.25
+    assert summary["closed_rate"] == 0.75

@@ -98,6 +98,20 @@ def test_the_composed_training_config_warns_nothing(tmp_path, on):
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
+def test_gradient_checkpointing_reaches_an_older_transformers_by_its_old_name():
+    """transformers 5.17 (the GPU machine's, inside our pins) has no ``activation_checkpointing`` field: the switch
+    must go by ``gradient_checkpointing`` there, or GRPOConfig(...) raises TypeError before the first step."""
+    import dataclasses
+
+    from rlvr_vocab.trainer import RLVRGRPOConfig, grpo_config_kwargs
+
+    fields = [(f.name, object) for f in dataclasses.fields(RLVRGRPOConfig) if f.name != "activation_checkpointing"]
+    older = dataclasses.make_dataclass("OlderGRPOConfig", fields)
+    kwargs = grpo_config_kwargs(compose_config("training.gradient_checkpointing=true"), older)
+    assert kwargs["gradient_checkpointing"] is True
+    assert set(kwargs) <= {name for name, _ in fields}
+
+
 def test_unknown_extra_training_key_is_rejected_with_suggestion():
     from rlvr_vocab.trainer import grpo_config_kwargs
 
