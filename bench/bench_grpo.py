@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench.workload import (
+    PROMPT_TOKENS,
     TINY_VOCAB,
     VOCAB,
     build_dataset,
@@ -89,7 +90,9 @@ FIXES = {
     "pool-shutdown": ({}, "shut inductor's compile workers down after the warm-up step"),
     "expandable-segments": ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "allocator segments grow"),
     "cold-cache": ({}, "a fresh, empty inductor/triton cache (compiles from scratch)"),
+    "fixed-prompt": ({}, "every prompt 80 words: one padded length on every step (no new shapes after step 1)"),
 }
+FIXED_PROMPT = (PROMPT_TOKENS[1], PROMPT_TOKENS[1])
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -222,7 +225,9 @@ def run_variant(
         model=model,
         reward_funcs=[random_reward],
         args=args,
-        train_dataset=build_dataset(prompts + 8, seed, vocab_size),
+        train_dataset=build_dataset(
+            prompts + 8, seed, vocab_size, FIXED_PROMPT if fix == "fixed-prompt" else PROMPT_TOKENS
+        ),
         processing_class=tok,
         reasoning_vocab=vocab,
     )

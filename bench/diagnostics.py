@@ -7,6 +7,9 @@
   graph breaks) and the recompile messages logged in the step (``torch._logging``'s ``recompiles``);
 * ``sampler``: the fast sampler's counter deltas (captures, compiles, compactions, fallbacks);
 * ``cuda``: allocator deltas (cudaMalloc/cudaFree calls, alloc retries, segments) and reserved bytes;
+* ``triton``: Triton JIT compilations in the step: count, seconds and kernel names (``JITFunction._do_compile``
+  wrapped, which every ``@triton.jit`` kernel launched with new specialisations goes through: the decode
+  attention kernel, TRL's chunked log-prob kernel), and new entries in Triton's on-disk cache;
 * ``host``: this process's CPU time and involuntary context switches, its live child processes (inductor's
   compile workers) and their CPU time, and the machine's busy CPU share (``/proc``; psutil not needed).
 
@@ -23,6 +26,76 @@ from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 CUDA_KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms", "num_sync_all_streams")
+
+
+# ------------------------------------------------------------------------------------------ Triton JIT compiles
+class TritonCompiles:
+    """Counts and times Triton JIT compilations: wraps ``triton.runtime.jit.JITFunction._do_compile`` (a class
+    method, so it sees every kernel, made before or after). ``installed`` is False where Triton or the method is
+    missing (the CPU, another Triton): the probe then reports only the cache directory's entry count."""
+
+    def __init__(self, jit_class=None):
+        self.count, self.seconds, self.names = 0, 0.0, []
+        self.installed = False
+        self._cls = jit_class
+        if self._cls is None:
+            try:
+                from triton.runtime.jit import JITFunction
+
+                self._cls = JITFunction
+            except Exception:  # noqa: BLE001 - no Triton
+                return
+        original = getattr(self._cls, "_do_compile", None)
+        if original is None:
+            return
+        probe = self
+
+        def timed(jit_self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(jit_self, *args, **kwargs)
+            finally:
+                probe.count += 1
+                probe.seconds += time.perf_counter() - t0
+                probe.names.append(
+                    getattr(jit_self, "__name__", None) or getattr(getattr(jit_self, "fn", None), "__name__", "?")
+                )
+
+        self._original = original
+        self._cls._do_compile = timed
+        self.installed = True
+
+    def close(self) -> None:
+        if self.installed:
+            self._cls._do_compile = self._original
+            self.installed = False
+
+    def snapshot(self) -> dict:
+        return {
+            "count": self.count,
+            "seconds": self.seconds,
+            "names": len(self.names),
+            "cache_entries": cache_entries(),
+        }
+
+    def delta(self, before: dict, after: dict) -> dict:
+        return {
+            "compiles": after["count"] - before["count"],
+            "compile_s": round(after["seconds"] - before["seconds"], 3),
+            "kernels": sorted(set(self.names[before["names"] : after["names"]])),
+            "new_cache_entries": after["cache_entries"] - before["cache_entries"],
+            "hooked": self.installed,
+        }
+
+
+def cache_entries(root: str | None = None) -> int:
+    """Entries in Triton's on-disk kernel cache (``TRITON_CACHE_DIR``, default ``~/.triton/cache``): one per
+    compiled kernel specialisation (a compile that missed the cache adds one)."""
+    root = root or os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    try:
+        return len(os.listdir(root))
+    except OSError:
+        return 0
 
 
 # ------------------------------------------------------------------------------------------ /proc readers
@@ -98,8 +171,9 @@ class _Records(logging.Handler):
 class StepProbe:
     """Bracket each step with ``begin()`` and ``end()``; ``end`` returns the step's counters (a dict)."""
 
-    def __init__(self, sampler_getter=None, log_recompiles: bool = True):
+    def __init__(self, sampler_getter=None, log_recompiles: bool = True, triton: TritonCompiles | None = None):
         self.sampler_getter = sampler_getter or (lambda: None)
+        self.triton = triton if triton is not None else TritonCompiles()
         self.gc_events: list[tuple[int, float]] = []  # (generation, pause s) within the current step
         self._gc_start: float | None = None
         gc.callbacks.append(self._on_gc)
@@ -114,6 +188,7 @@ class StepProbe:
         """Detach the GC callback (and the log handler)."""
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
+        self.triton.close()
         for name in list(logging.root.manager.loggerDict):
             if name.endswith(("__recompiles", "__graph_breaks")):
                 logging.getLogger(name).removeHandler(self.records)
@@ -143,6 +218,7 @@ class StepProbe:
 
         snap: dict = {"t": time.perf_counter(), "self": self_cpu(), "machine": machine_cpu()}
         snap["children"] = process_tree()
+        snap["triton"] = self.triton.snapshot()
         try:
             from torch._dynamo.utils import counters
 
@@ -206,6 +282,7 @@ class StepProbe:
             "dynamo": stats_delta(b["dynamo"], a["dynamo"]),
             "recompile_log": list(self.records.lines[:5]),
             "sampler": stats_delta(b["sampler"], a["sampler"]),
+            "triton": self.triton.delta(b["triton"], a["triton"]),
             "host": host,
             "probe_wall_s": round(wall, 3),
         }
@@ -230,6 +307,8 @@ SIGNALS = {  # counter -> (how to read it from a step record, threshold above th
     "recompiles": (lambda d: len(d.get("recompile_log", [])), 0.5, "{:.0f} recompile msgs"),
     "captures": (lambda d: d.get("sampler", {}).get("captures", 0), 0.5, "{:.0f} graph captures"),
     "compiles": (lambda d: d.get("sampler", {}).get("compiles", 0), 0.5, "{:.0f} sampler compiles"),
+    "triton": (lambda d: d.get("triton", {}).get("compiles", 0), 0.5, "{:.0f} Triton compiles"),
+    "triton_s": (lambda d: d.get("triton", {}).get("compile_s", 0.0), 0.2, "Triton compiles {:.1f} s"),
     "mallocs": (lambda d: d.get("cuda", {}).get("num_device_alloc", 0), 0.5, "{:.0f} cudaMalloc"),
     "frees": (lambda d: d.get("cuda", {}).get("num_device_free", 0), 0.5, "{:.0f} cudaFree"),
     "retries": (lambda d: d.get("cuda", {}).get("num_alloc_retries", 0), 0.5, "{:.0f} alloc retries"),

@@ -9,6 +9,8 @@ slow-step probes, the fix its probes point at, the core sampler rows (triton), t
 rows (eager attention, 128 x 1,024, the doubled vocabulary) and more fixes. A fix runs only if the fast-512
 run had a slow step; the fixes are ordered by what its probes point at (``order_fixes``).
 Part 2: GRPO fast-256x1024 (21 steps), trl-256x1024 (2 steps), fast-8192-rv (2 steps).
+Part 3: fast-512 with its slow-step probes (Triton compiles counted) and with one prompt length (``fixed-prompt``),
+side by side, then trl-256x1024, fast-256x1024 and fast-8192-rv for what is left of the budget.
 
 Each piece runs in its own process with a timeout taken from what is left of the budget (capped per
 piece) and a ``--deadline`` a little before it, so that it stops on its own and keeps what it measured; a
@@ -106,7 +108,15 @@ def part_pieces(part: int) -> list[Piece]:
             grpo_piece("trl-256x1024", "plain", 140, 80, 200, "2 steps of plain TRL"),
             grpo_piece("fast-8192-rv", "plain", 240, 150, 400, "2 steps of 32 x 8,192, vocab doubled"),
         ]
-    raise ValueError(f"--part must be 1 or 2, not {part}")
+    if part == 3:  # the slow-step hypothesis tested side by side, then the research-scale rows in a short budget
+        return [
+            grpo_piece("fast-512", "plain", 110, 60, 170, "21 steps, slow-step probes with Triton compile counts"),
+            grpo_piece("fast-512", "fixed-prompt", 110, 60, 170, "the same with one padded length on every step"),
+            grpo_piece("trl-256x1024", "plain", 140, 80, 200, "2 steps of plain TRL"),
+            grpo_piece("fast-256x1024", "plain", 300, 120, 420, "256 x 1,024, as many of 21 steps as fit"),
+            grpo_piece("fast-8192-rv", "plain", 240, 150, 400, "2 steps of 32 x 8,192, vocab doubled"),
+        ]
+    raise ValueError(f"--part must be 1, 2 or 3, not {part}")
 
 
 TINY_ROWS = {"sampler:core": ["4x16@triton", "4x16@eager", "eos-spread-8x16@eager"], "sampler:rest": ["4x16-rv@eager"]}
@@ -132,6 +142,7 @@ def tiny_pieces(pieces: list[Piece]) -> list[Piece]:
 
 # ------------------------------------------------------------------------------------------ fix order
 FIX_SIGNALS = [  # (words in the slow-step explanations, the fix that tests that cause)
+    (("Triton",), "fixed-prompt"),
     (("GC",), "gc-freeze"),
     (("child", "machine busy", "ctx switches"), "compile-threads-1"),
     (("child", "machine busy"), "pool-shutdown"),
@@ -361,7 +372,7 @@ def plan_text(pieces: list[Piece], budget_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", type=int, choices=[1, 2], required=True, help="which set of pieces")
+    parser.add_argument("--part", type=int, choices=[1, 2, 3], required=True, help="which set of pieces")
     parser.add_argument("--out", required=True, help="folder for session.json, summary.md, logs.tar.gz")
     parser.add_argument("--budget-s", type=float, default=520, help="wall-clock budget of the whole session (s)")
     parser.add_argument("--pieces", nargs="*", default=None, help="run only these pieces, in this order (plan names)")

@@ -79,33 +79,36 @@ def build_model(tok, seed: int = 0, tiny: bool = False, device: str | None = Non
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
 
 
-def problem_words(rng: random.Random, vocab_size: int) -> str:
-    """48-80 random word tokens (one token each), the text of one prompt."""
-    length = rng.randint(*PROMPT_TOKENS)
+def problem_words(rng: random.Random, vocab_size: int, lengths: tuple[int, int] = PROMPT_TOKENS) -> str:
+    """48-80 (``lengths``) random word tokens (one token each), the text of one prompt."""
+    length = rng.randint(*lengths)
     top = max(vocab_size - len(SPECIALS), 2)
     return " ".join(f"t{rng.randrange(min(100, top - 1), top)}" for _ in range(length))
 
 
-def prompt_words(rng: random.Random, vocab_size: int) -> str:
+def prompt_words(rng: random.Random, vocab_size: int, lengths: tuple[int, int] = PROMPT_TOKENS) -> str:
     """One prompt of 48-80 random word tokens in ChatML, ending in an open ``<think>`` span."""
-    return f"<|im_start|> {problem_words(rng, vocab_size)} <|im_end|> <|im_start|> <think>"
+    return f"<|im_start|> {problem_words(rng, vocab_size, lengths)} <|im_end|> <|im_start|> <think>"
 
 
-def build_prompts(n: int, seed: int = 0, vocab_size: int = VOCAB, chat: bool = True) -> list[str]:
+def build_prompts(
+    n: int, seed: int = 0, vocab_size: int = VOCAB, chat: bool = True, lengths: tuple[int, int] = PROMPT_TOKENS
+) -> list[str]:
     """``n`` prompts of random tokens below ``vocab_size`` (left-padded when batched: lengths differ).
 
-    ``chat=False``: the words alone (for a dataset whose prompts the chat template wraps).
+    ``chat=False``: the words alone (for a dataset whose prompts the chat template wraps). ``lengths``: the
+    range of word tokens per prompt; ``(80, 80)`` makes every prompt, and so every step's padded length, the same.
     """
     rng = random.Random(seed)
     make = prompt_words if chat else problem_words
-    return [make(rng, vocab_size) for _ in range(n)]
+    return [make(rng, vocab_size, lengths) for _ in range(n)]
 
 
-def build_dataset(n: int, seed: int = 0, vocab_size: int = VOCAB):
+def build_dataset(n: int, seed: int = 0, vocab_size: int = VOCAB, lengths: tuple[int, int] = PROMPT_TOKENS):
     """A datasets.Dataset of ``n`` prompts (the GRPO benchmark's training data)."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": p} for p in build_prompts(n, seed, vocab_size)])
+    return Dataset.from_list([{"prompt": p} for p in build_prompts(n, seed, vocab_size, lengths=lengths)])
 
 
 def random_reward(completions, **kwargs):

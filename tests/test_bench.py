@@ -122,6 +122,44 @@ def test_step_probe_sees_gc_passes_child_processes_and_recompiles():
     assert diagnostics.explain(record, [{}]) and probe._on_gc not in gc.callbacks
 
 
+def test_triton_probe_counts_and_times_compiles_per_step_and_restores_the_method(tmp_path, monkeypatch):
+    """A stand-in for triton's JITFunction (the CPU has no Triton): a kernel compiled in the step shows up with
+    its name, count and time, a kernel compiled before the step does not, and close() puts the method back."""
+
+    class FakeJIT:
+        def __init__(self, name):
+            self.__name__ = name
+
+        def _do_compile(self, key):
+            time.sleep(0.05)
+            (tmp_path / f"{self.__name__}-{key}").mkdir()  # Triton's cache gains an entry per compile
+            return key
+
+    original = FakeJIT._do_compile
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    triton = diagnostics.TritonCompiles(FakeJIT)
+    probe = diagnostics.StepProbe(log_recompiles=False, triton=triton)
+    try:
+        FakeJIT("warm_kernel")._do_compile(0)  # before the step
+        probe.begin()
+        assert FakeJIT("_split_kernel")._do_compile(16) == 16
+        FakeJIT("_split_kernel")._do_compile(17)
+        record = probe.end()
+    finally:
+        probe.close()
+    assert record["triton"]["compiles"] == 2 and record["triton"]["kernels"] == ["_split_kernel"]
+    assert record["triton"]["compile_s"] >= 0.1 and record["triton"]["new_cache_entries"] == 2
+    assert any("Triton compiles" in reason for reason in diagnostics.explain(record, [{}]))
+    assert FakeJIT._do_compile is original
+
+
+def test_fixed_prompt_fix_gives_every_prompt_one_length():
+    varied = {len(p.split()) for p in workload.build_prompts(64, seed=1)}
+    fixed = {len(p.split()) for p in workload.build_prompts(64, seed=1, lengths=bench_grpo.FIXED_PROMPT)}
+    assert len(varied) > 10 and len(fixed) == 1
+    assert "fixed-prompt" in bench_grpo.FIXES
+
+
 # ------------------------------------------------------------------------------------------ sampler hooks
 def test_forced_eos_through_a_logits_hook():
     import torch as th
