@@ -132,6 +132,12 @@ def test_correctness_counts_only_the_answer_after_the_span():
     spans = [CompletionSpan(think_tokens=5, used=True, closed=True, answer_start=5)] * 3
     answers = [" 4", "</think></</think></think>", "\n4 <think>"]
     assert think(["x"] * 3, completion_span=spans, completion_answer=answers) == [1.0, 0.0, 0.0]
+    # nor is punctuation: `</think>>` then EOS is what 6 of 10 runs settled on in the 2026-12-02 rerun (RESULTS.md);
+    # an answer holds a box or a number
+    answers = [">", " .\n", " so \\boxed{x}", " It is 12."]
+    spans = [CompletionSpan(think_tokens=5, used=True, closed=True, answer_start=5)] * 4
+    assert think(["x"] * 4, completion_span=spans, completion_answer=answers) == [0.0, 0.0, 1.0, 1.0]
+    assert think(["2+2=4</think>>", "2+2=4</think> The sum: 4"]) == [0.0, 1.0]  # the text path agrees
 
 
 def test_guard_warns_before_training_when_no_prompt_opens_the_span(messages):

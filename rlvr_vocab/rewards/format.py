@@ -2,7 +2,7 @@ r"""Format and length rewards: they look at the shape of a completion, never at 
 
 from __future__ import annotations
 
-from rlvr_vocab.rewards.text import boxed_contents, completion_text
+from rlvr_vocab.rewards.text import boxed_contents, completion_text, last_boxed, last_number
 
 
 def boxed_format_reward(completions: list, **kwargs) -> list[float]:
@@ -26,10 +26,12 @@ boxed_format_reward.judges_answer = True  # with a thinking span: the box must b
 
 
 class ThinkFormat:
-    """1.0 if the completion is ``<think>reasoning</think>`` followed by a non-empty answer, else 0.0.
+    """1.0 if the completion is ``<think>reasoning</think>`` followed by an answer, else 0.0.
 
-    Both tags must appear exactly once, the open tag first (leading whitespace allowed), and neither
-    the reasoning nor the answer may be blank.
+    Both tags must appear exactly once, the open tag first (leading whitespace allowed), the reasoning may not
+    be blank, and the answer must hold something a grader can read: a ``\\boxed{}`` or a number (the answers of
+    this project's math tasks; ``heldout/closed_answered_rate`` counts the same). Punctuation after the span
+    (``</think>>``, measured: 6 of 10 runs of experiment=think_arith settled on it) or more tags are no answer.
 
     Args:
         open_tag, close_tag: the reasoning delimiters.
@@ -39,6 +41,8 @@ class ThinkFormat:
     Example:
         >>> ThinkFormat()(["<think>2+2=4</think> The answer is 4.", "<think>hm</think>", "The answer is 4."])
         [1.0, 0.0, 0.0]
+        >>> ThinkFormat()(["<think>2+2=4</think>>", "<think>2+2</think> so \\boxed{x+1}"])
+        [0.0, 1.0]
         >>> ThinkFormat(open_tag_in_prompt=True)(["2+2=4</think> 4"])
         [1.0]
     """
@@ -63,21 +67,23 @@ class ThinkFormat:
         if not text.startswith(self.open_tag) or text.count(self.open_tag) != 1 or text.count(self.close_tag) != 1:
             return 0.0
         reasoning, _, answer = text[len(self.open_tag) :].partition(self.close_tag)
-        return 1.0 if reasoning.strip() and answer.strip() else 0.0
+        return 1.0 if reasoning.strip() and self._is_answer(answer) else 0.0
 
     def __call__(self, completions: list, completion_span: list | None = None, completion_answer=None, **kwargs):
         if completion_span is None or completion_answer is None:
             return [self.score(completion_text(c)) for c in completions]
-        # From token ids (the trainer's split): a closed span with thinking in it, then a non-blank answer that
-        # holds no tag (as in the text path, where each tag appears once): more close tags after the span are
-        # not an answer, and a policy must not be paid for repeating them.
+        # From token ids (the trainer's split): a closed span with thinking in it, then an answer that holds no
+        # tag (as in the text path, where each tag appears once) and a box or a number: more close tags, or
+        # punctuation, after the span are not an answer, and a policy must not be paid for writing them.
         return [
             1.0 if span.closed and span.think_tokens > 1 and self._is_answer(answer) else 0.0
             for span, answer in zip(completion_span, completion_answer, strict=True)
         ]
 
     def _is_answer(self, answer: str | None) -> bool:
-        return bool((answer or "").strip()) and self.open_tag not in answer and self.close_tag not in answer
+        if not answer or self.open_tag in answer or self.close_tag in answer:
+            return False
+        return bool(last_boxed(answer)) or last_number(answer) is not None
 
 
 class SoftOverlong:
