@@ -372,6 +372,7 @@ NUMBERS = (
     "closed_fraction",
     "completion_length",
 )
+PER_RUN = ("final_pass@1", "final_format", "final_answered", "auc_pass@1", "steps_to_target", "train_reward")
 HIGHER_IS_BETTER = {"steps_to_target": False, "think_length": None, "completion_length": None}
 
 
@@ -524,13 +525,13 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {names[n]} | {d['mean_diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | "
                 f"{d['prob_improvement']:.2f} [{d['pi_ci_low']:.2f}, {d['pi_ci_high']:.2f}] | {d['paired']} |"
             )
-    lines += ["", "Per run:", "", "| arm | seed | " + " | ".join(names[n] for n in NUMBERS[:5]) + " | dir |"]
-    lines.append("|---|---|" + "---|" * 6)
+    lines += ["", "Per run:", "", "| arm | seed | " + " | ".join(names[n] for n in PER_RUN) + " | dir |"]
+    lines.append("|---|---|" + "---|" * (len(PER_RUN) + 1))
     for arm in result["arms"]:
         for run in arm["runs"]:
             m = run["metrics"]
             cells = [
-                "–" if m[n] is None else (f"{m[n]:.3f}" if isinstance(m[n], float) else str(m[n])) for n in NUMBERS[:5]
+                "–" if m[n] is None else (f"{m[n]:.3f}" if isinstance(m[n], float) else str(m[n])) for n in PER_RUN
             ]
             lines.append(f"| {arm['label']} | {run['seed']} | " + " | ".join(cells) + f" | {Path(run['dir']).name} |")
     return "\n".join(line for line in lines if line is not None) + "\n"

@@ -179,6 +179,9 @@ class LoggingConfig:
     tags: list[str] = field(default_factory=list)  # wandb tags
     mode: str = "online"  # wandb mode: online | offline | disabled
     log_completions: bool = True  # log a completions table each logging step (wandb)
+    stall_warn_steps: int = (
+        10  # warn loudly when every group's rewards had no spread for N logged steps in a row (0: off)
+    )
 
 
 # --------------------------------------------------------------------------------------------- paths
@@ -510,6 +513,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"reward.weights has {len(r.weights)} entries but reward.funcs has {len(r.funcs)}.")
     if cfg.logging.backend not in ("none", "wandb", "tensorboard", "trackio"):
         raise ConfigError(f"logging.backend={cfg.logging.backend!r}: choose none, wandb, tensorboard or trackio.")
+    if cfg.logging.stall_warn_steps < 0:
+        raise ConfigError(f"logging.stall_warn_steps={cfg.logging.stall_warn_steps}: must be >= 0 (0: off).")
     if cfg.logging.mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"logging.mode={cfg.logging.mode!r}: choose online, offline or disabled.")
     check_value_ranges(cfg, training_kwargs(cfg))  # every training key in range (train() checks it is a field)

@@ -238,5 +238,37 @@ class MetricsFileCallback(TrainerCallback):
         return per_step, mean * max(state.max_steps - step, 0)
 
 
+class StalledRewardCallback(TrainerCallback):
+    """A loud warning when GRPO has nothing to learn from: for ``steps`` logged steps in a row every group of
+    completions got identical rewards (TRL's ``frac_reward_zero_std`` = 1), so every advantage is 0 and the policy
+    gets no gradient. Seen on 2026-12-02 (RESULTS.md): runs that settled on a shape the format bonus paid for
+    (`</think>>` then nothing) sat at reward 0.200 with no spread for the rest of training. Warns once per stall."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.run = 0  # consecutive logged steps with no spread in any group
+        self.warned = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.steps or not logs or "frac_reward_zero_std" not in logs:
+            return
+        if logs["frac_reward_zero_std"] < 1.0 - 1e-6:
+            self.run, self.warned = 0, False
+            return
+        self.run += 1
+        if self.run < self.steps or self.warned or not state.is_world_process_zero:
+            return
+        self.warned = True
+        reward = logs.get("reward")
+        reward_text = f" (reward {reward:.3f} for every completion)" if isinstance(reward, (int, float)) else ""
+        logger.warning(
+            "\n" + "!" * 100 + f"\n!!! step {state.global_step}: for {self.run} logged steps in a row every group of "
+            f"completions got the same reward{reward_text}.\n!!! The advantages are 0: the policy learns nothing "
+            "from here on. Read the latest completions (a reward hole or a collapse?), or more spread per group "
+            "(training.num_generations, training.temperature) may help.\n!!! (logging.stall_warn_steps="
+            f"{self.steps}; 0 turns this warning off)\n" + "!" * 100
+        )
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))

@@ -95,7 +95,13 @@ def _fit(
     """Model, trainer, train, save, with the start banner and the closing summary on the console."""
     from rlvr_vocab import resume
     from rlvr_vocab.distributed import RankRecordCallback
-    from rlvr_vocab.logging_utils import MetricsFileCallback, finish_tracker, quiet_console, start_tracker
+    from rlvr_vocab.logging_utils import (
+        MetricsFileCallback,
+        StalledRewardCallback,
+        finish_tracker,
+        quiet_console,
+        start_tracker,
+    )
     from rlvr_vocab.models import load_model_and_tokenizer
 
     output_dir, checkpoint = run.path, run.checkpoint
@@ -103,6 +109,7 @@ def _fit(
         logger.info(f"Resuming from {checkpoint}")
     rows = {"train": len(train_dataset), "held-out": len(eval_dataset) if eval_dataset is not None else 0}
     callbacks = [MetricsFileCallback(output_dir / "metrics.jsonl"), resume.PreemptionCallback()]
+    callbacks.append(StalledRewardCallback(cfg.logging.stall_warn_steps))  # no reward spread: nothing to learn
     callbacks.append(RankRecordCallback(output_dir))  # several processes: <output_dir>/ranks/rank-<r>.jsonl
     heldout = None
     if cfg.eval.every_steps > 0:  # greedy held-out accuracy during training (rlvr-eval's settings)

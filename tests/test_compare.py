@@ -39,7 +39,7 @@ def write_run(root: Path, name: str, n: int, seed: int, heldout: list[float], re
     for step in range(1, 21):
         lines.append({"step": step, "reward": reward, "think/length": 10.0 + n / 100, "think/closed_fraction": 1.0})
     for i, value in enumerate(heldout):
-        lines.append({"step": 10 * i, "heldout/pass@1": value})
+        lines.append({"step": 10 * i, "heldout/pass@1": value, "heldout/closed_answered_rate": min(1.0, 2 * value)})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return run
 
@@ -62,6 +62,7 @@ def test_statistics_have_the_known_answer(tmp_path):
     # steps to 0.3: the curves reach it at step 20 (seeds 1, 2) and at step 10 (seed 3: 0.6 / 2)
     assert base["stats"]["steps_to_target"]["values"] == [20, 20, 10]
     assert rv["stats"]["train_reward"]["mean"] == pytest.approx(0.4)
+    assert base["stats"]["final_answered"]["mean"] == pytest.approx(2.8 / 3)  # finals 0.4, 0.5, 0.6 -> 0.8, 1, 1
     diff = result["differences"][0]["final_pass@1"]
     assert diff["paired"] and diff["mean_diff"] == pytest.approx(0.1)
     assert diff["ci_low"] == pytest.approx(0.1) and diff["ci_high"] == pytest.approx(0.1)  # the same gain on each seed

@@ -244,3 +244,44 @@ def test_a_failed_run_leaves_its_traceback_in_train_log(make_cfg, monkeypatch):
     log = (Path(cfg.output_dir) / "train.log").read_text()
     assert "GRPO run debug" in log
     assert "Training failed:" in log and "RuntimeError: reward server is down" in log
+
+
+def test_a_run_whose_groups_all_tie_warns_that_it_learns_nothing(make_cfg, monkeypatch, tmp_path):
+    """A constant reward (every completion of every group scores the same): after logging.stall_warn_steps logged
+    steps the run says loudly that the advantages are 0 and names the key; once, not every step. With real rewards
+    (digit_share, spread in each group) the same run does not warn."""
+    from loguru import logger
+
+    monkeypatch.setitem(REWARD_REGISTRY, "constant", lambda completions, **kw: [0.2] * len(completions))
+    for funcs, expect in (("[constant]", 1), ("[digit_share]", 0)):
+        captured: list[str] = []
+        handle = logger.add(captured.append, level="WARNING")  # loguru's messages are str
+        try:
+            cfg = make_cfg(*TINY_RUN, f"reward.funcs={funcs}", "logging.stall_warn_steps=2", "training.save_steps=10")
+            cfg.output_dir = str(tmp_path / funcs.strip("[]"))
+            assert train(cfg)["global_step"] == 3
+        finally:
+            logger.remove(handle)
+        stalls = [m for m in captured if "got the same reward" in m]
+        assert len(stalls) == expect, captured
+        if expect:
+            assert "logging.stall_warn_steps=2" in stalls[0] and "reward 0.200" in stalls[0]
+
+
+def test_stall_warning_resets_when_the_spread_returns():
+    from types import SimpleNamespace
+
+    from loguru import logger
+
+    from rlvr_vocab.logging_utils import StalledRewardCallback
+
+    captured: list[str] = []
+    handle = logger.add(lambda m: captured.append(str(m)), level="WARNING")
+    callback = StalledRewardCallback(steps=2)
+    try:
+        for step, zero_std in enumerate([1.0, 0.5, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0], 1):
+            state = SimpleNamespace(global_step=step, is_world_process_zero=True)
+            callback.on_log(None, state, None, logs={"frac_reward_zero_std": zero_std, "reward": 0.2})
+    finally:
+        logger.remove(handle)
+    assert [m.split("step ")[1].split(":")[0] for m in captured] == ["4", "8"]  # two stalls, one warning each
