@@ -112,7 +112,9 @@ def estimate_s(row: Row, floor_ms: float, repeats: int, new_compile: bool) -> fl
 class Bench:
     """Models, samplers and compile bookkeeping shared by the rows of one process."""
 
-    def __init__(self, tiny: bool, bandwidth: float | None, repeats: int, compile: bool | None, seed: int = 0):
+    def __init__(
+        self, tiny: bool, bandwidth: float | None, repeats: int, compile: bool | None, seed: int = 0, profile=False
+    ):
         import torch as th
 
         self.tiny = tiny
@@ -124,6 +126,7 @@ class Bench:
         self.repeats = repeats
         self.compile = compile
         self.seed = seed
+        self.profile = profile  # one more generation per row under torch.profiler: where a decode step's time goes
         self.models: dict[bool, tuple] = {}
         self.samplers: dict[tuple, object] = {}
         self.shapes_seen: set[tuple] = set()
@@ -177,7 +180,7 @@ class Bench:
             common["min_new_tokens"] = row.tokens
         else:
             hook = force_eos(sampler, eos_lengths, self.tok.eos_token_id)
-        times, runs = [], []
+        times, runs, profile = [], [], None
         try:
             for _ in range(self.repeats):
                 before = sampler_stats(sampler)
@@ -186,6 +189,15 @@ class Bench:
                 out, t = timed(self.sync, model.generate, **inputs, **common, custom_generate=sampler)
                 times.append(round(t, 4))
                 runs.append(stats_delta(before, sampler_stats(sampler)))
+            if self.profile:
+                from bench.diagnostics import profile_call
+
+                profile = profile_call(
+                    lambda: model.generate(**inputs, **common, custom_generate=sampler),
+                    self.sync,
+                    self.cuda,
+                    row.tokens,
+                )
         finally:
             if hook:
                 force_eos(sampler, None, self.tok.eos_token_id)
@@ -211,6 +223,7 @@ class Bench:
             "sampler_stats_per_run": runs,
             "eos_hook": hook,
             "lengths_min_max": [min(lengths), max(lengths)],
+            **({"profile": profile} if profile else {}),
         }
 
 
@@ -279,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=None, help="unix time: skip rows that would end later")
     parser.add_argument("--out", default=None, help="JSON-lines file, one line per finished row")
     parser.add_argument("--tiny", action="store_true", help="2-layer model on the CPU (a smoke test)")
+    parser.add_argument(
+        "--profile", action="store_true", help="one more run per row under torch.profiler: top kernels, device busy"
+    )
     args = parser.parse_args(argv)
     plan = plan_rows(args.rows, args.attention)
 
@@ -298,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = copy_bandwidth()["bandwidth_Bps"]
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else "no bandwidth: no floor", flush=True)
     compile_flag = {"on": True, "off": False, "auto": None}[args.compile]
-    bench = Bench(args.tiny, bandwidth, args.repeats, compile_flag)
+    bench = Bench(args.tiny, bandwidth, args.repeats, compile_flag, profile=args.profile)
     results = []
     has_option = sampler_options()["attention"]
     for row, wanted in plan:

@@ -64,9 +64,11 @@ def grpo_piece(variant: str, fix: str, est: float, min_s: float, max_s: float, n
     return Piece(f"grpo:{variant}:{fix}", cmd, "grpo", est, min_s, max_s, note, fix_slot=slot)
 
 
-def sampler_piece(name: str, rows: list[str], est: float, min_s: float, max_s: float, note: str = "") -> Piece:
+def sampler_piece(
+    name: str, rows: list[str], est: float, min_s: float, max_s: float, note: str = "", extra: tuple[str, ...] = ()
+) -> Piece:
     """A bench_sampler run over ``rows`` (``ROW@attention`` names)."""
-    cmd = _py("bench.bench_sampler", "--rows", *rows, "--out", "{out}", "--deadline", "{deadline}")
+    cmd = _py("bench.bench_sampler", "--rows", *rows, "--out", "{out}", "--deadline", "{deadline}", *extra)
     return Piece(name, cmd, "sampler", est, min_s, max_s, note)
 
 
@@ -115,6 +117,15 @@ def part_pieces(part: int) -> list[Piece]:
             grpo_piece("trl-256x1024", "plain", 140, 80, 200, "2 steps of plain TRL"),
             grpo_piece("fast-256x1024", "plain", 300, 120, 420, "256 x 1,024, as many of 21 steps as fit"),
             grpo_piece("fast-8192-rv", "plain", 240, 150, 400, "2 steps of 32 x 8,192, vocab doubled"),
+            sampler_piece(
+                "sampler:profile",
+                ["32x512@triton", "256x1024@triton"],
+                200,
+                60,
+                300,
+                "where a decode step's time goes (torch.profiler): busy share, launches per step, top kernels",
+                extra=("--profile",),
+            ),
         ]
     raise ValueError(f"--part must be 1, 2 or 3, not {part}")
 

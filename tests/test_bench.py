@@ -187,6 +187,19 @@ def test_sampler_rows_on_the_cpu(tmp_path):
     assert all("skipped" in r for r in rows if r not in measured)  # e.g. triton on a sampler without it
 
 
+def test_sampler_profile_says_where_a_row_spends_its_time(tmp_path):
+    """--profile: one more run under torch.profiler per row (on the CPU: CPU ops, the wiring only): busy time,
+    launches per decode step, and the top ops by time, a matmul among them."""
+    out = tmp_path / "rows.jsonl"
+    argv = ["--tiny", "--rows", "4x8", "--attention", "eager", "--bandwidth", "1e10", "--out", str(out), "--profile"]
+    assert bench_sampler.main(argv) == 0
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    profile = row["profile"]
+    assert profile["busy_s"] > 0 and profile["wall_s"] > 0 and profile["launches_per_step"] > 0
+    assert any("mm" in k["name"] or "linear" in k["name"] for k in profile["top"]), profile["top"]
+    assert profile["top"][0]["total_ms"] >= profile["top"][-1]["total_ms"]
+
+
 def test_check_sampler_tiny_passes_and_its_power_check_rejects(tmp_path):
     out = tmp_path / "check.json"
     assert check_sampler.main(["--tiny", "--out", str(out)]) == 0
