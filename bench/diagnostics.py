@@ -341,7 +341,6 @@ def profile_call(fn, sync, cuda: bool, steps: int, top: int = 15) -> dict:
     times: with CUDA graphs the replayed kernels are seen too), the kernels launched per decode step, and the
     ``top`` kernels by total time (name, calls, total ms, us per decode step). On the CPU (no CUDA) the table is
     of CPU ops, as a smoke test of the wiring. ``wall - busy`` is what launches and the host cost a step."""
-    import torch as th
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -351,19 +350,10 @@ def profile_call(fn, sync, cuda: bool, steps: int, top: int = 15) -> dict:
         fn()
         sync()
     wall = time.perf_counter() - t0
-    device_attr = "device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, device_attr, 0) > 0]
-    if cuda:  # kernels only: the device-side rows of a CUDA profile
-        events = [e for e in events if getattr(e, "self_device_time_total", getattr(e, device_attr)) > 0]
-        busy_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
-        launches = sum(e.count for e in events if getattr(e, "self_device_time_total", 0) > 0)
-        key = "self_device_time_total"
-    else:
-        busy_us = sum(e.self_cpu_time_total for e in events)
-        launches = sum(e.count for e in events)
-        key = "self_cpu_time_total"
-    events.sort(key=lambda e: -getattr(e, key, 0))
-    del th
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"  # on CUDA: the kernels' own rows
+    events = sorted((e for e in prof.key_averages() if getattr(e, key, 0) > 0), key=lambda e: -getattr(e, key))
+    busy_us = sum(getattr(e, key) for e in events)
+    launches = sum(e.count for e in events)
     return {
         "wall_s": round(wall, 4),
         "busy_s": round(busy_us / 1e6, 4),
