@@ -179,9 +179,7 @@ class LoggingConfig:
     tags: list[str] = field(default_factory=list)  # wandb tags
     mode: str = "online"  # wandb mode: online | offline | disabled
     log_completions: bool = True  # log a completions table each logging step (wandb)
-    stall_warn_steps: int = (
-        10  # warn loudly when every group's rewards had no spread for N logged steps in a row (0: off)
-    )
+    stall_warn_steps: int = 10  # warn loudly when no group's rewards spread for N logged steps in a row (0: off)
 
 
 # --------------------------------------------------------------------------------------------- paths
