@@ -4,7 +4,8 @@
     rlvr-viz outputs/reasoning/<run> --prompt "What is 7+5?" --max-new-tokens 128 --out figs/
 
 usage.png   share of completion tokens drawn from the reasoning rows (and inside the span), per step
-drift.png   cosine between each reasoning row and its source row, across checkpoints (1 = still a copy)
+drift.png   cosine between each reasoning row and its source row, across checkpoints (1 = still a copy);
+            drift.json holds the plotted numbers (mean, 5th percentile, min per matrix and checkpoint step)
 sample.png  one sampled completion of the final model, reasoning tokens marked in colour (+ sample.txt)
 
 It reads files only (metrics.jsonl, checkpoint safetensors, reasoning_vocab.json), so it needs no
@@ -91,6 +92,14 @@ def plot_drift(run_dir: Path, vocab: ReasoningVocab, out: Path) -> Path | None:
     points = [(s, d) for s, d in points if d]
     if not points:
         return None
+    summary = {  # the plotted numbers, for reports: per matrix, per checkpoint step
+        kind: [
+            {"step": s, "mean": float(d[kind].mean()), "p05": float(d[kind].quantile(0.05)), "min": float(d[kind].min())}
+            for s, d in points
+        ]
+        for kind in points[0][1]
+    }
+    (out / "drift.json").write_text(json.dumps(summary, indent=1) + "\n")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind in points[0][1]:
