@@ -93,7 +93,9 @@ def test_reasoning_run_saves_the_map_in_every_checkpoint_and_keeps_checkpoint_0(
     th.testing.assert_close(initial, th.ones_like(initial))  # untrained rows are exact copies
     summary = json.loads((out / "viz" / "drift.json").read_text())
     assert [row["step"] for row in summary["embedding"]] == [0, 3]
-    assert summary["embedding"][0]["mean"] == pytest.approx(1.0) and summary["embedding"][0]["min"] == pytest.approx(1.0)
+    assert summary["embedding"][0]["mean"] == pytest.approx(1.0) and summary["embedding"][0]["min"] == pytest.approx(
+        1.0
+    )
     final = drift(out / "checkpoint-3", rv)["embedding"]
     assert summary["embedding"][1]["mean"] == pytest.approx(float(final.mean()))
 

@@ -94,7 +94,12 @@ def plot_drift(run_dir: Path, vocab: ReasoningVocab, out: Path) -> Path | None:
         return None
     summary = {  # the plotted numbers, for reports: per matrix, per checkpoint step
         kind: [
-            {"step": s, "mean": float(d[kind].mean()), "p05": float(d[kind].quantile(0.05)), "min": float(d[kind].min())}
+            {
+                "step": s,
+                "mean": float(d[kind].mean()),
+                "p05": float(d[kind].quantile(0.05)),
+                "min": float(d[kind].min()),
+            }
             for s, d in points
         ]
         for kind in points[0][1]
