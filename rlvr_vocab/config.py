@@ -120,7 +120,7 @@ class TrainingConfig:
     """Arguments of ``trl.GRPOConfig``: every key here is a GRPOConfig field and reaches it unchanged.
 
     ``extra`` takes any other GRPOConfig field by name (checked against GRPOConfig before training).
-    The project's own knobs (``generation_backend``, ``logprob_chunk_size``) are fields of the
+    The project's own knobs (``generation_backend``, ``logprob_chunk_size``, ``master_weights``) are fields of the
     GRPOConfig subclass in trainer.py, so they are GRPOConfig fields too.
     """
 
@@ -158,6 +158,7 @@ class TrainingConfig:
     disable_dropout: bool = True  # dropout off in the policy (and reference) model
     generation_backend: str = "fast"  # fast: rlvr-vocab's static-cache sampler | trl: TRL's plain generate()
     logprob_chunk_size: int = 1024  # tokens per chunk in the log-prob pass (bounds the B x L x V logits)
+    master_weights: bool = True  # fp32 copies of bf16 weights for the optimizer step (false: most updates round away)
     extra: dict[str, Any] = field(default_factory=dict)  # any other GRPOConfig field, by name
 
 

@@ -31,6 +31,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rlvr_vocab.checkpoints import checkpoint_name
 from rlvr_vocab.config import UNMASKED_SAMPLING_FIELDS, ConfigError, suggest, training_kwargs
+from rlvr_vocab.optim import FP32MasterWeights, low_precision_params
 from rlvr_vocab.reasoning_vocab import ReasoningVocab, check_mask_held
 from rlvr_vocab.redact import is_secret_key, scrub_secrets
 from rlvr_vocab.sampling import FastSampler
@@ -46,6 +47,9 @@ class RLVRGRPOConfig(GRPOConfig):
     )
     logprob_chunk_size: int = field(
         default=1024, metadata={"help": "Completion tokens per chunk in the reasoning-vocab log-prob pass."}
+    )
+    master_weights: bool = field(
+        default=True, metadata={"help": "fp32 copies of bf16/fp16 weights for the optimizer step (optim.py)."}
     )
 
     # Pickling is how the Trainer writes training_args.bin into every checkpoint and the final model, and
@@ -346,6 +350,22 @@ class RLVRGRPOTrainer(GRPOTrainer):
                     continue
                 base = target.get_base_model() if hasattr(target, "get_base_model") else target
                 add_reasoning_lm_head(base, reasoning_vocab, self.temperature, self.args.logprob_chunk_size)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, stepping fp32 copies of the bf16/fp16 weights (``training.master_weights``):
+        updated in place in bf16, most AdamW updates round away (optim.py). DeepSpeed and FSDP keep their own."""
+        optimizer = super().create_optimizer(model)
+        plain = not isinstance(optimizer, FP32MasterWeights) and not self.is_deepspeed_enabled
+        if self.args.master_weights and plain and not self.is_fsdp_enabled:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            low = low_precision_params(params)
+            if low:
+                self.optimizer = FP32MasterWeights(optimizer)
+                logger.info(
+                    f"fp32 master weights for {sum(p.numel() for p in low) / 1e6:.1f}M bf16/fp16 parameters "
+                    "(training.master_weights)"
+                )
+        return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """TRL's step, then the NaN guard's note on this micro-batch (before clipping mixes the gradients)."""
