@@ -141,3 +141,13 @@ def test_grpo_on_a_bf16_model_steps_fp32_masters_and_resumes_with_them(make_cfg)
     state = th.load(out.parent / "plain" / "checkpoint-1" / "optimizer.pt", weights_only=False)
     assert MASTERS_KEY not in state
     assert all(s["exp_avg"].dtype == th.bfloat16 for s in state["state"].values())
+
+
+def test_the_bench_counts_the_updates_that_bf16_keeps():
+    from bench.bf16_updates import changed_share
+
+    weights = th.full((1000,), 0.1)  # bf16 spacing at 0.1 is 2**-11 ~ 0.00049: half of it is 0.00024
+    assert changed_share(weights, 1e-4) == 0.0
+    assert changed_share(weights, 1e-3) == 1.0
+    mixed = th.cat([th.full((500,), 0.1), th.full((500,), 0.001)])  # spacing 2**-17 near 0.001: 1e-4 is kept
+    assert changed_share(mixed, 1e-4) == pytest.approx(0.5)
