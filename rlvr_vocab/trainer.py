@@ -351,10 +351,10 @@ class RLVRGRPOTrainer(GRPOTrainer):
                 base = target.get_base_model() if hasattr(target, "get_base_model") else target
                 add_reasoning_lm_head(base, reasoning_vocab, self.temperature, self.args.logprob_chunk_size)
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, *args, **kwargs):
         """The Trainer's optimizer, stepping fp32 copies of the bf16/fp16 weights (``training.master_weights``):
         updated in place in bf16, most AdamW updates round away (optim.py). DeepSpeed and FSDP keep their own."""
-        optimizer = super().create_optimizer(model)
+        optimizer = super().create_optimizer(*args, **kwargs)  # (model=None) in transformers 5.23
         plain = not isinstance(optimizer, FP32MasterWeights) and not self.is_deepspeed_enabled
         if self.args.master_weights and plain and not self.is_fsdp_enabled:
             params = [p for group in optimizer.param_groups for p in group["params"]]
