@@ -151,3 +151,34 @@ def test_the_bench_counts_the_updates_that_bf16_keeps():
     assert changed_share(weights, 1e-3) == 1.0
     mixed = th.cat([th.full((500,), 0.1), th.full((500,), 0.001)])  # spacing 2**-17 near 0.001: 1e-4 is kept
     assert changed_share(mixed, 1e-4) == pytest.approx(0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not th.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("_digit_reward")
+def test_bf16_grpo_on_the_gpu_with_the_fast_sampler_steps_fp32_masters(make_cfg):
+    """On a GPU (bf16 autocast, dtype auto -> bf16 weights, the fast sampler's CUDA graphs) the copies are stepped and
+    written back in place: the final bf16 weights are the saved fp32 copies rounded."""
+    from safetensors.torch import load_file
+
+    cfg = make_cfg(
+        "experiment=debug",
+        "reward.funcs=[digit_share]",
+        "reward.weights=[1.0]",
+        "training.max_completion_length=12",
+        "training.learning_rate=1e-4",
+        "training.bf16=true",
+        "model.model_kwargs.dtype=auto",
+        "training.max_steps=3",
+        "training.save_steps=3",
+    )
+    train(cfg)
+    out = Path(cfg.output_dir)
+    masters = th.load(out / "checkpoint-3" / "optimizer.pt", weights_only=False)[MASTERS_KEY]
+    weights = load_file(out / "checkpoint-3" / "model.safetensors")
+    by_shape = {}
+    for w in weights.values():
+        by_shape.setdefault(tuple(w.shape), []).append(w)
+    assert masters
+    for m in masters:  # every fp32 copy, rounded to bf16, is one of the saved bf16 weights
+        assert any(th.equal(m.to(th.bfloat16).cpu(), w) for w in by_shape[tuple(m.shape)])
