@@ -5,7 +5,7 @@ bf16 tensor, and an update smaller than half the spacing of bf16 numbers around 
 significant bits, so a weight of 0.1 moves only by steps of ~0.0005. Measured on SmolLM2-135M-Instruct's weights (the
 GGUF de-quantised; median |w| 0.108), an update of the learning rate's size changes 16% of the 2-D weights' elements
 at lr 1e-4, 2% at 1e-5 and 0.6% at 3e-6: most of each optimizer step is lost, the more so the smaller the lr
-(``tests/test_optim.py`` measures the same on a small matrix).
+(``python -m bench.bf16_updates``; ``tests/test_optim.py`` shows the loss on a small matrix).
 
 :class:`FP32MasterWeights` keeps an fp32 copy of every low-precision parameter, lets the wrapped optimizer (AdamW or
 any other torch optimizer) step those copies with fp32 state, and copies the result back into the bf16 parameters in

@@ -356,7 +356,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
         updated in place in bf16, most AdamW updates round away (optim.py). DeepSpeed and FSDP keep their own."""
         optimizer = super().create_optimizer(*args, **kwargs)  # (model=None) in transformers 5.23
         plain = not isinstance(optimizer, FP32MasterWeights) and not self.is_deepspeed_enabled
-        if self.args.master_weights and plain and not self.is_fsdp_enabled:
+        # fp16 with a GradScaler would unscale the copies' (empty) gradients, not the model's: left as it is
+        if self.args.master_weights and plain and not self.is_fsdp_enabled and not self.args.fp16:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             low = low_precision_params(params)
             if low:
