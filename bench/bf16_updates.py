@@ -1,7 +1,7 @@
 """How much of an optimizer step survives in bf16 weights: the share of a model's weight elements that an update of
 the learning rate's size changes when written straight into bf16 (``training.master_weights=false``), per lr.
 
-    python -m bench.bf16_updates                                  # the embedded SmolLM2-135M-Instruct (CPU, ~30 s)
+    python -m bench.bf16_updates                                  # the embedded SmolLM2-135M-Instruct (CPU: 47 s on 2 cores)
     python -m bench.bf16_updates --lrs 1e-4 1e-5 3e-6 1e-6 model=qwen3_0.6b   # any model config (hub access)
 
 Adam's first steps move each element by about the learning rate, with the gradient's sign; an element changes in
