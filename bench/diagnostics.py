@@ -336,7 +336,7 @@ def explain(step: dict, typical: list[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ a profiled call
-def profile_call(fn, sync, cuda: bool, steps: int, top: int = 15) -> dict:
+def profile_call(fn, sync, cuda: bool, steps: int, top: int = 30) -> dict:
     """Run ``fn`` once under ``torch.profiler``: its wall time, the time the device was busy (the sum of kernel
     times: with CUDA graphs the replayed kernels are seen too), the kernels launched per decode step, and the
     ``top`` kernels by total time (name, calls, total ms, us per decode step). On the CPU (no CUDA) the table is

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_grpo, bench_sampler, check_sampler, diagnostics, floor, gpu_session, workload
+from bench import bench_grpo, bench_sampler, check_sampler, decode_parts, diagnostics, floor, gpu_session, workload
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_doctests_of_the_bench_modules():
-    for module in (workload, floor, diagnostics, bench_grpo, bench_sampler, check_sampler, gpu_session):
+    for module in (workload, floor, diagnostics, bench_grpo, bench_sampler, check_sampler, gpu_session, decode_parts):
         failed, attempted = doctest.testmod(module)
         assert failed == 0 and attempted > 0, module.__name__
 
@@ -198,6 +198,21 @@ def test_sampler_profile_says_where_a_row_spends_its_time(tmp_path):
     assert profile["busy_s"] > 0 and profile["wall_s"] > 0 and profile["launches_per_step"] > 0
     assert any("mm" in k["name"] or "linear" in k["name"] for k in profile["top"]), profile["top"]
     assert profile["top"][0]["total_ms"] >= profile["top"][-1]["total_ms"]
+
+
+def test_decode_parts_times_every_gemm_and_the_eager_attention_on_the_cpu(tmp_path):
+    """The CPU smoke test of bench.decode_parts: the layer's maps apart and fused, the head, the eager attention
+    per row (the Triton grid needs CUDA), all with positive times, in the JSON and the printed sums."""
+    out = tmp_path / "parts.json"
+    assert decode_parts.main(["--tiny", "--rows", "32x512", "256x1024", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    maps = {r["map"] for r in record["gemm"]}
+    assert maps == {"q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up", "head"}
+    assert all(r["us"] > 0 for r in record["gemm"])
+    qkv = next(r for r in record["gemm"] if r["map"] == "qkv")
+    assert qkv["features"] == [32, 64]  # the tiny model: hidden 32 -> 4 x 8 + 2 x 2 x 8
+    eager = [r for r in record["attention"] if r["impl"] == "eager"]
+    assert [r["row"] for r in eager] == ["2x8", "2x16"] and all(r["us"] > 0 and r["kv_bytes"] > 0 for r in eager)
 
 
 def test_check_sampler_tiny_passes_and_its_power_check_rejects(tmp_path):

@@ -584,6 +584,27 @@ def test_triton_decode_kernel_matches_the_eager_maths(
     assert relative_error(got, naive_attention(q, keys, values, length, bias, head_dim**-0.5)) < 1e-4
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_decode_kernel_skips_the_left_padding(triton_decode, splits):
+    """With ``start``, a row's left padding is never read: NaN there does not reach the output."""
+    b, kv_heads, group, head_dim, cache_len, length = 3, 2, 2, 16, 96, 70
+    q, kn, vn, keys, values, n, bias = decode_inputs(
+        b, kv_heads, group, head_dim, cache_len, length, th.float32, TRITON_DEVICE
+    )
+    first = (bias == float("-inf")).sum(-1).to(th.int32)  # rows 0, 1, 2: 0, 5, 10 slots of padding
+    assert first.tolist() == [0, 5, 10]
+    ref_keys, ref_values = keys.clone(), values.clone()
+    ref_keys[:, :, length - 1], ref_values[:, :, length - 1] = kn[:, :, 0], vn[:, :, 0]  # the kernel's write
+    want = naive_attention(q, ref_keys, ref_values, length, bias, head_dim**-0.5)
+    for row, pad in enumerate(first.tolist()):
+        keys[row, :, :pad] = float("nan")
+        values[row, :, :pad] = float("nan")
+    got = triton_decode.decode_attention(q, kn, vn, keys, values, n, bias, head_dim**-0.5, splits, start=first)
+    assert relative_error(got, want) < 1e-4
+    unskipped = triton_decode.decode_attention(q, kn, vn, keys, values, n, bias, head_dim**-0.5, splits)
+    assert unskipped[1:].isnan().any(), "without start the padding is read (the NaN check has no power)"
+
+
 @pytest.mark.parametrize("dtype", [th.float16] + ([th.bfloat16] if th.cuda.is_available() else []))
 def test_triton_decode_kernel_in_16_bits(triton_decode, dtype):
     """fp16 (and bf16 on CUDA: the interpreter's bf16 dot is wrong): fp32 accumulation, 16-bit tolerance."""

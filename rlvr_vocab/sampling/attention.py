@@ -89,20 +89,26 @@ def _decode_attention_op(
     value_cache: th.Tensor,
     length: th.Tensor,
     mask: th.Tensor,
+    start: th.Tensor,
     scaling: float,
     impl: str,
 ) -> th.Tensor:
-    """The op behind ``decode_attention``. ``mask``: triton: the bias [B, 1, 1, L] fp32; eager: ``decode_mask``."""
+    """The op behind ``decode_attention``. ``mask``: triton: the bias [B, 1, 1, L] fp32; eager: ``decode_mask``.
+
+    ``start``: int32 [B], each row's first slot after its left padding (the Triton kernel skips the padding; the
+    eager maths read it, masked)."""
     if impl == "triton":
         from rlvr_vocab.sampling import triton_decode
 
         bias = mask.reshape(mask.shape[0], -1)
-        return triton_decode.decode_attention(query, key_new, value_new, key_cache, value_cache, length, bias, scaling)
+        return triton_decode.decode_attention(
+            query, key_new, value_new, key_cache, value_cache, length, bias, scaling, start=start
+        )
     return eager_decode_attention(query, key_new, value_new, key_cache, value_cache, length, mask, scaling)
 
 
 @_decode_attention_op.register_fake
-def _(query, key_new, value_new, key_cache, value_cache, length, mask, scaling, impl):
+def _(query, key_new, value_new, key_cache, value_cache, length, mask, start, scaling, impl):
     b, h, _, d = query.shape
     return query.new_empty(b, 1, h, d)
 
@@ -123,7 +129,8 @@ def decode_attention(
     ``query``: [B, H, 1, D]; ``key``/``value``: this token's [B, Hkv, 1, D] (the sampler passes no cache
     object, so the layer hands them over unchanged); ``attention_mask``: for ``triton`` the per-row additive
     bias [B, 1, 1, L] fp32, for ``eager`` the step's ``decode_mask``; ``rlvr_decode``: ``keys``/``values``
-    (the cache buffers per layer, [B, Hkv, L, D]), ``length`` (int64 [1], device) and ``impl``. Query head
+    (the cache buffers per layer, [B, Hkv, L, D]), ``length`` (int64 [1], device), ``start`` (int32 [B]: each
+    row's first slot after its left padding) and ``impl``. Query head
     ``h`` uses KV head ``h // (H / Hkv)``, as transformers' ``repeat_kv``.
     """
     if rlvr_decode is None:
@@ -138,6 +145,7 @@ def decode_attention(
         rlvr_decode["values"][layer],
         rlvr_decode["length"],
         attention_mask,
+        rlvr_decode["start"],
         scaling,
         rlvr_decode["impl"],
     )

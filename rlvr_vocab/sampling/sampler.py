@@ -322,12 +322,23 @@ class FastSampler:
         n = st.n
         forward, picker = self._forward(model), self._picker(model, plan)
         keys, values = s.cache.views(n)
-        ids, pos, mask = st.tok[:n, None], st.pos[:n, None], st.bias[:n]
+        ids, pos, mask, first = st.tok[:n, None], st.pos[:n, None], st.bias[:n], st.first[:n]
         if s.attention == "eager":  # one mask for every layer, W = st.window slots wide
             mask = attn.decode_mask(mask[:, 0, 0], st.length, st.window, keys[0].shape[1], keys[0].dtype)
         t = st.tensors()
         if forward is not model:  # batch and cache length dynamic: one compilation for every shape
-            for x in (ids, pos, t["seen"], t["inside"], t["finished"], t["tok"], t["pos"], t["rows"], t["noise"]):
+            for x in (
+                ids,
+                pos,
+                first,
+                t["seen"],
+                t["inside"],
+                t["finished"],
+                t["tok"],
+                t["pos"],
+                t["rows"],
+                t["noise"],
+            ):
                 _mark_dynamic(x, 0)
             for x in (t["out"], t["logp"]):  # [B, cache length]
                 _mark_dynamic(x, 0, 1)
@@ -340,7 +351,7 @@ class FastSampler:
             attention_mask=mask,
             use_cache=False,
             logits_to_keep=1,
-            rlvr_decode={"keys": keys, "values": values, "length": st.length, "impl": s.attention},
+            rlvr_decode={"keys": keys, "values": values, "length": st.length, "start": first, "impl": s.attention},
         )
         logits = out.logits[:, -1]
         if forward is not model:

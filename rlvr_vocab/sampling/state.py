@@ -29,6 +29,7 @@ class DecodeState:
         self.inside = th.zeros(batch, dtype=th.bool, device=device)  # reasoning span state
         # additive attention bias per cache slot: -inf on the prompts' left padding, 0 elsewhere
         self.bias = th.zeros(batch, 1, 1, cache_len, dtype=th.float32, device=device)
+        self.first = th.zeros(batch, dtype=th.int32, device=device)  # first slot after the left padding
         self.out = th.zeros(batch, cache_len, **long)  # sampled tokens, original row order
         self.logp = th.zeros(batch, cache_len, dtype=th.float32, device=device)  # their processed log-probs
         self.step = th.zeros(1, **long)  # index of the token being sampled
@@ -67,6 +68,7 @@ class DecodeState:
         self.logp.zero_()
         self.bias.zero_()
         self.bias[:, 0, 0, :p].masked_fill_(attention_mask == 0, float("-inf"))
+        self.first.copy_((attention_mask.cumsum(-1) == 0).sum(-1))  # leading padding: the kernel skips it
         reasoning = plan.reasoning()
         self.inside.copy_(reasoning.vocab.span_state(input_ids)[:, -1] if reasoning else th.zeros_like(self.inside))
         if plan.repetition_skip is not None:
@@ -146,7 +148,7 @@ class DecodeState:
     def compact(self, index: th.Tensor) -> None:
         """Rows ``index`` become the live rows ``0..len(index)-1`` (the KV cache is compacted by its owner)."""
         m = index.numel()
-        for t in (self.tok, self.pos, self.rows, self.finished, self.inside, self.bias, self.seen):
+        for t in (self.tok, self.pos, self.rows, self.finished, self.inside, self.bias, self.first, self.seen):
             if t is not None:
                 t[:m] = t.index_select(0, index)
         self.n = m

@@ -5,8 +5,8 @@ One decode step of one layer is one or two kernels:
 * ``_split_kernel``, grid ``(B * Hkv, S)``: program ``(b, kv head, split)`` reads its slice of the cache once,
   block by block, and serves all ``G = H / Hkv`` query heads of its KV head group (GQA fused: the ``G`` query
   rows are the rows of one ``tl.dot``, padded to 16). The valid length is read from a device tensor, and the
-  ``S`` splits divide ``[0, length)`` evenly at every step, so one captured CUDA graph serves every length and
-  no program reads past it. The program whose slice holds the new token's slot also writes the new K/V rows
+  ``S`` splits divide ``[first, length)`` evenly at every step (``first``: the row's first slot after its left
+  padding, which is never read), so one captured CUDA graph serves every length and no program reads past it. The program whose slice holds the new token's slot also writes the new K/V rows
   into the cache (and uses them from registers), so the cache write costs no kernel of its own. Scores,
   softmax and the output are accumulated in fp32 (online softmax); the probabilities are rounded to the
   value dtype before ``p @ V``, as the eager reference does.
@@ -29,8 +29,13 @@ except ImportError:  # CPU installs and CI: the eager attention is used
     triton = None
     tl = None
 
-BLOCK_N = 64  # cache slots per block of the inner loop
-WAVES = 4  # programs per SM aimed at when choosing the number of context splits
+# The launch configuration, chosen from ``bench.decode_parts`` on one H200 (2026-12-02, BENCHMARKS.md): 32 slots x
+# 4 warps x 3 stages was the fastest or within 3% of it at 32 x 512, 256 x 1,024 and 32 x 4,096, and more context
+# splits than needed to give every SM a program only added time (the reduce kernel, shorter loops).
+BLOCK_N = 32  # cache slots per block of the inner loop
+WAVES = 1  # programs per SM aimed at when choosing the number of context splits
+NUM_WARPS = 4  # warps per program of the split kernel
+NUM_STAGES = 3  # software-pipeline stages of its loop over the cache blocks
 MIN_DOT = 16  # tl.dot needs every dimension >= 16: query heads and head_dim are padded up to it
 
 
@@ -45,7 +50,7 @@ def interpreted() -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["SPLITS"])
     def _split_kernel(
         Q,
         KNew,
@@ -54,6 +59,7 @@ if triton is not None:
         V,
         Bias,
         Length,
+        Start,
         Out,
         PartO,
         PartL,
@@ -81,14 +87,15 @@ if triton is not None:
         stride_ph,
         stride_ps,
         scale,
+        SPLITS,
         HKV: tl.constexpr,
         G: tl.constexpr,
         D: tl.constexpr,
         BLOCK_G: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK: tl.constexpr,
-        SPLITS: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        HAS_START: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -97,8 +104,10 @@ if triton is not None:
         kvh = pid % HKV
         length = tl.load(Length).to(tl.int32)
         slot = length - 1  # the new token's cache slot
-        per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
-        start = split * per_split
+        first = tl.load(Start + b).to(tl.int32) if HAS_START else 0  # the row's first slot not left padding
+        first = tl.minimum(first, slot)
+        per_split = tl.cdiv(tl.cdiv(length - first, SPLITS), BLOCK) * BLOCK
+        start = first + split * per_split
         end = tl.minimum(start + per_split, length)
 
         offs_g = tl.arange(0, BLOCK_G)
@@ -185,17 +194,18 @@ if triton is not None:
         tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
 
 
-def num_splits(rows: int, cache_len: int, device: th.device) -> int:
+def num_splits(rows: int, cache_len: int, device: th.device, sms: int | None = None) -> int:
     """Context splits per (row, KV head) program: about ``WAVES`` programs per SM, at most one split per block.
 
-    ``rows``: batch x KV heads. On the CPU (Triton's interpreter, which runs programs one by one) the "GPU"
-    has one SM.
+    ``rows``: batch x KV heads; ``sms``: the device's multiprocessors (None: read from ``device``; on the CPU,
+    Triton's interpreter, which runs programs one by one, one).
 
     Example:
-        >>> num_splits(256, 1024, th.device("cpu")), num_splits(1, 300, th.device("cpu"))
-        (1, 4)
+        >>> num_splits(256, 1024, th.device("cpu"), sms=132), num_splits(8, 4096, th.device("cpu"), sms=132)
+        (1, 17)
     """
-    sms = th.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    if sms is None:
+        sms = th.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     wanted = -(-WAVES * sms // max(rows, 1))
     return max(1, min(wanted, -(-cache_len // BLOCK_N), 64))
 
@@ -210,12 +220,18 @@ def decode_attention(
     bias: th.Tensor | None,
     scaling: float,
     splits: int | None = None,
+    block: int = BLOCK_N,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
+    start: th.Tensor | None = None,
 ) -> th.Tensor:
     """Write the new K/V at slot ``length - 1`` and attend to slots ``[0, length)``: [B, 1, H, D].
 
     ``query``: [B, H, 1, D]; ``key_new``/``value_new``: [B, Hkv, 1, D]; ``key_cache``/``value_cache``:
     [B, Hkv, L, D] (last dim contiguous); ``length``: int64 [1] on the device; ``bias``: [B, L] additive (or
-    None); ``splits``: context splits (None: ``num_splits``).
+    None); ``splits``: context splits (None: ``num_splits``); ``block``, ``num_warps``, ``num_stages``: the
+    split kernel's launch configuration (``bench.decode_parts`` measures the choices); ``start``: int [B], each
+    row's first slot to read (its left padding is skipped: those slots must be masked by ``bias`` or unused).
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -241,6 +257,7 @@ def decode_attention(
         value_cache,
         bias_arg,
         length,
+        start if start is not None else length,
         out,
         part_o,
         part_l,
@@ -268,16 +285,18 @@ def decode_attention(
         splits if splits > 1 else 0,
         1,
         scaling,
+        splits,
         HKV=hkv,
         G=g,
         D=d,
         BLOCK_G=block_g,
         BLOCK_D=block_d,
-        BLOCK=BLOCK_N,
-        SPLITS=splits,
+        BLOCK=block,
         HAS_BIAS=bias is not None,
+        HAS_START=start is not None,
         PRECISION=precision,
-        num_warps=4,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if splits > 1:
         _reduce_kernel[(b * h,)](

@@ -1,0 +1,332 @@
+"""Where a decode step's time goes, part by part: the attention kernel's launch choices and the layers' GEMMs.
+
+    python -m bench.decode_parts --out parts.json                  # both parts, the Qwen3-0.6B shapes
+    python -m bench.decode_parts --parts attention --rows 256x1024
+    python -m bench.decode_parts --tiny                            # CPU smoke test (GEMMs only, tiny shapes)
+
+Each op is timed as the sampler runs it: ``--launches`` launches captured in one CUDA graph, the graph replayed
+``--repeats`` times, the median replay over the launches (on the CPU: a plain loop). Inputs are random (never
+zeros), rotated among enough copies that the bytes of one graph exceed the L2 cache several times.
+
+* ``attention``: ``triton_decode.decode_attention`` on a batch x new-tokens row (``32x512``: 32 rows at the mean
+  context of a 512-token completion, 68 + 256 slots, in a cache of the sampler's length) for every block size x
+  warps x pipeline stages x context splits of ``GRID``; the sampler's default is marked. Every row has 16 slots
+  of left padding (prompts of 68 tokens padded to 84), which the kernel skips (``start``). Bytes = the K and V
+  slots read (rows x KV heads x (context - padding) x head dim x 2 x 2 bytes) + the query, the new K/V and the
+  output; GB/s = bytes / time, and the share of ``--bandwidth`` (the copy bandwidth, measured when not given).
+  The eager maths (``attention.eager_decode_attention``) are timed alongside.
+* ``gemm``: the decoder layer's linear maps at M = the batch, apart (q, k, v, o, gate, up, down) and fused
+  (qkv, gate_up), and the output head; time, GB/s of the weight read, and the per-layer sums of both ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+
+from bench.bench_sampler import parse_row
+from bench.workload import QWEN3_06B, TINY
+
+PROMPT_MEAN = 68  # the benchmark prompts' mean length (52-84 tokens)
+PROMPT_MAX = 84
+GRID = dict(block=(32, 64, 128), warps=(4, 8), stages=(2, 3, 4), splits=(1, 2, 4, 8, 16, 32))
+
+
+def shape_of(tiny: bool) -> dict:
+    s = {**QWEN3_06B, **(TINY if tiny else {})}
+    return dict(
+        hidden=s["hidden_size"],
+        mlp=s["intermediate_size"],
+        heads=s["num_attention_heads"],
+        kv_heads=s["num_key_value_heads"],
+        head_dim=s["head_dim"],
+        vocab=512 if tiny else s["vocab_size"],
+        layers=s["num_hidden_layers"],
+    )
+
+
+def cache_len_of(tokens: int) -> int:
+    """The sampler's cache length for a benchmark row: prompt + new tokens, rounded up to 256 slots.
+
+    Example:
+        >>> cache_len_of(512), cache_len_of(1024), cache_len_of(4096)
+        (768, 1280, 4352)
+    """
+    from rlvr_vocab.sampling.sampler import CACHE_ROUND
+
+    return -(-(PROMPT_MAX + tokens) // CACHE_ROUND) * CACHE_ROUND
+
+
+def time_op(fn, cuda: bool, launches: int, repeats: int) -> float:
+    """Seconds per call of ``fn(i)`` (i = the call's index, to rotate inputs): CUDA graph of ``launches`` calls."""
+    import torch as th
+
+    if not cuda:
+        fn(0)
+        t0 = time.perf_counter()
+        for i in range(launches):
+            fn(i)
+        return (time.perf_counter() - t0) / launches
+    stream = th.cuda.Stream()
+    stream.wait_stream(th.cuda.current_stream())
+    with th.cuda.stream(stream):
+        for i in range(2):
+            fn(i)
+    th.cuda.current_stream().wait_stream(stream)
+    graph = th.cuda.CUDAGraph()
+    with th.cuda.graph(graph):
+        for i in range(launches):
+            fn(i)
+    graph.replay()
+    th.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = th.cuda.Event(enable_timing=True), th.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / launches)
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int, l2_bytes: int = 60 * 2**20, at_least: int = 2, at_most: int = 8) -> int:
+    """How many input copies to rotate among so that one pass over them is >= 4x the L2 cache.
+
+    Example:
+        >>> copies_for(2**30), copies_for(10 * 2**20)
+        (2, 8)
+    """
+    return max(at_least, min(at_most, -(-4 * l2_bytes // max(nbytes, 1))))
+
+
+# ------------------------------------------------------------------------------------------ attention
+def attention_rows(args, shape: dict, cuda: bool, bandwidth: float | None) -> list[dict]:
+    results = []
+    for name in args.rows:
+        results += attention_row(name, args, shape, cuda, bandwidth)
+        print(attention_table([r for r in results if r["row"] == name]), flush=True)
+    return results
+
+
+def attention_row(name: str, args, shape: dict, cuda: bool, bandwidth: float | None) -> list[dict]:
+    """Every configuration of the grid (and the eager maths) on one row's shape."""
+    import torch as th
+
+    from rlvr_vocab.sampling import triton_decode
+    from rlvr_vocab.sampling.attention import decode_mask, eager_decode_attention
+
+    device = "cuda" if cuda else "cpu"
+    dtype = th.bfloat16 if cuda else th.float32
+    row = parse_row(name)
+    b, hkv, h, d = row.batch, shape["kv_heads"], shape["heads"], shape["head_dim"]
+    cache_len = cache_len_of(row.tokens)
+    pad = PROMPT_MAX - PROMPT_MEAN  # every row's left padding (the kernel skips it; the floor does not count it)
+    length = PROMPT_MAX + row.tokens // 2
+    kv_bytes = b * hkv * (length - pad) * d * 2 * dtype.itemsize
+    io_bytes = (2 * b * h * d + 2 * b * hkv * d) * dtype.itemsize
+    copies = copies_for(kv_bytes)
+    gen = th.Generator(device=device).manual_seed(0)
+
+    def rand(*s):
+        return th.randn(*s, generator=gen, device=device, dtype=th.float32).to(dtype)
+
+    bias = th.zeros(b, cache_len, device=device)
+    bias[:, :pad] = float("-inf")
+    start = th.full((b,), pad, dtype=th.int32, device=device)
+    sets = [
+        dict(
+            q=rand(b, 1, h, d).transpose(1, 2),
+            kn=rand(b, 1, hkv, d).transpose(1, 2),
+            vn=rand(b, 1, hkv, d).transpose(1, 2),
+            k=rand(b, hkv, cache_len, d),
+            v=rand(b, hkv, cache_len, d),
+        )
+        for _ in range(copies)
+    ]
+    n = th.tensor([length], device=device)
+    scale = d**-0.5
+    default = (
+        triton_decode.num_splits(b * hkv, cache_len, th.device(device)),
+        triton_decode.BLOCK_N,
+        triton_decode.NUM_WARPS,
+        triton_decode.NUM_STAGES,
+    )
+    base = dict(row=name, batch=b, cache_len=cache_len, length=length, kv_bytes=kv_bytes, copies=copies)
+    mask = decode_mask(bias, n, -(-length // 128) * 128, hkv, dtype)
+
+    def eager(i):
+        x = sets[i % copies]
+        return eager_decode_attention(x["q"], x["kn"], x["vn"], x["k"], x["v"], n, mask, scale)
+
+    want = eager(0).float()
+    t = time_op(eager, cuda, args.launches, args.repeats)
+    results = [_attention_result(base, "eager", None, t, kv_bytes + io_bytes, bandwidth)]
+    if triton_decode.triton is None or not cuda:  # Triton's CPU interpreter: too slow to time
+        return results
+    for block, warps, stages, splits in itertools.product(*(GRID[k] for k in ("block", "warps", "stages", "splits"))):
+        if splits > 1 and (splits - 1) * block >= length - pad:  # a split with nothing to read
+            continue
+        config = dict(block=block, warps=warps, stages=stages, splits=splits)
+        config["default"] = (splits, block, warps, stages) == default
+
+        def run(i, config=config):
+            x = sets[i % copies]
+            return triton_decode.decode_attention(
+                x["q"], x["kn"], x["vn"], x["k"], x["v"], n, bias, scale, config["splits"], config["block"],
+                config["warps"], config["stages"], start=start,
+            )  # fmt: skip
+
+        try:
+            error = float((run(0).float() - want).abs().max() / want.abs().max())
+            t = time_op(run, cuda, args.launches, args.repeats)
+        except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: record, go on
+            results.append({**base, "impl": "triton", **config, "error": repr(err)[:200]})
+            continue
+        r = _attention_result(base, "triton", config, t, kv_bytes + io_bytes, bandwidth)
+        r["max_rel_error"] = error
+        results.append(r)
+    return results
+
+
+def _attention_result(base: dict, impl: str, config: dict | None, t: float, nbytes: int, bandwidth) -> dict:
+    return {
+        **base,
+        "impl": impl,
+        **(config or {}),
+        "us": t * 1e6,
+        "GBps": nbytes / t / 1e9,
+        "share_of_bandwidth": nbytes / t / bandwidth if bandwidth else None,
+    }
+
+
+def attention_table(results: list[dict], top: int = 8) -> str:
+    """The eager row, the default config and the ``top`` fastest Triton configs of each row."""
+    lines = ["| row | impl | block | warps | stages | splits | us | GB/s | share | note |", "|" + "---|" * 10]
+    for name in dict.fromkeys(r["row"] for r in results):
+        rows = [r for r in results if r["row"] == name and "us" in r]
+        triton_rows = sorted((r for r in rows if r["impl"] == "triton"), key=lambda r: r["us"])
+        default = [r for r in triton_rows if r["default"]]
+        shown = [r for r in rows if r["impl"] == "eager"] + default + triton_rows[:top]
+        for r in shown:
+            share = "" if r["share_of_bandwidth"] is None else f"{r['share_of_bandwidth']:.0%}"
+            note = "the default" if r in default else ""
+            cfg = [str(r.get(k, "")) for k in ("block", "warps", "stages", "splits")]
+            lines.append(
+                f"| {name} | {r['impl']} | {' | '.join(cfg)} | {r['us']:.1f} | {r['GBps']:.0f} | {share} | {note} |"
+            )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ GEMMs
+def gemm_maps(shape: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear map of one decoder layer, apart and fused, and of the head."""
+    h, m = shape["hidden"], shape["mlp"]
+    q, kv = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
+    return {
+        "q": (h, q),
+        "k": (h, kv),
+        "v": (h, kv),
+        "o": (q, h),
+        "gate": (h, m),
+        "up": (h, m),
+        "down": (m, h),
+        "qkv": (h, q + 2 * kv),
+        "gate_up": (h, 2 * m),
+        "head": (h, shape["vocab"]),
+    }
+
+
+def gemm_rows(args, shape: dict, cuda: bool, bandwidth: float | None) -> list[dict]:
+    import torch as th
+
+    device = "cuda" if cuda else "cpu"
+    dtype = th.bfloat16 if cuda else th.float32
+    results = []
+    for m in args.batches:
+        for name, (k, n) in gemm_maps(shape).items():
+            nbytes = k * n * dtype.itemsize
+            copies = copies_for(nbytes)
+            ws = [th.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+            x = th.randn(m, k, device=device, dtype=dtype)
+
+            def run(i, ws=ws, x=x):
+                return th.nn.functional.linear(x, ws[i % len(ws)])
+
+            t = time_op(run, cuda, args.launches, args.repeats)
+            moved = nbytes + (m * k + m * n) * dtype.itemsize
+            results.append(
+                dict(
+                    batch=m,
+                    map=name,
+                    features=[k, n],
+                    us=t * 1e6,
+                    GBps=moved / t / 1e9,
+                    share_of_bandwidth=moved / t / bandwidth if bandwidth else None,
+                )
+            )
+    print(gemm_table(results), flush=True)
+    return results
+
+
+def gemm_table(results: list[dict]) -> str:
+    lines = ["| batch | map | in x out | us | GB/s | share |", "|---|---|---|---|---|---|"]
+    for r in results:
+        share = "" if r["share_of_bandwidth"] is None else f"{r['share_of_bandwidth']:.0%}"
+        k, n = r["features"]
+        lines.append(f"| {r['batch']} | {r['map']} | {k} x {n} | {r['us']:.1f} | {r['GBps']:.0f} | {share} |")
+    for m in dict.fromkeys(r["batch"] for r in results):
+        us = {r["map"]: r["us"] for r in results if r["batch"] == m}
+        apart = sum(us[k] for k in ("q", "k", "v", "o", "gate", "up", "down"))
+        fused = us["qkv"] + us["o"] + us["gate_up"] + us["down"]
+        lines.append(f"\nbatch {m}: one layer's GEMMs {apart:.1f} us apart, {fused:.1f} us with qkv and gate_up fused")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="*", default=["attention", "gemm"], choices=["attention", "gemm"])
+    parser.add_argument("--rows", nargs="*", default=["32x512", "256x1024", "32x4096"], help="attention rows, BxL")
+    parser.add_argument("--batches", nargs="*", type=int, default=[32, 256], help="GEMM rows (M)")
+    parser.add_argument("--launches", type=int, default=20, help="launches per captured graph")
+    parser.add_argument("--repeats", type=int, default=10, help="graph replays; the median counts")
+    parser.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth, bytes/s (default: measure)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (a smoke test)")
+    parser.add_argument("--out", default=None, help="JSON file with every measurement")
+    args = parser.parse_args(argv)
+
+    import torch as th
+
+    cuda = th.cuda.is_available() and not args.tiny
+    if not cuda and not args.tiny:
+        raise SystemExit("bench.decode_parts needs a CUDA device (or --tiny for a CPU smoke test)")
+    if args.tiny:
+        args.rows = [f"2x{parse_row(r).tokens // 64 or 8}" for r in args.rows]
+        args.batches = [2]
+        args.launches, args.repeats = 2, 1
+    bandwidth = args.bandwidth
+    if bandwidth is None and cuda:
+        from bench.floor import copy_bandwidth
+
+        bandwidth = copy_bandwidth()["bandwidth_Bps"]
+    shape = shape_of(args.tiny)
+    record = {"bandwidth_Bps": bandwidth, "shape": shape, "grid": GRID}
+    if cuda:
+        record["device"] = th.cuda.get_device_name()
+    if "attention" in args.parts:
+        record["attention"] = attention_rows(args, shape, cuda, bandwidth)
+    if "gemm" in args.parts:
+        record["gemm"] = gemm_rows(args, shape, cuda, bandwidth)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+    if "attention" in record:
+        print("\n" + attention_table(record["attention"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
