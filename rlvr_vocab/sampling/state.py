@@ -154,12 +154,26 @@ class DecodeState:
         self.n = m
 
 
+def noisy_argmax(scores: th.Tensor, noise: th.Tensor) -> th.Tensor:
+    """``argmax(scores - log E)`` per row: a draw from ``softmax(scores)`` given exponential noise ``E``.
+
+    ``log E`` is floored at fp32's lowest finite value, so an ``E`` of exactly 0 (the CPU's exponential can draw
+    it) makes its token the certain pick only where that token is allowed: a masked (-inf) score stays -inf
+    rather than becoming NaN, which argmax would take.
+
+    >>> noisy_argmax(th.tensor([[float("-inf"), 0.0, 1.0]]), th.tensor([[0.0, 1.0, 1.0]])).tolist()
+    [2]
+    """
+    return (scores - noise.log().clamp_min(th.finfo(th.float32).min)).argmax(-1)
+
+
 def pick(plan: Plan, logits: th.Tensor, t: dict) -> None:
     """Process the logits in transformers' order, pick each live row's token, update the state. Graph-safe.
 
-    Greedy: argmax. Sampling: ``argmax(softmax(scores) / E)``, ``E`` the row's exponential noise (the law of
-    ``torch.multinomial``). A finished row gets the pad token (log-prob 0). Advances the step, the positions
-    and the cache length.
+    Greedy: argmax. Sampling: ``argmax(scores - log E)``, ``E`` the row's exponential noise: the Gumbel-max form
+    of ``argmax(softmax(scores) / E)``, the law of ``torch.multinomial``, without the softmax's two passes over
+    [n, V] (with the log-sum-exp of the log-prob, one fused pass). A finished row gets the pad token (log-prob 0).
+    Advances the step, the positions and the cache length.
     """
     inputs: StepInputs = {k: t[k] for k in ("step", "thresholds", "columns", "seen", "inside")}
     scores = plan.process(logits.float(), inputs)
@@ -171,7 +185,7 @@ def pick(plan: Plan, logits: th.Tensor, t: dict) -> None:
     if t["noise"] is None:
         nxt = scores.argmax(-1)
     else:
-        nxt = (scores.softmax(-1) / t["noise"].index_select(0, rows)).argmax(-1)
+        nxt = noisy_argmax(scores, t["noise"].index_select(0, rows))
     logp = scores.gather(1, nxt[:, None]).squeeze(1) - scores.logsumexp(-1)
     nxt = th.where(finished, plan.pad_id, nxt)
     logp = th.where(finished, 0.0, logp)
