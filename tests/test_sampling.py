@@ -625,6 +625,79 @@ def test_greedy_with_the_triton_kernel_matches_transformers_generate(tok, triton
     assert th.equal(out, ref)
 
 
+# ------------------------------------------------------------------------------------------ fused layers
+def tiny_arch(tok, arch: str):
+    """A random 2-layer model of each fused architecture, with the biases each can have switched on."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )  # fmt: skip
+    config = {
+        "qwen3": lambda: Qwen3Config(head_dim=16, attention_bias=True, **common),
+        "qwen2": lambda: Qwen2Config(**common),  # q/k/v biases
+        "llama": lambda: LlamaConfig(attention_bias=True, mlp_bias=True, **common),
+    }[arch]()
+    th.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with th.no_grad():  # norms away from 1 and biases away from 0, so a swapped weight shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(th.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_fused_decode_layers_compute_what_transformers_layers_do(tok, arch, monkeypatch):
+    from rlvr_vocab.sampling import fused
+
+    calls = []
+    real = fused.layer_forward
+    monkeypatch.setattr(fused, "layer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_arch(tok, arch)
+    inputs = batch(tok, PROMPTS, "cpu")
+    greedy = dict(do_sample=False, max_new_tokens=24, pad_token_id=tok.pad_token_id)
+    ref = model.generate(**inputs, **greedy)
+    fast = FastSampler()
+    out = model.generate(**inputs, **greedy, custom_generate=fast)
+    assert fast.session.fused is not None and len(calls) >= 2 * 22  # both layers, every decode step
+    n = min(ref.shape[1], out.shape[1])
+    assert th.equal(out[:, :n], ref[:, :n])
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)  # HF's layers restored
+
+    sampled = dict(do_sample=True, top_k=0, max_new_tokens=24, pad_token_id=tok.pad_token_id)
+    plain = FastSampler(fuse=False)
+    for _ in range(2):  # the second call reuses the session: its fused copies must follow the moved weights
+        th.manual_seed(5)
+        a = model.generate(**inputs, **sampled, custom_generate=plain)
+        th.manual_seed(5)
+        b = model.generate(**inputs, **sampled, custom_generate=fast)
+        assert plain.session.fused is None and th.equal(a, b)
+        th.testing.assert_close(fast.last_logprobs, plain.last_logprobs, atol=2e-5, rtol=0)
+        with th.no_grad():  # as training does between calls
+            for p in model.model.layers.parameters():
+                p.mul_(1.1)
+    assert fast.stats["fallbacks"] == 0
+
+
+def test_layers_that_cannot_be_fused_run_as_transformers_layers(tok):
+    from peft import LoraConfig, get_peft_model
+
+    from rlvr_vocab.sampling import fused
+
+    model = get_peft_model(tiny_arch(tok, "qwen3"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    assert "not a plain nn.Linear" in fused.unfusable(model)
+    inputs = batch(tok, PROMPTS, "cpu")
+    kwargs = dict(do_sample=False, max_new_tokens=16, pad_token_id=tok.pad_token_id)
+    ref = model.generate(**inputs, **kwargs)
+    fast = FastSampler()
+    out = model.generate(**inputs, **kwargs, custom_generate=fast)
+    assert fast.last_used_fast_path and fast.session.fused is None
+    n = min(ref.shape[1], out.shape[1])
+    assert th.equal(out[:, :n], ref[:, :n])
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.gpu
 @pytest.mark.skipif(not th.cuda.is_available(), reason="needs CUDA")

@@ -13,6 +13,7 @@ One job per module:
   * ``plan``: transformers' processors and stopping criteria -> a typed ``Plan`` of steps;
   * ``cache``: the static KV cache (prefill writes, live-row views, compaction);
   * ``attention``: the decode attention op (eager maths or the Triton kernel) and transformers' hook;
+  * ``fused``: the decode step's decoder layer with concatenated Q/K/V and gate/up projections;
   * ``triton_decode``: the flash-decoding Triton kernels (optional: Triton need not be installed);
   * ``state``: per-row decode state, the graph-safe token pick, compaction of the state;
   * ``sampler``: ``FastSampler``: prefill, the decode loop, CUDA graphs, torch.compile, fallbacks.

@@ -6,7 +6,8 @@ Where the time of a decode step goes, and what this does about it (BENCHMARKS.md
   the floor. The attention is the Triton flash-decoding kernel of ``triton_decode`` (split over the context,
   GQA fused, the K/V write fused, exit at the device-side length), or, on the CPU and as the fallback, two
   batched matmuls over the first ``window`` slots (``attention.eager_decode_attention``);
-* launching some 15 kernels per layer: on CUDA the decode forward and the logits processing are
+* launching some 15 kernels per layer: the decode layers use ``fused``'s concatenated projections (five GEMMs
+  per layer instead of seven; Qwen3's q/k norm and RoPE in one kernel) where they are plain ``nn.Linear``s; on CUDA the decode forward and the logits processing are
   ``torch.compile``d (batch and cache length dynamic, so one compilation serves every batch size and
   length) and each step is one captured CUDA graph. With the Triton kernel one graph per live-batch size
   serves every length; the eager attention needs one per ``window`` (128 slots);
@@ -16,8 +17,8 @@ Where the time of a decode step goes, and what this does about it (BENCHMARKS.md
   on the smaller batch, so the cost follows the live sequences. The noise is drawn per original row, so
   compaction changes no sampled token.
 
-The cache and graphs are kept for the next call when the KV cache is at most ``keep_bytes`` and freed
-otherwise, so long completions leave the memory to the training step.
+The cache, fused weights and graphs are kept for the next call when the KV cache and the fused weights are at
+most ``keep_bytes`` and freed otherwise, so long completions leave the memory to the training step.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch as th
 from loguru import logger
 
 from rlvr_vocab.sampling import attention as attn
+from rlvr_vocab.sampling import fused as fusion
 from rlvr_vocab.sampling.cache import StaticKVCache
 from rlvr_vocab.sampling.plan import Plan, build_plan
 from rlvr_vocab.sampling.state import DecodeState, pick
@@ -38,7 +40,7 @@ CACHE_ROUND = 256  # the cache length is rounded up to a multiple of this many s
 CACHE_SLACK = 512  # a kept session serves a call that needs up to this many slots fewer than it holds
 STOP_CHECK_EVERY = 16  # decode steps between host-side stop checks (and compactions)
 MIN_ROWS = 8  # compaction never goes below this many rows
-KEEP_BYTES = 4 * 2**30  # keep cache + graphs between calls when the KV cache is at most this large
+KEEP_BYTES = 4 * 2**30  # keep cache + graphs between calls when KV cache + fused weights are at most this large
 COMPILE = True  # torch.compile the decode step on CUDA (FastSampler(compile=...) overrides it)
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")  # plain softmax attention, no sliding window / sinks / softcap
 ATTENTION_CHOICES = ("auto", "triton", "eager")
@@ -79,8 +81,11 @@ def _mark_dynamic(tensor: th.Tensor | None, *dims: int) -> None:
 class Session:
     """Everything one batch needs across decode steps (and across calls, when kept): cache, state, graphs."""
 
-    def __init__(self, key: tuple, model, batch: int, cache_len: int, device: th.device, attention: str):
+    def __init__(
+        self, key: tuple, model, batch: int, cache_len: int, device: th.device, attention: str, fused
+    ):
         self.key = key
+        self.fused: fusion.FusedWeights | None = fused  # the decode layers' fused projections (None: HF's layers)
         self.cache_len = cache_len
         self.cache = StaticKVCache(model.config.num_hidden_layers, cache_len)
         self.state = DecodeState(batch, cache_len, device)
@@ -89,6 +94,10 @@ class Session:
         self.warmed: set[tuple] = set()  # keys whose step ran once uncaptured (compiles, Triton JIT)
         self.pool = None
         self.graphs_failed = False
+
+    def nbytes(self) -> int:
+        """What the session holds on the device beyond the graphs: the KV cache and the fused weights."""
+        return self.cache.nbytes() + (self.fused.nbytes() if self.fused is not None else 0)
 
 
 class FastSampler:
@@ -109,13 +118,15 @@ class FastSampler:
         attention: ``auto`` (the Triton kernel on CUDA when it compiles and passes a check against the
             eager maths, else eager), ``triton`` or ``eager`` (forced; a forced Triton failure raises).
         compaction: drop finished rows from the batch (see the module docstring).
+        fuse: decode with ``fused``'s layer (one GEMM for Q/K/V, one for gate/up) where the layers allow it.
         min_rows: compaction never goes below this batch size.
         window: slots per window of the eager attention.
         stop_check_every: decode steps between host-side stop checks (and compactions).
         force_eos_at: BENCH ONLY. int64 [B]: for row b, token number ``force_eos_at[b]`` of each call is EOS
             (-1: never). Lets a benchmark spread completion lengths on random weights. Changes the
             distribution; never set it in training.
-        keep_bytes: keep the cache and graphs between calls when the KV cache is at most this large.
+        keep_bytes: keep the cache, fused weights and graphs between calls when together they are at most this
+            large.
     """
 
     def __init__(
@@ -129,6 +140,7 @@ class FastSampler:
         stop_check_every: int = STOP_CHECK_EVERY,
         force_eos_at: th.Tensor | None = None,
         keep_bytes: int = KEEP_BYTES,
+        fuse: bool = True,
     ):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"FastSampler(attention={attention!r}): choose one of {ATTENTION_CHOICES}")
@@ -143,6 +155,7 @@ class FastSampler:
         self.stop_check_every = stop_check_every
         self.force_eos_at = force_eos_at
         self.keep_bytes = keep_bytes
+        self.fuse = fuse
         self.session: Session | None = None
         self.last_logprobs: th.Tensor | None = None  # [B, n] processed log-probs of the last call's tokens
         self.last_used_fast_path = False
@@ -208,6 +221,8 @@ class FastSampler:
         try:
             logits = self._prefill(model, s, input_ids, attention_mask, position_ids)
             st = s.state
+            if s.fused is not None:
+                s.fused.refresh()  # this call's weights (training changed them since the last call)
             st.start(plan, input_ids, attention_mask, position_ids, logits.shape[-1], self.force_eos_at)
             st.draw_noise()
             pick(plan, logits, st.tensors())  # token 0
@@ -215,7 +230,7 @@ class FastSampler:
             self.last_logprobs = st.logp[:, :n].clone()
             return th.cat([input_ids, st.out[:, :n]], dim=1)
         finally:
-            if s.cache.nbytes() > self.keep_bytes:
+            if s.nbytes() > self.keep_bytes:
                 self.session = None  # leave the memory to the training step
 
     def _session(self, model, batch: int, needed: int, device, plan: Plan) -> Session:
@@ -227,7 +242,13 @@ class FastSampler:
             return s
         self.session = None  # free the old one first
         cache_len = math.ceil(needed / CACHE_ROUND) * CACHE_ROUND
-        self.session = Session(key, model, batch, cache_len, device, self._resolve_attention(model, device))
+        fused = None
+        if self.fuse:
+            fused, reason = fusion.FusedWeights.build(model)
+            if reason is not None:
+                self._log_once(f"generation_backend=fast: decode layers not fused ({reason}); transformers' layers")
+        attention = self._resolve_attention(model, device)
+        self.session = Session(key, model, batch, cache_len, device, attention, fused)
         return self.session
 
     def _prefill(self, model, s: Session, input_ids, attention_mask, position_ids) -> th.Tensor:
@@ -345,13 +366,11 @@ class FastSampler:
             _mark_dynamic(mask, 0, 3)
             for x in keys + values:
                 _mark_dynamic(x, 0, 2)
+        decode = {"keys": keys, "values": values, "length": st.length, "start": first, "impl": s.attention}
+        if s.fused is not None:
+            decode["fused"] = s.fused.inputs()
         out = forward(
-            input_ids=ids,
-            position_ids=pos,
-            attention_mask=mask,
-            use_cache=False,
-            logits_to_keep=1,
-            rlvr_decode={"keys": keys, "values": values, "length": st.length, "start": first, "impl": s.attention},
+            input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False, logits_to_keep=1, rlvr_decode=decode
         )
         logits = out.logits[:, -1]
         if forward is not model:
@@ -388,7 +407,7 @@ class FastSampler:
         st = s.state
         cuda = st.tok.is_cuda
         produced = 1
-        with _attention_implementation(model.config, attn.DECODE_ATTENTION):
+        with _attention_implementation(model.config, attn.DECODE_ATTENTION), fusion.installed(s.fused):
             for t in range(1, new_tokens):
                 if plan.eos_ids and t % self.stop_check_every == 0:
                     live = st.live_count()  # the loop's only host sync

@@ -1,0 +1,205 @@
+"""The decode step's decoder layer with fused projections: one GEMM for Q, K and V, one for gate and up.
+
+At a few dozen rows a decode step is bound by its kernels' fixed cost, not by bytes: each of a layer's seven
+projections is its own ~4-5 µs GEMM. Concatenating the weights of the projections that read the same input
+gives five GEMMs per layer instead of seven, and for Qwen3 one RMSNorm + RoPE kernel over the query and key
+heads together instead of one each (BENCHMARKS.md: 34.2 against 24.1 µs of GEMMs per layer at 32 rows).
+
+* ``FusedWeights.build(model)``: buffers [Hq·D + 2·Hkv·D, hidden] and [2·intermediate, hidden] per layer (plus
+  the biases, and Qwen3's per-head norm weights [Hq + Hkv, D]), or a reason why not (a layer that is not a
+  plain ``nn.Linear``: PEFT, quantised, DTensor). They double those weights' memory while a sampler session
+  holds them, and are rebuilt with it.
+* ``refresh()``: copies the model's current weights in (every ``generate`` call: training changes them; ~2/3
+  of the non-embedding weights, well under a millisecond at H200 bandwidth).
+* ``installed(model, fused)``: while it is open each decoder layer's ``forward`` is ``layer_forward``, which
+  takes its buffers from ``rlvr_decode["fused"]`` (graph inputs, so new buffers need no recompilation) and
+  computes what transformers' llama / qwen2 / qwen3 layer computes, in the same order and dtypes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass
+
+import torch as th
+import torch.nn.functional as F
+
+from rlvr_vocab.sampling import attention as attn
+
+LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+def _plain(linear) -> bool:
+    return type(linear) is th.nn.Linear and type(linear.weight.data) is th.Tensor and linear.weight.numel() > 0
+
+
+def _cat_into(out: th.Tensor | None, parts: list[th.Tensor | None]) -> None:
+    if out is not None:
+        th.cat([p.detach() for p in parts], dim=0, out=out)
+
+
+@dataclass
+class LayerWeights:
+    """One layer's fused buffers and the modules they are copied from."""
+
+    qkv: th.Tensor  # [Hq*D + 2*Hkv*D, hidden]
+    qkv_bias: th.Tensor | None
+    gate_up: th.Tensor  # [2*intermediate, hidden]
+    gate_up_bias: th.Tensor | None
+    qk_norm: th.Tensor | None  # [Hq + Hkv, D] (Qwen3), else None
+    layer: th.nn.Module
+
+    def refresh(self) -> None:
+        a, m = self.layer.self_attn, self.layer.mlp
+        _cat_into(self.qkv, [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        _cat_into(self.qkv_bias, [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        _cat_into(self.gate_up, [m.gate_proj.weight, m.up_proj.weight])
+        _cat_into(self.gate_up_bias, [m.gate_proj.bias, m.up_proj.bias])
+        if self.qk_norm is not None:
+            hq, d = a.q_proj.out_features // a.head_dim, a.head_dim
+            self.qk_norm[:hq].copy_(a.q_norm.weight.detach().expand(hq, d))
+            self.qk_norm[hq:].copy_(a.k_norm.weight.detach().expand(self.qk_norm.shape[0] - hq, d))
+
+
+def _layers(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    return getattr(inner, "layers", None)
+
+
+def unfusable(model) -> str | None:
+    """Why the decode layers cannot be fused (None: they can)."""
+    layers = _layers(model)
+    if layers is None or len(layers) == 0:
+        return "no model.model.layers"
+    for layer in layers:
+        name = type(layer).__name__
+        if name not in LAYER_CLASSES:
+            return f"decoder layer {name} is not one of {LAYER_CLASSES}"
+        a, m = layer.self_attn, layer.mlp
+        linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        if not all(_plain(x) for x in linears):
+            return "a projection is not a plain nn.Linear (PEFT, quantised or sharded weights)"
+        if (a.q_proj.bias is None) != (a.k_proj.bias is None) or (a.k_proj.bias is None) != (a.v_proj.bias is None):
+            return "q/k/v projections differ in having a bias"
+        if (m.gate_proj.bias is None) != (m.up_proj.bias is None):
+            return "gate/up projections differ in having a bias"
+        if hasattr(a, "q_norm") and a.q_norm.variance_epsilon != a.k_norm.variance_epsilon:
+            return "q_norm and k_norm have different eps"
+    return None
+
+
+class FusedWeights:
+    """The fused buffers of every decoder layer of one model (see the module docstring)."""
+
+    def __init__(self, layers: list[LayerWeights]):
+        self.layers = layers
+        # one bound forward per layer, made once: the same object at every install keeps dynamo's guards
+        self.forwards = [types.MethodType(layer_forward, lw.layer) for lw in layers]
+
+    @classmethod
+    def build(cls, model) -> tuple[FusedWeights | None, str | None]:
+        """(fused weights with the model's current values, None), or (None, why the layers cannot be fused)."""
+        reason = unfusable(model)
+        if reason is not None:
+            return None, reason
+        out = []
+        for layer in _layers(model):
+            a, m = layer.self_attn, layer.mlp
+
+            def empty(*linears, bias=False):
+                if bias and linears[0].bias is None:
+                    return None
+                w = linears[0].bias if bias else linears[0].weight
+                rows = sum(x.out_features for x in linears)
+                return w.new_empty((rows,) if bias else (rows, linears[0].in_features))
+
+            qk_norm = None
+            if hasattr(a, "q_norm"):
+                heads = (a.q_proj.out_features + a.k_proj.out_features) // a.head_dim
+                qk_norm = a.q_norm.weight.new_empty(heads, a.head_dim)
+            lw = LayerWeights(
+                qkv=empty(a.q_proj, a.k_proj, a.v_proj),
+                qkv_bias=empty(a.q_proj, a.k_proj, a.v_proj, bias=True),
+                gate_up=empty(m.gate_proj, m.up_proj),
+                gate_up_bias=empty(m.gate_proj, m.up_proj, bias=True),
+                qk_norm=qk_norm,
+                layer=layer,
+            )
+            lw.refresh()
+            out.append(lw)
+        return cls(out), None
+
+    @th.no_grad()
+    def refresh(self) -> None:
+        for lw in self.layers:
+            lw.refresh()
+
+    def nbytes(self) -> int:
+        tensors = [t for lw in self.layers for t in (lw.qkv, lw.qkv_bias, lw.gate_up, lw.gate_up_bias, lw.qk_norm)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def inputs(self) -> list[tuple]:
+        """Per layer (qkv, qkv bias, gate_up, gate_up bias, qk norm): what ``rlvr_decode["fused"]`` carries."""
+        return [(lw.qkv, lw.qkv_bias, lw.gate_up, lw.gate_up_bias, lw.qk_norm) for lw in self.layers]
+
+
+def _rms_norm(x: th.Tensor, weight: th.Tensor, eps: float) -> th.Tensor:
+    """transformers' Llama/Qwen RMSNorm maths, with a weight that broadcasts over x."""
+    dtype = x.dtype
+    h = x.to(th.float32)
+    h = h * th.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x: th.Tensor) -> th.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return th.cat((-x2, x1), dim=-1)
+
+
+def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings=None, rlvr_decode=None, **kwargs):
+    """The decode step of one llama / qwen2 / qwen3 decoder layer with ``rlvr_decode["fused"]``'s buffers."""
+    a, m = layer.self_attn, layer.mlp
+    qkv_w, qkv_b, gate_up_w, gate_up_b, qk_norm = rlvr_decode["fused"][a.layer_idx]
+    d = a.head_dim
+    hq, hkv = a.q_proj.out_features // d, a.k_proj.out_features // d
+    b, s = hidden_states.shape[:2]
+
+    residual = hidden_states
+    h = layer.input_layernorm(hidden_states)
+    qkv = F.linear(h, qkv_w, qkv_b)  # [B, S, (Hq + 2 Hkv) D]
+    qk = qkv[..., : (hq + hkv) * d].view(b, s, hq + hkv, d)
+    value = qkv[..., (hq + hkv) * d :].view(b, s, hkv, d).transpose(1, 2)
+    if qk_norm is not None:  # Qwen3: per-head RMSNorm of q and k, one kernel
+        qk = _rms_norm(qk, qk_norm, a.q_norm.variance_epsilon)
+    cos, sin = position_embeddings  # [B, S, D]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    qk = (qk * cos) + (_rotate_half(qk) * sin)
+    query, key = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
+    out, _ = attn.decode_attention(
+        a, query, key, value, attention_mask, scaling=a.scaling, rlvr_decode=rlvr_decode, **kwargs
+    )
+    h = a.o_proj(out.reshape(b, s, -1).contiguous())
+    h = residual + h
+
+    residual = h
+    h = layer.post_attention_layernorm(h)
+    gate, up = F.linear(h, gate_up_w, gate_up_b).chunk(2, dim=-1)
+    h = m.down_proj(m.act_fn(gate) * up)
+    return residual + h
+
+
+@contextlib.contextmanager
+def installed(fused: FusedWeights | None):
+    """Each decoder layer's ``forward`` is ``layer_forward`` inside the block (nothing changes for None)."""
+    if fused is None:
+        yield
+        return
+    for lw, forward in zip(fused.layers, fused.forwards):
+        lw.layer.forward = forward
+    try:
+        yield
+    finally:
+        for lw in fused.layers:
+            lw.layer.__dict__.pop("forward", None)
