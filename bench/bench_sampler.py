@@ -15,8 +15,10 @@ Row names: ``BxL`` (batch x new tokens), ``BxL-rv`` (vocabulary doubled: N = 151
 prompts' ``<think>`` span open), ``eos-spread`` (256 x 1,024 with EOS forced at lengths spread from 10% to
 100%, against a batch of the same number of tokens at full length: the ratio of their times is reported;
 needs the sampler's ``force_eos_at`` or ``logits_hook``). ``ROW@triton`` runs that row with one attention path
-only; a bare name runs once per ``--attention``. A sampler without the ``attention=`` option has one path,
-today's eager one: its rows are labelled ``eager (only path)`` and other paths are skipped.
+only; a bare name runs once per ``--attention``. A path with ``-unfused`` (``triton-unfused``) is that attention
+with ``FastSampler(fuse=False)``: transformers' decoder layers, for the fused layers' side-by-side ratio. A
+sampler without the ``attention=`` option has one path, today's eager one: its rows are labelled
+``eager (only path)`` and other paths are skipped.
 
 Each finished row is appended to ``--out`` (JSON lines) at once; with ``--deadline`` a row that would not
 finish in time (estimated from the floor, plus a compile when its shape is new) is recorded as skipped.
@@ -92,6 +94,18 @@ def plan_rows(names: list[str], attentions: list[str]) -> list[tuple[Row, str]]:
     return plan
 
 
+def split_path(path: str | None) -> tuple[str | None, bool | None]:
+    """(attention, fuse) of an attention path name: ``fuse`` is False for ``-unfused``, else None (the default).
+
+    Example:
+        >>> split_path("triton-unfused"), split_path("eager"), split_path(None)
+        (('triton', False), ('eager', None), (None, None))
+    """
+    if path is not None and path.endswith("-unfused"):
+        return path.removesuffix("-unfused"), False
+    return path, None
+
+
 def estimate_s(row: Row, floor_ms: float, repeats: int, new_compile: bool) -> float:
     """Rough seconds a row takes: repeats x tokens x (2.5 ms + 1.4 x floor) (+ a compile, + the EOS companion).
 
@@ -150,12 +164,14 @@ class Bench:
         return self.models[reasoning]
 
     def sampler(self, reasoning: bool, attention: str | None):
+        """The sampler of this attention path (``PATH-unfused``: ``fuse=False``), built once."""
         from bench.workload import make_sampler
 
         key = (reasoning, attention)
         if key not in self.samplers:
             _, vocab, _, _ = self.model(reasoning)
-            self.samplers[key] = make_sampler(vocab, compile=self.compile, attention=attention)
+            base, fuse = split_path(attention)
+            self.samplers[key] = make_sampler(vocab, compile=self.compile, attention=base, fuse=fuse)
         return self.samplers[key]
 
     def is_new_shape(self, row: Row, attention, batch: int | None = None) -> bool:
@@ -320,9 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     for row, wanted in plan:
         attention = wanted if has_option else None
         label = wanted if has_option else "eager (only path)"
+        base, fuse = split_path(wanted)
         if not has_option and wanted != "eager":
             result = {"row": row.name, "attention": wanted, "skipped": "this sampler has no attention= option"}
-        elif wanted == "triton" and importlib.util.find_spec("triton") is None:
+        elif fuse is False and not sampler_options()["fuse"]:
+            result = {"row": row.name, "attention": wanted, "skipped": "this sampler has no fuse= option"}
+        elif base == "triton" and importlib.util.find_spec("triton") is None:
             result = {"row": row.name, "attention": wanted, "skipped": "Triton is not installed"}
         else:
             from bench.floor import floor_ms_per_step

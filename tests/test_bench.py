@@ -176,11 +176,12 @@ def test_forced_eos_through_a_logits_hook():
 
 def test_sampler_rows_on_the_cpu(tmp_path):
     out = tmp_path / "rows.jsonl"
-    argv = ["--tiny", "--rows", "4x8", "4x8-rv@eager", "--bandwidth", "1e10", "--out", str(out)]
+    argv = ["--tiny", "--rows", "4x8", "4x8-rv@eager", "4x8@eager-unfused", "--bandwidth", "1e10", "--out", str(out)]
     assert bench_sampler.main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     measured = [r for r in rows if "ms_per_step" in r]
-    assert {r["row"] for r in measured} == {"4x8", "4x8-rv"}
+    assert {(r["row"], r["attention"]) for r in measured} >= {("4x8", "eager"), ("4x8-rv", "eager")}
+    assert ("4x8", "eager-unfused") in {(r["row"], r["attention"]) for r in measured}
     for r in measured:
         assert r["fast_path"] and r["completion_tokens"] == 32 and len(r["run_s"]) == 2
         assert 0 < r["floor_ms_per_step"] and 0 < r["share_of_floor"] < 1

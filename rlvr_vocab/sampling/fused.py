@@ -196,7 +196,7 @@ def installed(fused: FusedWeights | None):
     if fused is None:
         yield
         return
-    for lw, forward in zip(fused.layers, fused.forwards):
+    for lw, forward in zip(fused.layers, fused.forwards, strict=True):
         lw.layer.forward = forward
     try:
         yield

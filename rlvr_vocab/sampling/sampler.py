@@ -81,9 +81,7 @@ def _mark_dynamic(tensor: th.Tensor | None, *dims: int) -> None:
 class Session:
     """Everything one batch needs across decode steps (and across calls, when kept): cache, state, graphs."""
 
-    def __init__(
-        self, key: tuple, model, batch: int, cache_len: int, device: th.device, attention: str, fused
-    ):
+    def __init__(self, key: tuple, model, batch: int, cache_len: int, device: th.device, attention: str, fused):
         self.key = key
         self.fused: fusion.FusedWeights | None = fused  # the decode layers' fused projections (None: HF's layers)
         self.cache_len = cache_len
