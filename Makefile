@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # machine use e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install quickstart test test-full lint format check-rewards bench-gpu clean
@@ -26,8 +27,8 @@ install: $(VENV)/.installed  ## Create .venv and install the project with dev to
 quickstart: install  ## Install, then train SmolLM2-135M on generated arithmetic (CPU, offline, ~5 min)
 	$(PY) grpo_train.py experiment=quickstart
 
-test: install  ## Run the default test-suite (CPU, < 10 min on 2 cores)
-	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+test: install  ## Run the default test-suite (CPU, < 10 min on 2 cores; TEST_WORKERS pytest-xdist workers)
+	$(PY) -m pytest -m "not slow and not gpu" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-full: install  ## Run every test, slow ones included (GPU tests skip without CUDA)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one compute thread each (their
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses too), or OpenMP's spinning threads oversubscribe them
 if "TRITON_INTERPRET" not in os.environ:  # no GPU: Triton kernels (where installed) run in Triton's CPU interpreter,
     import torch as th  # which must be chosen before anything imports Triton
 
@@ -23,6 +25,14 @@ if "TRITON_INTERPRET" not in os.environ:  # no GPU: Triton kernels (where instal
         os.environ["TRITON_INTERPRET"] = "1"
 
 import rlvr_vocab.config  # noqa: E402,F401  (registers the schema)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``--dist loadgroup``) the tests on the one Slurm cluster run on one worker, one at a time:
+    the two-node jobs need both nodes, and the time-limit tests wait for their own job to start again."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 def compose_config(*overrides: str):

@@ -186,8 +186,8 @@ def test_smollm2_reasoning_ids_are_sampled_inside_the_think_span(tmp_path):
     cfg = compose_config(
         "experiment=think_arith", f"output_dir={tmp_path}", f"paths.cache_dir={CACHE_DIR}",
         "model.reasoning_vocab_size=64", "training.bf16=false", "training.max_steps=1", "training.num_generations=4",
-        "training.per_device_train_batch_size=8", "training.gradient_accumulation_steps=2",
-        "training.max_completion_length=24", "eval.every_steps=0",
+        "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=2",
+        "training.max_completion_length=16", "eval.every_steps=0",
         "training.save_steps=100", "model.reasoning.keep_initial_checkpoint=false",
     )  # fmt: skip
     train(cfg)
