@@ -2,8 +2,9 @@
 
 At a few dozen rows a decode step is bound by its kernels' fixed cost, not by bytes: each of a layer's seven
 projections is its own ~4-5 µs GEMM. Concatenating the weights of the projections that read the same input
-gives four GEMMs per layer instead of seven (qkv, o, gate_up, down), and for Qwen3 one RMSNorm + RoPE kernel over the query and key
-heads together instead of one each (BENCHMARKS.md: 34.2 against 24.1 µs of GEMMs per layer at 32 rows).
+gives four GEMMs per layer instead of seven (qkv, o, gate_up, down), and for Qwen3 one RMSNorm + RoPE kernel
+over the query and key heads together instead of one each (BENCHMARKS.md: 34.2 against 24.1 µs of GEMMs per
+layer at 32 rows).
 
 * ``FusedWeights.build(model)``: buffers [Hq·D + 2·Hkv·D, hidden] and [2·intermediate, hidden] per layer (plus
   the biases, and Qwen3's per-head norm weights [Hq + Hkv, D]), or a reason why not (a layer that is not a

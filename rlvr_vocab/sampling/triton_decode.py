@@ -8,9 +8,9 @@ One decode step of one layer is one or two kernels:
   ``S`` splits divide ``[first, length)`` evenly at every step (``first``: the row's first slot after its left
   padding, which is never read), so one captured CUDA graph serves every length and no program reads past it.
   The program whose slice holds the new token's slot also writes the new K/V rows into the cache (and uses
-  them from registers), so the cache write costs no kernel of its own. Scores,
-  softmax and the output are accumulated in fp32 (online softmax); the probabilities are rounded to the
-  value dtype before ``p @ V``, as the eager reference does.
+  them from registers), so the cache write costs no kernel of its own. Scores, softmax and the output are
+  accumulated in fp32 (online softmax); the probabilities are rounded to the value dtype before ``p @ V``, as
+  the eager reference does.
 * ``_reduce_kernel``, grid ``(B * H,)``, only when ``S > 1``: merges the partial (output, log-sum-exp) pairs.
 
 Masking: slot ``n`` of row ``b`` is read when ``n < length`` and, with a bias, gets ``bias[b, n]`` added
