@@ -174,6 +174,20 @@ def test_forced_eos_through_a_logits_hook():
     assert sampler.logits_hook is None
 
 
+def test_a_sampler_compiles_once_and_a_new_shape_costs_only_captures():
+    """The deadline's estimate: the compile is charged to a row until its model and path have run here (the decode
+    step is compiled with batch and length dynamic); after that a new shape is charged its graph captures only."""
+    bench = bench_sampler.Bench(tiny=True, bandwidth=1e10, repeats=1, compile=False)
+    row, other, rv = (bench_sampler.parse_row(n) for n in ("4x8", "8x16", "4x8-rv"))
+    assert bench.needs_compile(row, "eager") and bench.is_new_shape(row, "eager")
+    bench.run(row, "eager", row.batch)
+    assert not bench.needs_compile(row, "eager") and not bench.is_new_shape(row, "eager")
+    assert not bench.needs_compile(other, "eager") and bench.is_new_shape(other, "eager")
+    assert bench.needs_compile(rv, "eager") and bench.needs_compile(row, "eager-unfused")
+    compiled = bench_sampler.estimate_s(other, 1.0, 2, bench.needs_compile(other, "eager"), True)
+    assert compiled < bench_sampler.estimate_s(other, 1.0, 2, True, True) - 0.5 * bench_sampler.COMPILE_S
+
+
 def test_sampler_rows_on_the_cpu(tmp_path):
     out = tmp_path / "rows.jsonl"
     argv = ["--tiny", "--rows", "4x8", "4x8-rv@eager", "4x8@eager-unfused", "--bandwidth", "1e10", "--out", str(out)]
