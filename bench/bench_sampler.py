@@ -16,7 +16,8 @@ prompts' ``<think>`` span open), ``eos-spread`` (256 x 1,024 with EOS forced at 
 100%, against a batch of the same number of tokens at full length: the ratio of their times is reported;
 needs the sampler's ``force_eos_at`` or ``logits_hook``). ``ROW@triton`` runs that row with one attention path
 only; a bare name runs once per ``--attention``. A path with ``-unfused`` (``triton-unfused``) is that attention
-with ``FastSampler(fuse=False)``: transformers' decoder layers, for the fused layers' side-by-side ratio. A
+with ``FastSampler(fuse=False)``: transformers' decoder layers, for the fused layers' side-by-side ratio;
+``-torchpick``: ``FastSampler(pick="torch")``, the token pick in PyTorch ops instead of the Triton kernel. A
 sampler without the ``attention=`` option has one path, today's eager one: its rows are labelled
 ``eager (only path)`` and other paths are skipped.
 
@@ -96,16 +97,23 @@ def plan_rows(names: list[str], attentions: list[str]) -> list[tuple[Row, str]]:
     return plan
 
 
-def split_path(path: str | None) -> tuple[str | None, bool | None]:
-    """(attention, fuse) of an attention path name: ``fuse`` is False for ``-unfused``, else None (the default).
+PATH_SUFFIXES = {"-unfused": ("fuse", False), "-torchpick": ("pick", "torch")}  # suffix -> FastSampler option
+
+
+def split_path(path: str | None) -> tuple[str | None, dict]:
+    """(attention, FastSampler options) of a path name: ``-unfused`` is ``fuse=False``, ``-torchpick``
+    ``pick="torch"`` (the token pick in PyTorch ops instead of ``triton_pick``); suffixes combine.
 
     Example:
-        >>> split_path("triton-unfused"), split_path("eager"), split_path(None)
-        (('triton', False), ('eager', None), (None, None))
+        >>> split_path("triton-unfused"), split_path("triton-torchpick-unfused"), split_path(None)
+        (('triton', {'fuse': False}), ('triton', {'pick': 'torch', 'fuse': False}), (None, {}))
     """
-    if path is not None and path.endswith("-unfused"):
-        return path.removesuffix("-unfused"), False
-    return path, None
+    options: dict = {}
+    while path is not None and (suffix := next((x for x in PATH_SUFFIXES if path.endswith(x)), None)):
+        key, value = PATH_SUFFIXES[suffix]
+        options = {key: value, **options}
+        path = path.removesuffix(suffix)
+    return path, options
 
 
 def estimate_s(row: Row, floor_ms: float, repeats: int, new_compile: bool, new_shape: bool = True) -> float:
@@ -172,14 +180,14 @@ class Bench:
         return self.models[reasoning]
 
     def sampler(self, reasoning: bool, attention: str | None):
-        """The sampler of this attention path (``PATH-unfused``: ``fuse=False``), built once."""
+        """The sampler of this path (``split_path``: ``-unfused``, ``-torchpick``), built once."""
         from bench.workload import make_sampler
 
         key = (reasoning, attention)
         if key not in self.samplers:
             _, vocab, _, _ = self.model(reasoning)
-            base, fuse = split_path(attention)
-            self.samplers[key] = make_sampler(vocab, compile=self.compile, attention=base, fuse=fuse)
+            base, options = split_path(attention)
+            self.samplers[key] = make_sampler(vocab, compile=self.compile, attention=base, **options)
         return self.samplers[key]
 
     def is_new_shape(self, row: Row, attention, batch: int | None = None) -> bool:
@@ -348,11 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     for row, wanted in plan:
         attention = wanted if has_option else None
         label = wanted if has_option else "eager (only path)"
-        base, fuse = split_path(wanted)
+        base, options = split_path(wanted)
+        missing = [k for k in options if not sampler_options()[k]]
         if not has_option and wanted != "eager":
             result = {"row": row.name, "attention": wanted, "skipped": "this sampler has no attention= option"}
-        elif fuse is False and not sampler_options()["fuse"]:
-            result = {"row": row.name, "attention": wanted, "skipped": "this sampler has no fuse= option"}
+        elif missing:
+            result = {"row": row.name, "attention": wanted, "skipped": f"this sampler has no {missing[0]}= option"}
         elif base == "triton" and importlib.util.find_spec("triton") is None:
             result = {"row": row.name, "attention": wanted, "skipped": "Triton is not installed"}
         else:

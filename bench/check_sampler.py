@@ -218,6 +218,7 @@ def logprob_check(
         "attention": attention or "default",
         "sample_s": round(t, 2),
         "fast_path": bool(getattr(sampler, "last_used_fast_path", False)),
+        "pick": session_pick(sampler),
         "eos_hook": hook,
         "lengths_min_max": [min(got), max(got)],
     }
@@ -261,6 +262,11 @@ def logprob_check(
     if cuda:
         th.cuda.empty_cache()
     return result
+
+
+def session_pick(sampler) -> str | None:
+    """The token pick the sampler's last session used (``triton`` or ``torch``; None if it has no such notion)."""
+    return getattr(getattr(sampler, "session", None), "pick", None)
 
 
 def mask_check(vocab, prompt_ids, completions, lengths: list[int]) -> dict:
@@ -313,13 +319,15 @@ def distribution_check(
 
     ok = True
     for name, kw in settings.items():
-        fast = sample(make_sampler(attention=attention, compile=None), **kw)
+        sampler = make_sampler(attention=attention, compile=None)
+        fast = sample(sampler, **kw)
         hf = sample(None, **kw)
         cmp = compare_samples(fast, hf, len(tok))
         entropy = _entropy(model, inputs, tok)
         result[name] = {k: v for k, v in cmp.items() if k != "positions"}
         result[name]["positions"] = [{k: round(v, 5) for k, v in q.items()} for q in cmp["positions"]]
         result[name]["first_token_entropy_nats"] = entropy
+        result[name]["pick"] = session_pick(sampler)
         result[name]["eos_rows"] = int((fast == tok.eos_token_id).any(1).sum())
         ok &= not cmp["reject"]
         if name == "T=1":  # power: the same test must tell temperature 1 from a hotter one

@@ -17,6 +17,11 @@ zeros), rotated among enough copies that the bytes of one graph exceed the L2 ca
   The eager maths (``attention.eager_decode_attention``) are timed alongside.
 * ``gemm``: the decoder layer's linear maps at M = the batch, apart (q, k, v, o, gate, up, down) and fused
   (qkv, gate_up), and the output head; time, GB/s of the weight read, and the per-layer sums of both ways.
+* ``pick``: the token pick of one step (temperature 1, EOS stop, sampled) on [batch, V] bf16 logits, for
+  ``--batches`` and the vocabulary as it is and doubled: ``state.pick`` with the PyTorch ops (compiled, with the
+  [B, V] Exp(1) draw it needs) against the Triton kernels of ``triton_pick``; GB/s of the logits read.
+
+``--grid block=32,64 splits=1,2,4`` replaces those entries of the attention grid.
 """
 
 from __future__ import annotations
@@ -33,6 +38,22 @@ from bench.workload import QWEN3_06B, TINY
 PROMPT_MEAN = 68  # the benchmark prompts' mean length (52-84 tokens)
 PROMPT_MAX = 84
 GRID = dict(block=(32, 64, 128), warps=(4, 8), stages=(2, 3, 4), splits=(1, 2, 4, 8, 16, 32))
+
+
+def parse_grid(entries: list[str]) -> dict:
+    """``GRID`` with the given ``key=v1,v2`` entries replaced.
+
+    Example:
+        >>> parse_grid(["splits=1,2", "block=64"])["splits"], parse_grid(["block=64"])["block"]
+        ((1, 2), (64,))
+    """
+    grid = dict(GRID)
+    for entry in entries:
+        key, _, values = entry.partition("=")
+        if key not in GRID or not values:
+            raise SystemExit(f"--grid {entry!r}: want KEY=V1,V2 with KEY one of {sorted(GRID)}")
+        grid[key] = tuple(int(v) for v in values.split(","))
+    return grid
 
 
 def shape_of(tiny: bool) -> dict:
@@ -167,7 +188,8 @@ def attention_row(name: str, args, shape: dict, cuda: bool, bandwidth: float | N
     results = [_attention_result(base, "eager", None, t, kv_bytes + io_bytes, bandwidth)]
     if triton_decode.triton is None or not cuda:  # Triton's CPU interpreter: too slow to time
         return results
-    for block, warps, stages, splits in itertools.product(*(GRID[k] for k in ("block", "warps", "stages", "splits"))):
+    grid = parse_grid(args.grid)
+    for block, warps, stages, splits in itertools.product(*(grid[k] for k in ("block", "warps", "stages", "splits"))):
         if splits > 1 and (splits - 1) * block >= length - pad:  # a split with nothing to read
             continue
         config = dict(block=block, warps=warps, stages=stages, splits=splits)
@@ -218,6 +240,57 @@ def attention_table(results: list[dict], top: int = 8) -> str:
             lines.append(
                 f"| {name} | {r['impl']} | {' | '.join(cfg)} | {r['us']:.1f} | {r['GBps']:.0f} | {share} | {note} |"
             )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ the pick
+def pick_rows(args, shape: dict, cuda: bool, bandwidth: float | None) -> list[dict]:
+    """``state.pick`` per step with the PyTorch ops and with the Triton kernels, on the same logits."""
+    import torch as th
+
+    from rlvr_vocab.sampling import triton_pick
+    from rlvr_vocab.sampling.plan import Plan
+    from rlvr_vocab.sampling.state import DecodeState, pick
+
+    device = "cuda" if cuda else "cpu"
+    dtype = th.bfloat16 if cuda else th.float32
+    results = []
+    impls = ["torch"] + (["triton"] if triton_pick.triton is not None and cuda else [])
+    for m in args.batches:
+        for vocab in (shape["vocab"], 2 * shape["vocab"]):
+            nbytes = m * vocab * dtype.itemsize
+            copies = copies_for(nbytes)
+            logits = [th.randn(m, vocab, device=device, dtype=dtype) * 3 for _ in range(copies)]
+            plan = Plan(eos_ids=(0,), pad_id=1, max_length=4096)
+            ids = th.ones(m, 4, dtype=th.long, device=device)
+            for impl in impls:
+                st = DecodeState(m, 4096, th.device(device))
+                st.start(plan, ids, th.ones_like(ids), th.arange(4, device=device).expand(m, 4), vocab, None, impl)
+                t = st.tensors()
+
+                def one(x, t, plan=plan, impl=impl):
+                    pick(plan, x, t, impl)
+
+                step = th.compile(one, dynamic=False) if cuda else one
+
+                def run(i, st=st, t=t, step=step, logits=logits):
+                    st.step.zero_()  # stay inside the output buffers
+                    st.draw_noise()
+                    step(logits[i % len(logits)], t)
+
+                us = time_op(run, cuda, args.launches, args.repeats) * 1e6
+                gbps = nbytes / us / 1e3
+                share = gbps * 1e9 / bandwidth if bandwidth else None
+                results.append(dict(batch=m, vocab=vocab, impl=impl, us=us, GBps=gbps, share_of_bandwidth=share))
+    print(pick_table(results), flush=True)
+    return results
+
+
+def pick_table(results: list[dict]) -> str:
+    lines = ["| batch | vocabulary | pick | us | GB/s of the logits | share |", "|---|---|---|---|---|---|"]
+    for r in results:
+        share = "" if r["share_of_bandwidth"] is None else f"{r['share_of_bandwidth']:.0%}"
+        lines.append(f"| {r['batch']} | {r['vocab']:,} | {r['impl']} | {r['us']:.1f} | {r['GBps']:.0f} | {share} |")
     return "\n".join(lines)
 
 
@@ -288,7 +361,10 @@ def gemm_table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="*", default=["attention", "gemm"], choices=["attention", "gemm"])
+    parser.add_argument(
+        "--parts", nargs="*", default=["attention", "gemm", "pick"], choices=["attention", "gemm", "pick"]
+    )
+    parser.add_argument("--grid", nargs="*", default=[], help="attention grid entries, e.g. block=32,64 splits=1,2")
     parser.add_argument("--rows", nargs="*", default=["32x512", "256x1024", "32x4096"], help="attention rows, BxL")
     parser.add_argument("--batches", nargs="*", type=int, default=[32, 256], help="GEMM rows (M)")
     parser.add_argument("--launches", type=int, default=20, help="launches per captured graph")
@@ -297,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (a smoke test)")
     parser.add_argument("--out", default=None, help="JSON file with every measurement")
     args = parser.parse_args(argv)
+    grid = parse_grid(args.grid)
 
     import torch as th
 
@@ -313,13 +390,15 @@ def main(argv: list[str] | None = None) -> int:
 
         bandwidth = copy_bandwidth()["bandwidth_Bps"]
     shape = shape_of(args.tiny)
-    record = {"bandwidth_Bps": bandwidth, "shape": shape, "grid": GRID}
+    record = {"bandwidth_Bps": bandwidth, "shape": shape, "grid": grid}
     if cuda:
         record["device"] = th.cuda.get_device_name()
     if "attention" in args.parts:
         record["attention"] = attention_rows(args, shape, cuda, bandwidth)
     if "gemm" in args.parts:
         record["gemm"] = gemm_rows(args, shape, cuda, bandwidth)
+    if "pick" in args.parts:
+        record["pick"] = pick_rows(args, shape, cuda, bandwidth)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)

@@ -128,27 +128,26 @@ def sampler_options(sampler=None) -> dict[str, bool]:
     return {
         "attention": "attention" in params or hasattr(instance, "attention"),
         "fuse": "fuse" in params or hasattr(instance, "fuse"),
+        "pick": "pick" in params or hasattr(instance, "pick"),
         "force_eos_at": "force_eos_at" in params or hasattr(instance, "force_eos_at"),
         "logits_hook": "logits_hook" in params or hasattr(instance, "logits_hook"),
         "stats": isinstance(getattr(instance, "stats", None), dict),
     }
 
 
-def make_sampler(
-    reasoning_vocab=None, compile: bool | None = None, attention: str | None = None, fuse: bool | None = None
-):
-    """A FastSampler; ``attention`` and ``fuse`` are passed only where the sampler takes them (ValueError if not)."""
+def make_sampler(reasoning_vocab=None, compile: bool | None = None, attention: str | None = None, **options):
+    """A FastSampler; ``attention`` and ``options`` (``fuse``, ``pick``) are passed only where the sampler takes
+    them (ValueError if not)."""
     from rlvr_vocab.sampling import FastSampler
 
     kwargs = {"reasoning_vocab": reasoning_vocab, "compile": compile}
-    if fuse is not None:
-        if not sampler_options()["fuse"]:
-            raise ValueError(f"this FastSampler has no fuse= option (asked for fuse={fuse})")
-        kwargs["fuse"] = fuse
-    if attention is not None:
-        if not sampler_options()["attention"]:
-            raise ValueError(f"this FastSampler has no attention= option (asked for attention={attention!r})")
-        kwargs["attention"] = attention
+    have = sampler_options()
+    for name, value in [("attention", attention), *options.items()]:
+        if value is None:
+            continue
+        if not have.get(name):
+            raise ValueError(f"this FastSampler has no {name}= option (asked for {name}={value!r})")
+        kwargs[name] = value
     return FastSampler(**kwargs)
 
 

@@ -535,12 +535,12 @@ def test_eager_decode_attention_writes_the_slot_and_matches_the_definition(group
 TRITON_DEVICE = "cuda" if th.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def triton_decode(monkeypatch):
-    """The Triton kernels, on CUDA, or on CPU tensors under Triton's interpreter (skipped without Triton)."""
+def interpreted_triton(name, monkeypatch):
+    """A Triton kernel module of the sampler, on CUDA, or under Triton's CPU interpreter (skipped without Triton)."""
     pytest.importorskip("triton")
-    from rlvr_vocab.sampling import triton_decode as module
+    import importlib
 
+    module = importlib.import_module(f"rlvr_vocab.sampling.{name}")
     if TRITON_DEVICE == "cpu":
         if not module.interpreted():
             pytest.skip("Triton was imported without TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
@@ -556,6 +556,12 @@ def triton_decode(monkeypatch):
 
         monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
     return module
+
+
+@pytest.fixture
+def triton_decode(monkeypatch):
+    """The Triton decode-attention kernels (``triton_decode``)."""
+    return interpreted_triton("triton_decode", monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -623,6 +629,147 @@ def test_greedy_with_the_triton_kernel_matches_transformers_generate(tok, triton
     out = model.generate(**inputs, **kwargs, custom_generate=sampler)
     assert sampler.last_used_fast_path and sampler.session.attention == "triton"
     assert th.equal(out, ref)
+
+
+# ------------------------------------------------------------------------------------------ Triton pick
+@pytest.fixture
+def triton_pick(monkeypatch):
+    """The Triton token pick (``triton_pick``), with 16-column draw groups on the CPU (the interpreter is slow)."""
+    module = interpreted_triton("triton_pick", monkeypatch)
+    if TRITON_DEVICE == "cpu":
+        monkeypatch.setattr(module, "SUB", 16)
+    return module
+
+
+def pick_case(n=6, vocab=150, seed=0):
+    """Random logits with ties-free values, and every input of the kernel's processing switched on."""
+    gen = th.Generator().manual_seed(seed)
+    logits = (th.randn(n, vocab, generator=gen) * 3).to(TRITON_DEVICE)
+    return dict(
+        logits=logits,
+        rows=th.arange(n, device=TRITON_DEVICE),
+        inside=(th.arange(n) % 2 == 0).to(TRITON_DEVICE),
+        seen=(th.rand(n, vocab + 1, generator=gen) < 0.3).to(TRITON_DEVICE),
+        blocked=(th.arange(vocab) % 7 == 3).to(TRITON_DEVICE),
+        force_at=th.tensor([-1, 0, -1, -1, 0, -1][:n], device=TRITON_DEVICE),
+        eos_columns=(th.arange(vocab) == 5).to(TRITON_DEVICE),
+        step=th.zeros(1, dtype=th.long, device=TRITON_DEVICE),
+    )
+
+
+def processed(case, temperature, penalty, standard):
+    """The PyTorch maths of the kernel's processing (penalty, temperature, masks, forced EOS)."""
+    x, seen = case["logits"].float(), case["seen"][:, :-1]
+    x = th.where(seen, th.where(x < 0, x * penalty, x / penalty), x) / temperature
+    cols = th.arange(x.shape[1], device=x.device)
+    x = x.masked_fill(~case["inside"][:, None] & (cols >= standard), float("-inf"))
+    x = x.masked_fill(case["blocked"], float("-inf"))
+    forced = (case["force_at"] == case["step"])[:, None]
+    return th.where(forced, th.where(case["eos_columns"], 0.0, float("-inf")), x)
+
+
+def test_triton_pick_greedy_is_argmax_of_the_processed_scores(triton_pick):
+    """Greedy: torch.argmax of the processed scores and their log_softmax, over several chunks of columns."""
+    case = pick_case()
+    args = [case[k] for k in ("logits", "rows", "inside", "seen", "blocked", "force_at", "eos_columns", "step")]
+    tok, logp = triton_pick.pick_tokens(*args, None, 6, 0.7, 1.3, 120)
+    want = processed(case, 0.7, 1.3, 120)
+    assert triton.cdiv(150, 4 * triton_pick.SUB) > 1 if (triton := triton_pick.triton) else False
+    assert th.equal(tok, want.argmax(-1)) and (tok[[1, 4]] == 5).all()
+    th.testing.assert_close(logp, want.log_softmax(-1).gather(1, tok[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+    first = th.zeros_like(case["logits"])  # all tied: the first column, as torch.argmax
+    assert triton_pick.pick_tokens(first, case["rows"], *[None] * 5, case["step"], None, 6)[0].eq(0).all()
+
+
+def test_triton_pick_draws_allowed_tokens_reproducibly_by_original_row(triton_pick):
+    """Sampled: only allowed tokens, log-probs of the processed softmax; the noise follows (seed, step, original
+    row), so a subset of rows (compaction) draws the same tokens, and another seed or step draws others."""
+    case = pick_case(n=6)
+    names = ("logits", "rows", "inside", "seen", "blocked", "force_at", "eos_columns", "step")
+
+    def draw(c, seed, step=0, rows=None):
+        c = dict(c, step=th.tensor([step], device=TRITON_DEVICE))
+        if rows is not None:
+            c.update({k: c[k][rows] for k in ("logits", "rows", "inside", "seen")})
+        seed = th.tensor([seed], device=TRITON_DEVICE)
+        return triton_pick.pick_tokens(*[c[k] for k in names], seed, 6, 0.7, 1.3, 120)
+
+    tok, logp = draw(case, 11)
+    want = processed(case, 0.7, 1.3, 120).log_softmax(-1)
+    assert th.isfinite(want.gather(1, tok[:, None])).all(), "a masked token was drawn"
+    th.testing.assert_close(logp, want.gather(1, tok[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+    assert th.equal(draw(case, 11)[0], tok)
+    sub = th.tensor([4, 1, 3], device=TRITON_DEVICE)
+    assert th.equal(draw(case, 11, rows=sub)[0], tok[sub])
+    free = ~th.isin(th.arange(6, device=TRITON_DEVICE), th.tensor([1, 4], device=TRITON_DEVICE))
+    others = [draw(case, 12)[0], draw(case, 11, step=1)[0]]
+    assert all(not th.equal(o[free], tok[free]) for o in others), "the noise ignores the seed or the step"
+
+
+def test_triton_pick_frequencies_follow_the_softmax(triton_pick):
+    """Chi-square of 300 draws (one row, 300 steps) over 5 columns against softmax (low power on the CPU's
+    interpreter; bench/check_sampler runs the large test on the GPU)."""
+    logits = th.tensor([[1.0, 0.2, -0.5, 2.0, 0.0]], device=TRITON_DEVICE)
+    rows, seed = th.zeros(1, dtype=th.long, device=TRITON_DEVICE), th.tensor([3], device=TRITON_DEVICE)
+    draws = [
+        triton_pick.pick_tokens(logits, rows, *[None] * 5, th.tensor([t], device=TRITON_DEVICE), seed, 1)[0]
+        for t in range(300)
+    ]
+    counts = th.bincount(th.cat(draws).cpu(), minlength=5).double()
+    expected = logits[0].cpu().softmax(-1).double() * 300
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 4 + 6 * math.sqrt(8), f"chi2={chi2:.1f} with 4 degrees of freedom"
+
+
+def test_triton_pick_samples_what_the_processors_give_and_compacts(tok, triton_pick):
+    """The sampler with ``pick="triton"``: the processed log-probs of transformers' processors, no reasoning id
+    outside a span, and with compaction the same tokens as without."""
+    model = tiny_qwen3(tok, TRITON_DEVICE, seed=1)
+    vocab = extend_model(model, tok, 16, OmegaConf.structured(ReasoningVocabConfig()))
+    boost(model, list(range(vocab.standard_size, vocab.standard_size + vocab.size)), 2.0)
+    prompts = [PROMPTS[0], PROMPTS[2], "hi", "<|im_start|>assistant\n<think>"]
+    inputs = batch(tok, prompts, TRITON_DEVICE)
+    kwargs = dict(
+        do_sample=True, temperature=0.7, top_k=0, repetition_penalty=1.2, min_new_tokens=3, max_new_tokens=10
+    )
+    ends = th.tensor([2, 9, 5, -1])
+
+    def run(**options):
+        rec = Recorder(FastSampler(reasoning_vocab=vocab, pick="triton", force_eos_at=ends, stop_check_every=2,
+                                   min_rows=1, **options))  # fmt: skip
+        th.manual_seed(0)
+        out = model.generate(**inputs, **kwargs, pad_token_id=tok.pad_token_id, custom_generate=rec)
+        assert rec.sampler.last_used_fast_path and rec.sampler.session.pick == "triton"
+        return out, rec
+
+    out, rec = run(compaction=True)
+    plain, off = run(compaction=False)
+    assert rec.sampler.stats["compactions"] >= 1 and off.sampler.stats["compactions"] == 0
+    assert th.equal(out, plain)
+    p = inputs.input_ids.shape[1]
+    nxt = out[:, p:]
+    assert not ((nxt >= vocab.standard_size) & ~vocab.span_state(out)[:, p - 1 : -1]).any()
+    assert (nxt >= vocab.standard_size).any(), "reasoning ids never sampled"
+    got, mask = rec.sampler.last_logprobs, inputs.attention_mask
+    for t in range(3):  # the first tokens of every row (rows end from token 2 on)
+        ids = out[:, : p + t]
+        attn = th.cat([mask, th.ones(len(ids), t, dtype=mask.dtype, device=mask.device)], 1)
+        with th.no_grad():
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
+        scores = rec.processors(ids, logits.logits[:, -1].float())
+        want = scores.log_softmax(-1).gather(1, out[:, p + t, None]).squeeze(1)
+        live = (ends < 0) | (t < ends)
+        th.testing.assert_close(got[live, t], want[live], rtol=1e-4, atol=1e-4)
+
+
+def test_triton_pick_is_refused_for_what_it_cannot_process(tok, triton_pick):
+    model = tiny_qwen3(tok, TRITON_DEVICE)
+    inputs = batch(tok, PROMPTS, TRITON_DEVICE)
+    with pytest.raises(ValueError, match="TopKLogitsWarper"):
+        model.generate(**inputs, do_sample=True, top_k=5, max_new_tokens=3, pad_token_id=tok.pad_token_id,
+                       custom_generate=FastSampler(pick="triton"))  # fmt: skip
+    with pytest.raises(ValueError, match="pick='fast'"):
+        FastSampler(pick="fast")
 
 
 # ------------------------------------------------------------------------------------------ fused layers

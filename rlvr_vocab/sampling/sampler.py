@@ -32,6 +32,7 @@ from loguru import logger
 
 from rlvr_vocab.sampling import attention as attn
 from rlvr_vocab.sampling import fused as fusion
+from rlvr_vocab.sampling import triton_pick
 from rlvr_vocab.sampling.cache import StaticKVCache
 from rlvr_vocab.sampling.plan import Plan, build_plan
 from rlvr_vocab.sampling.state import DecodeState, pick
@@ -45,6 +46,7 @@ KEEP_BYTES = 4 * 2**30  # keep cache + graphs between calls when KV cache + fuse
 COMPILE = True  # torch.compile the decode step on CUDA (FastSampler(compile=...) overrides it)
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")  # plain softmax attention, no sliding window / sinks / softcap
 ATTENTION_CHOICES = ("auto", "triton", "eager")
+PICK_CHOICES = ("auto", "triton", "torch")
 
 
 def unsupported_model(model) -> str | None:
@@ -82,13 +84,16 @@ def _mark_dynamic(tensor: th.Tensor | None, *dims: int) -> None:
 class Session:
     """Everything one batch needs across decode steps (and across calls, when kept): cache, state, graphs."""
 
-    def __init__(self, key: tuple, model, batch: int, cache_len: int, device: th.device, attention: str, fused):
+    def __init__(
+        self, key: tuple, model, batch: int, cache_len: int, device: th.device, attention: str, fused, pick: str
+    ):
         self.key = key
         self.fused: fusion.FusedWeights | None = fused  # the decode layers' fused projections (None: HF's layers)
         self.cache_len = cache_len
         self.cache = StaticKVCache(model.config.num_hidden_layers, cache_len)
         self.state = DecodeState(batch, cache_len, device)
         self.attention = attention  # the decode attention in use: "triton" or "eager"
+        self.pick = pick  # the token pick in use: "triton" (triton_pick) or "torch" (state.pick's PyTorch ops)
         self.graphs: dict[tuple, th.cuda.CUDAGraph] = {}  # (live rows, window or None) -> captured step
         self.warmed: set[tuple] = set()  # keys whose step ran once uncaptured (compiles, Triton JIT)
         self.pool = None
@@ -118,6 +123,9 @@ class FastSampler:
             eager maths, else eager), ``triton`` or ``eager`` (forced; a forced Triton failure raises).
         compaction: drop finished rows from the batch (see the module docstring).
         fuse: decode with ``fused``'s layer (one GEMM for Q/K/V, one for gate/up) where the layers allow it.
+        pick: the token pick: ``auto`` (``triton_pick``'s one-pass kernel on CUDA when the plan is temperature,
+            repetition penalty and masks only and the kernel passes a check against the PyTorch pick, else
+            PyTorch ops), ``triton`` (forced; CPU tensors need Triton's interpreter) or ``torch``.
         min_rows: compaction never goes below this batch size.
         window: slots per window of the eager attention.
         stop_check_every: decode steps between host-side stop checks (and compactions).
@@ -140,9 +148,12 @@ class FastSampler:
         force_eos_at: th.Tensor | None = None,
         keep_bytes: int = KEEP_BYTES,
         fuse: bool = True,
+        pick: str = "auto",
     ):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"FastSampler(attention={attention!r}): choose one of {ATTENTION_CHOICES}")
+        if pick not in PICK_CHOICES:
+            raise ValueError(f"FastSampler(pick={pick!r}): choose one of {PICK_CHOICES}")
         if min_rows < 1 or window < 1 or stop_check_every < 1:
             raise ValueError("FastSampler: min_rows, window and stop_check_every must be >= 1")
         self.reasoning_vocab = reasoning_vocab
@@ -155,6 +166,7 @@ class FastSampler:
         self.force_eos_at = force_eos_at
         self.keep_bytes = keep_bytes
         self.fuse = fuse
+        self.pick = pick
         self.session: Session | None = None
         self.last_logprobs: th.Tensor | None = None  # [B, n] processed log-probs of the last call's tokens
         self.last_used_fast_path = False
@@ -166,6 +178,8 @@ class FastSampler:
         self._compile_failed = False
         self._triton_checked: set[tuple] = set()  # (dtype, heads, kv heads, head dim) checked against eager
         self._triton_failure: str | None = None  # why the Triton kernel is not used (auto), once it failed
+        self._pick_checked: set[str] = set()  # devices on which the Triton pick was checked against PyTorch's
+        self._pick_failure: str | None = None  # why the Triton pick is not used (auto), once it failed
         self._logged: set[str] = set()
         attn.register()
 
@@ -222,9 +236,8 @@ class FastSampler:
             st = s.state
             if s.fused is not None:
                 s.fused.refresh()  # this call's weights (training changed them since the last call)
-            st.start(plan, input_ids, attention_mask, position_ids, logits.shape[-1], self.force_eos_at)
-            st.draw_noise()
-            pick(plan, logits, st.tensors())  # token 0
+            st.start(plan, input_ids, attention_mask, position_ids, logits.shape[-1], self.force_eos_at, s.pick)
+            self._pick_first(plan, logits, s)
             n = self._decode(model, s, plan, prompt_len, new_tokens)
             self.last_logprobs = st.logp[:, :n].clone()
             return th.cat([input_ids, st.out[:, :n]], dim=1)
@@ -247,7 +260,9 @@ class FastSampler:
             if reason is not None:
                 self._log_once(f"generation_backend=fast: decode layers not fused ({reason}); transformers' layers")
         attention = self._resolve_attention(model, device)
-        self.session = Session(key, model, batch, cache_len, device, attention, fused)
+        self.session = Session(
+            key, model, batch, cache_len, device, attention, fused, self._resolve_pick(plan, device)
+        )
         return self.session
 
     def _prefill(self, model, s: Session, input_ids, attention_mask, position_ids) -> th.Tensor:
@@ -305,6 +320,59 @@ class FastSampler:
             return "eager"
         return "triton"
 
+    # ------------------------------------------------------------------------------------ pick choice
+    def _resolve_pick(self, plan: Plan, device: th.device) -> str:
+        """The token pick of a new session: "triton" or "torch"."""
+        if self.pick == "torch":
+            return "torch"
+        reason = triton_pick.unfusable(plan)
+        if self.pick == "triton":
+            if triton_pick.triton is None:
+                raise RuntimeError("FastSampler(pick='triton'): Triton is not installed")
+            if device.type != "cuda" and not triton_pick.interpreted():
+                raise RuntimeError(
+                    "FastSampler(pick='triton') on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported"
+                )
+            if reason is not None:
+                raise ValueError(f"FastSampler(pick='triton'): the Triton pick cannot process this call ({reason})")
+            return "triton"
+        if device.type != "cuda" or triton_pick.triton is None:
+            return "torch"
+        if reason is not None:
+            self._log_once(f"generation_backend=fast: token pick in PyTorch ops ({reason})")
+            return "torch"
+        if self._pick_failure is None and str(device) not in self._pick_checked:
+            self._pick_checked.add(str(device))
+            self._pick_failure = triton_pick.check(device)
+            self.stats["failures"] += self._pick_failure is not None
+        if self._pick_failure is not None:
+            self._log_once(f"generation_backend=fast: Triton token pick unusable ({self._pick_failure}); PyTorch")
+            return "torch"
+        return "triton"
+
+    def _pick_failed(self, s: Session, what: str) -> bool:
+        """After a failure of the Triton pick under ``auto``: the PyTorch pick from now on (True), or False."""
+        if s.pick != "triton" or self.pick != "auto":
+            return False
+        self._pick_failure = what
+        s.pick = "torch"
+        s.state.use_torch_pick()
+        self._log_once(f"generation_backend=fast: Triton token pick failed ({what}); PyTorch")
+        return True
+
+    def _pick_first(self, plan: Plan, logits: th.Tensor, s: Session) -> None:
+        """Token 0, from the prefill's logits (uncompiled)."""
+        st = s.state
+        while True:
+            try:
+                st.draw_noise()
+                pick(plan, logits, st.tensors(), s.pick)
+                return
+            except triton_pick.TritonPickError as err:  # the PyTorch pick from now on (auto), said once
+                if not self._pick_failed(s, str(err)):
+                    raise
+                self.stats["failures"] += 1
+
     # ------------------------------------------------------------------------------------ compile
     def _use_compile(self, model) -> bool:
         wanted = self.compile if self.compile is not None else (COMPILE and next(model.parameters()).is_cuda)
@@ -320,16 +388,16 @@ class FastSampler:
             self.stats["compiles"] += 1
         return compiled
 
-    def _picker(self, model, plan: Plan):
+    def _picker(self, model, plan: Plan, impl: str):
         """``pick`` for this plan: compiled alongside a compiled forward (fuses the passes over [n, V])."""
         if not self._use_compile(model):
-            return lambda logits, t: pick(plan, logits, t)
-        key = plan.signature()
+            return lambda logits, t: pick(plan, logits, t, impl)
+        key = (plan.signature(), impl)
         picker = self._pickers.get(key)
         if picker is None:
 
-            def run(logits, t, _plan=plan):
-                pick(_plan, logits, t)
+            def run(logits, t, _plan=plan, _impl=impl):
+                pick(_plan, logits, t, _impl)
 
             picker = self._pickers[key] = th.compile(run, dynamic=False)
             self.stats["compiles"] += 1
@@ -340,7 +408,7 @@ class FastSampler:
         """One decode step on the live rows: forward (writes the fed token's K/V), then pick the next token."""
         st = s.state
         n = st.n
-        forward, picker = self._forward(model), self._picker(model, plan)
+        forward, picker = self._forward(model), self._picker(model, plan, s.pick)
         keys, values = s.cache.views(n)
         ids, pos, mask, first = st.tok[:n, None], st.pos[:n, None], st.bias[:n], st.first[:n]
         if s.attention == "eager":  # one mask for every layer, W = st.window slots wide
@@ -390,7 +458,9 @@ class FastSampler:
                 return
             except Exception as err:  # noqa: BLE001 - any failure of the fast parts: the eager way, said once
                 what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                if s.attention == "triton" and self.attention == "auto":
+                if isinstance(err, triton_pick.TritonPickError) and self._pick_failed(s, what):
+                    pass
+                elif s.attention == "triton" and self.attention == "auto":
                     self._triton_failure = what
                     s.attention = "eager"
                     self._log_once(f"generation_backend=fast: Triton decode attention failed ({what}); eager")

@@ -40,8 +40,11 @@ class DecodeState:
         self.eos: th.Tensor | None = None  # EOS ids
         self.eos_columns: th.Tensor | None = None  # bool [V]: EOS columns (the forced-EOS hook)
         self.seen: th.Tensor | None = None  # bool [B, V + 1]: ids seen so far (repetition penalty)
-        self.noise: th.Tensor | None = None  # fp32 [B, V]: exponential noise of one step
+        self.noise: th.Tensor | None = None  # fp32 [B, V]: exponential noise of one step (the PyTorch pick)
+        self.seed = th.zeros(1, **long)  # the call's noise seed (the Triton pick draws its noise from it)
         self.force_eos_at: th.Tensor | None = None  # int64 [B]: token index at which EOS is forced (bench)
+        self.vocab_size = 0
+        self.greedy = True
 
     # ------------------------------------------------------------------------------------ per call
     def start(
@@ -52,11 +55,16 @@ class DecodeState:
         position_ids: th.Tensor,
         vocab_size: int,
         force_eos_at: th.Tensor | None,
+        pick_impl: str = "torch",
     ) -> None:
-        """Reset every per-row tensor for a new call (the prefill has written slots ``[0, p)``)."""
+        """Reset every per-row tensor for a new call (the prefill has written slots ``[0, p)``).
+
+        ``pick_impl``: the call's ``pick`` implementation; ``torch`` needs the [B, V] noise buffer, ``triton`` a
+        fresh seed, drawn here from torch's default generator (``torch.manual_seed`` fixes it)."""
         batch, p = input_ids.shape
         device = self.device
         self.n = batch
+        self.vocab_size = vocab_size
         self.rows.copy_(th.arange(batch, device=device))
         self.step.zero_()
         # the pick of token 0 (from the prefill's logits) advances these to the first decode step's values:
@@ -93,8 +101,13 @@ class DecodeState:
             self.eos = th.tensor(plan.eos_ids, dtype=th.long, device=device)
             self.eos_columns = th.zeros(vocab_size, dtype=th.bool, device=device)
             self.eos_columns[[t for t in plan.eos_ids if 0 <= t < vocab_size]] = True
-        if not plan.greedy and self.noise is None:
+        self.greedy = plan.greedy
+        if plan.greedy or pick_impl == "triton":
+            self.noise = None
+        elif self.noise is None:
             self.noise = th.empty(batch, vocab_size, dtype=th.float32, device=device)
+        if pick_impl == "triton" and not plan.greedy:  # in place: captured graphs read this tensor
+            self.seed.copy_(th.randint(0, 2**62, (1,), dtype=th.long))
         if force_eos_at is None:
             self.force_eos_at = None
         else:
@@ -103,6 +116,11 @@ class DecodeState:
             if self.force_eos_at is None:
                 self.force_eos_at = th.empty(batch, dtype=th.long, device=device)
             self.force_eos_at.copy_(force_eos_at.reshape(batch))
+
+    def use_torch_pick(self) -> None:
+        """Switch this call to the PyTorch pick (after a Triton pick failure): it needs the [B, V] noise."""
+        if self.noise is None and not self.greedy:
+            self.noise = th.empty(self.batch, self.vocab_size, dtype=th.float32, device=self.device)
 
     # ------------------------------------------------------------------------------------ per step
     def tensors(self) -> dict:
@@ -122,6 +140,7 @@ class DecodeState:
             "out": self.out,
             "logp": self.logp,
             "noise": self.noise,
+            "seed": self.seed,
             "eos": self.eos,
             "eos_columns": self.eos_columns,
             "force_eos_at": self.force_eos_at,
@@ -167,17 +186,29 @@ def noisy_argmax(scores: th.Tensor, noise: th.Tensor) -> th.Tensor:
     return (scores - noise.log().clamp_min(th.finfo(th.float32).min)).argmax(-1)
 
 
-def pick(plan: Plan, logits: th.Tensor, t: dict) -> None:
+def pick(plan: Plan, logits: th.Tensor, t: dict, impl: str = "torch") -> None:
     """Process the logits in transformers' order, pick each live row's token, update the state. Graph-safe.
 
     Greedy: argmax. Sampling: ``argmax(scores - log E)``, ``E`` the row's exponential noise: the Gumbel-max form
     of ``argmax(softmax(scores) / E)``, the law of ``torch.multinomial``, without the softmax's two passes over
     [n, V] (with the log-sum-exp of the log-prob, one fused pass). A finished row gets the pad token (log-prob 0).
     Advances the step, the positions and the cache length.
+
+    ``impl``: ``torch`` (the plan's steps as PyTorch ops, ``E`` from ``t["noise"]``) or ``triton``
+    (``triton_pick``: one kernel pass over the logits, ``E`` drawn in the kernel from ``t["seed"]``; only for
+    plans that ``triton_pick.unfusable`` accepts).
     """
+    if impl == "triton":
+        nxt, logp = _pick_triton(plan, logits, t)
+    else:
+        nxt, logp = _pick_torch(plan, logits, t)
+    _advance(plan, t, nxt, logp)
+
+
+def _pick_torch(plan: Plan, logits: th.Tensor, t: dict) -> tuple[th.Tensor, th.Tensor]:
     inputs: StepInputs = {k: t[k] for k in ("step", "thresholds", "columns", "seen", "inside")}
     scores = plan.process(logits.float(), inputs)
-    rows, step, finished = t["rows"], t["step"], t["finished"]
+    rows, step = t["rows"], t["step"]
     if t["force_eos_at"] is not None:  # bench-only: this row's token number force_eos_at is EOS
         forced = (t["force_eos_at"].index_select(0, rows) == step)[:, None]
         eos_only = th.where(t["eos_columns"], 0.0, float("-inf"))
@@ -187,6 +218,42 @@ def pick(plan: Plan, logits: th.Tensor, t: dict) -> None:
     else:
         nxt = noisy_argmax(scores, t["noise"].index_select(0, rows))
     logp = scores.gather(1, nxt[:, None]).squeeze(1) - scores.logsumexp(-1)
+    return nxt, logp
+
+
+def _pick_triton(plan: Plan, logits: th.Tensor, t: dict) -> tuple[th.Tensor, th.Tensor]:
+    from rlvr_vocab.sampling import triton_pick
+
+    step = t["step"]
+    blocked = None  # this step's blocked columns: the BlockBefore / BlockAt masks whose gate is open
+    for index, s in enumerate(plan.steps):
+        if isinstance(s, (BlockBefore, BlockAt)):
+            threshold = t["thresholds"][index]
+            gate = step < threshold if isinstance(s, BlockBefore) else step == threshold
+            cols = t["columns"][index] & gate
+            blocked = cols if blocked is None else blocked | cols
+    reasoning = plan.reasoning()
+    forced = t["force_eos_at"] is not None
+    return triton_pick.pick_op(
+        logits,
+        t["rows"],
+        t["inside"] if reasoning is not None else None,
+        t["seen"] if t["seen"] is not None else None,
+        blocked,
+        t["force_eos_at"] if forced else None,
+        t["eos_columns"] if forced else None,
+        step,
+        None if plan.greedy else t["seed"],
+        t["out"].shape[0],
+        triton_pick.temperature_of(plan),
+        triton_pick.penalty_of(plan),
+        reasoning.vocab.standard_size if reasoning is not None else 0,
+    )
+
+
+def _advance(plan: Plan, t: dict, nxt: th.Tensor, logp: th.Tensor) -> None:
+    """Record the picked tokens (pad and 0 for finished rows) and advance every per-row state by one token."""
+    rows, step, finished = t["rows"], t["step"], t["finished"]
     nxt = th.where(finished, plan.pad_id, nxt)
     logp = th.where(finished, 0.0, logp)
     cols = step.expand(rows.shape[0])
