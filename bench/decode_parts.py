@@ -341,18 +341,68 @@ def gemm_rows(args, shape: dict, cuda: bool, bandwidth: float | None) -> list[di
                     share_of_bandwidth=moved / t / bandwidth if bandwidth else None,
                 )
             )
+            if cuda and name in SKINNY_MAPS:
+                results += skinny_rows(m, name, x, ws, moved, args, bandwidth)
     print(gemm_table(results), flush=True)
     return results
+
+
+SKINNY_MAPS = ("qkv", "o", "gate_up", "down")
+SKINNY_GRID = dict(block_n=(16, 32, 64), block_k=(128, 256), stages=(3, 5))
+
+
+def skinny_rows(m: int, name: str, x, ws, moved: int, args, bandwidth) -> list[dict]:
+    """``triton_gemm`` on one map (gate_up: ``silu_mul``, against cuBLAS's GEMM plus torch's SiLU x up)."""
+    import torch as th
+
+    from rlvr_vocab.sampling import triton_gemm
+
+    if triton_gemm.triton is None or m > triton_gemm.MAX_ROWS:
+        return []
+    out = []
+    if name == "gate_up":
+
+        def eager(i):
+            gate, up = th.nn.functional.linear(x, ws[i % len(ws)]).chunk(2, dim=-1)
+            return th.nn.functional.silu(gate) * up
+
+        t = time_op(eager, True, args.launches, args.repeats)
+        out.append(dict(batch=m, map="gate_up+silu_mul", impl="cublas+torch", us=t * 1e6))
+    want = eager(0) if name == "gate_up" else th.nn.functional.linear(x, ws[0])
+    fn = triton_gemm.silu_mul if name == "gate_up" else triton_gemm.linear
+    for block_n, block_k, stages in itertools.product(*SKINNY_GRID.values()):
+        cfg = dict(block_n=block_n, block_k=block_k, num_stages=stages)
+
+        def run(i, cfg=cfg):
+            return fn(x, ws[i % len(ws)], **cfg)
+
+        try:
+            error = float((run(0).float() - want.float()).abs().max() / want.float().abs().max())
+            t = time_op(run, True, args.launches, args.repeats)
+        except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: record, go on
+            out.append(dict(batch=m, map=name, impl="triton", **cfg, error=repr(err)[:200]))
+            continue
+        share = moved / t / bandwidth if bandwidth else None
+        label = "gate_up+silu_mul" if name == "gate_up" else name
+        out.append(
+            dict(batch=m, map=label, impl="triton", **cfg, us=t * 1e6, share_of_bandwidth=share, max_rel_error=error)
+        )
+    best = min((r for r in out if r["impl"] == "triton" and "us" in r), key=lambda r: r["us"], default=None)
+    if best:
+        print(f"batch {m} {name}: triton best {best['us']:.1f} us { ({k: best[k] for k in cfg}) }", flush=True)
+    return out
 
 
 def gemm_table(results: list[dict]) -> str:
     lines = ["| batch | map | in x out | us | GB/s | share |", "|---|---|---|---|---|---|"]
     for r in results:
+        if "impl" in r:  # the skinny-GEMM comparisons: printed as they run
+            continue
         share = "" if r["share_of_bandwidth"] is None else f"{r['share_of_bandwidth']:.0%}"
         k, n = r["features"]
         lines.append(f"| {r['batch']} | {r['map']} | {k} x {n} | {r['us']:.1f} | {r['GBps']:.0f} | {share} |")
     for m in dict.fromkeys(r["batch"] for r in results):
-        us = {r["map"]: r["us"] for r in results if r["batch"] == m}
+        us = {r["map"]: r["us"] for r in results if r["batch"] == m and "impl" not in r}
         apart = sum(us[k] for k in ("q", "k", "v", "o", "gate", "up", "down"))
         fused = us["qkv"] + us["o"] + us["gate_up"] + us["down"]
         lines.append(f"\nbatch {m}: one layer's GEMMs {apart:.1f} us apart, {fused:.1f} us with qkv and gate_up fused")

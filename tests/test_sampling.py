@@ -772,6 +772,28 @@ def test_triton_pick_is_refused_for_what_it_cannot_process(tok, triton_pick):
         FastSampler(pick="fast")
 
 
+# ------------------------------------------------------------------------------------------ skinny GEMMs
+@pytest.mark.parametrize("m, k, n, bias", [(5, 200, 70, True), (16, 128, 64, False), (1, 96, 33, False)])
+def test_triton_skinny_linear_matches_torch(monkeypatch, m, k, n, bias):
+    triton_gemm = interpreted_triton("triton_gemm", monkeypatch)
+    gen = th.Generator().manual_seed(m)
+    x, w = (th.randn(*s, generator=gen).to(TRITON_DEVICE) for s in ((m, k), (n, k)))
+    b = th.randn(n, generator=gen).to(TRITON_DEVICE) if bias else None
+    got = triton_gemm.linear(x, w, b, block_n=16, block_k=64)
+    th.testing.assert_close(got, th.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
+
+
+def test_triton_silu_mul_is_the_mlp_activation_of_the_fused_gate_up(monkeypatch):
+    triton_gemm = interpreted_triton("triton_gemm", monkeypatch)
+    gen = th.Generator().manual_seed(0)
+    x, w = th.randn(7, 160, generator=gen).to(TRITON_DEVICE), th.randn(2 * 48, 160, generator=gen).to(TRITON_DEVICE)
+    gate, up = th.nn.functional.linear(x, w).chunk(2, dim=-1)
+    got = triton_gemm.silu_mul(x, w, block_n=16, block_k=64)
+    th.testing.assert_close(got, th.nn.functional.silu(gate) * up, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        triton_gemm.linear(th.zeros(65, 16, device=TRITON_DEVICE), w[:, :16])
+
+
 # ------------------------------------------------------------------------------------------ fused layers
 def tiny_arch(tok, arch: str):
     """A random 2-layer model of each fused architecture, with the biases each can have switched on."""
