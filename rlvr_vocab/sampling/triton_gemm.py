@@ -154,3 +154,67 @@ def silu_mul(
 ) -> th.Tensor:
     """``silu(x @ gate.T) * (x @ up.T)`` for ``w = [gate; up]`` [2I, K] (no biases) -> [M, I]."""
     return _launch(x, w, None, w.shape[0] // 2, True, block_n, block_k, num_warps, num_stages)
+
+
+class TritonGemmError(RuntimeError):
+    """A skinny-GEMM kernel failed to compile or launch (the sampler then uses torch's matmuls)."""
+
+
+def _guarded(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001 - any compile or launch failure: the caller falls back
+        raise TritonGemmError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+
+
+def usable(x: th.Tensor) -> bool:
+    """Do the kernels serve this input (few rows, on CUDA or under Triton's interpreter)?"""
+    return triton is not None and x.shape[0] <= MAX_ROWS and (x.is_cuda or interpreted())
+
+
+@th.library.custom_op("rlvr_vocab::decode_linear", mutates_args=())
+def decode_linear(x: th.Tensor, w: th.Tensor, bias: th.Tensor | None, impl: str) -> th.Tensor:
+    """``x @ w.T + bias`` [M, N]: ``linear``'s kernel for ``impl="triton"`` when ``usable(x)``, else torch's."""
+    if impl == "triton" and usable(x):
+        return _guarded(linear, x, w, bias)
+    return th.nn.functional.linear(x, w, bias)
+
+
+@decode_linear.register_fake
+def _(x, w, bias, impl):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@th.library.custom_op("rlvr_vocab::decode_silu_mul", mutates_args=())
+def decode_silu_mul(x: th.Tensor, w: th.Tensor, impl: str) -> th.Tensor:
+    """``silu(x @ gate.T) * (x @ up.T)`` [M, I] for ``w = [gate; up]``: ``silu_mul``'s kernel or torch's ops."""
+    if impl == "triton" and usable(x):
+        return _guarded(silu_mul, x, w)
+    gate, up = th.nn.functional.linear(x, w).chunk(2, dim=-1)
+    return th.nn.functional.silu(gate) * up
+
+
+@decode_silu_mul.register_fake
+def _(x, w, impl):
+    return x.new_empty(x.shape[0], w.shape[0] // 2)
+
+
+def check(dtype: th.dtype, device: th.device) -> str | None:
+    """Run both kernels once against torch on random inputs: None if they agree (16-bit: 2e-2 relative), else why."""
+    gen = th.Generator(device=device).manual_seed(0)
+    x = th.randn(24, 320, generator=gen, device=device).to(dtype)
+    w = (th.randn(2 * 96, 320, generator=gen, device=device) * 0.05).to(dtype)
+    bias = th.randn(2 * 96, generator=gen, device=device).to(dtype)
+    tolerance = 1e-4 if dtype == th.float32 else 2e-2
+    try:
+        pairs = [
+            (linear(x, w, bias), th.nn.functional.linear(x, w, bias)),
+            (silu_mul(x, w), decode_silu_mul(x, w, "torch")),
+        ]
+    except Exception as err:  # noqa: BLE001 - a compile or launch failure is the answer
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    for name, (got, want) in zip(("linear", "silu_mul"), pairs, strict=True):
+        error = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-6))
+        if not error <= tolerance:
+            return f"{name}: relative error {error:.2e} against torch"
+    return None
