@@ -62,6 +62,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
@@ -79,14 +80,14 @@ if triton is not None:
             w = tl.load(
                 W + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
             )
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
             if SILU_MUL:
                 u = tl.load(
                     W + (HALF + offs_n)[:, None] * stride_wn + (k0 + offs_k)[None, :],
                     mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0,
                 )
-                acc_up = tl.dot(x, tl.trans(u), acc_up)
+                acc_up = tl.dot(x, tl.trans(u), acc_up, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out = acc.to(Out.dtype.element_ty)
@@ -125,6 +126,7 @@ def _launch(x, w, bias, n_out, silu_mul, block_n, block_k, num_warps, num_stages
         BLOCK_M=max(16, triton.next_power_of_2(m)),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == th.float32 else "tf32",  # fp32 exact; tf32 is ignored for 16-bit inputs
         num_warps=num_warps,
         num_stages=num_stages,
     )
