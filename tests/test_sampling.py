@@ -634,10 +634,10 @@ def test_greedy_with_the_triton_kernel_matches_transformers_generate(tok, triton
 # ------------------------------------------------------------------------------------------ Triton pick
 @pytest.fixture
 def triton_pick(monkeypatch):
-    """The Triton token pick (``triton_pick``), with 16-column draw groups on the CPU (the interpreter is slow)."""
+    """The Triton token pick (``triton_pick``) with 16-column draw groups: several chunks per row of a small
+    vocabulary (and fewer ops for the CPU's interpreter)."""
     module = interpreted_triton("triton_pick", monkeypatch)
-    if TRITON_DEVICE == "cpu":
-        monkeypatch.setattr(module, "SUB", 16)
+    monkeypatch.setattr(module, "SUB", 16)
     return module
 
 
@@ -674,7 +674,7 @@ def test_triton_pick_greedy_is_argmax_of_the_processed_scores(triton_pick):
     args = [case[k] for k in ("logits", "rows", "inside", "seen", "blocked", "force_at", "eos_columns", "step")]
     tok, logp = triton_pick.pick_tokens(*args, None, 6, 0.7, 1.3, 120)
     want = processed(case, 0.7, 1.3, 120)
-    assert triton.cdiv(150, 4 * triton_pick.SUB) > 1 if (triton := triton_pick.triton) else False
+    assert -(-150 // (4 * triton_pick.SUB)) > 1, "one chunk per row: the combine is not exercised"
     assert th.equal(tok, want.argmax(-1)) and (tok[[1, 4]] == 5).all()
     th.testing.assert_close(logp, want.log_softmax(-1).gather(1, tok[:, None])[:, 0], rtol=1e-5, atol=1e-5)
     first = th.zeros_like(case["logits"])  # all tied: the first column, as torch.argmax

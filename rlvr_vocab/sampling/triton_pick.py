@@ -93,7 +93,7 @@ if triton is not None:
         u = (word.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # (w + 1/2) / 2^32: in (0, 1]
         small = u * (1.0 + u * (0.5 + u * (1.0 / 3.0 + u * (0.25 + u * 0.2))))  # -log(1 - u), u < 1/64
         big = -tl.log(1.0 - u)  # u = 1 after rounding: inf, log E = inf, that column never wins
-        return tl.log(tl.where(u < SERIES_BELOW, small, big))
+        return tl.log(tl.where(u < 0.015625, small, big))  # SERIES_BELOW (a plain global is not allowed in a kernel)
 
     @triton.jit
     def _scores(
