@@ -17,8 +17,7 @@ prompts' ``<think>`` span open), ``eos-spread`` (256 x 1,024 with EOS forced at 
 needs the sampler's ``force_eos_at`` or ``logits_hook``). ``ROW@triton`` runs that row with one attention path
 only; a bare name runs once per ``--attention``. A path with ``-unfused`` (``triton-unfused``) is that attention
 with ``FastSampler(fuse=False)``: transformers' decoder layers, for the fused layers' side-by-side ratio;
-``-torchpick``: ``FastSampler(pick="torch")``, the token pick in PyTorch ops instead of the Triton kernel;
-``-cublas``: ``FastSampler(gemm="torch")``, cuBLAS for the fused layers' GEMMs instead of ``triton_gemm``. A
+``-torchpick``: ``FastSampler(pick="torch")``, the token pick in PyTorch ops instead of the Triton kernel. A
 sampler without the ``attention=`` option has one path, today's eager one: its rows are labelled
 ``eager (only path)`` and other paths are skipped.
 
@@ -98,12 +97,12 @@ def plan_rows(names: list[str], attentions: list[str]) -> list[tuple[Row, str]]:
     return plan
 
 
-PATH_SUFFIXES = {"-unfused": ("fuse", False), "-torchpick": ("pick", "torch"), "-cublas": ("gemm", "torch")}
+PATH_SUFFIXES = {"-unfused": ("fuse", False), "-torchpick": ("pick", "torch")}  # suffix -> FastSampler option
 
 
 def split_path(path: str | None) -> tuple[str | None, dict]:
-    """(attention, FastSampler options) of a path name (``PATH_SUFFIXES``: ``-unfused`` is ``fuse=False``,
-    ``-torchpick`` ``pick="torch"``, ``-cublas`` ``gemm="torch"``); suffixes combine.
+    """(attention, FastSampler options) of a path name: ``-unfused`` is ``fuse=False``, ``-torchpick``
+    ``pick="torch"`` (the token pick in PyTorch ops instead of ``triton_pick``); suffixes combine.
 
     Example:
         >>> split_path("triton-unfused"), split_path("triton-torchpick-unfused"), split_path(None)

@@ -129,7 +129,6 @@ def sampler_options(sampler=None) -> dict[str, bool]:
         "attention": "attention" in params or hasattr(instance, "attention"),
         "fuse": "fuse" in params or hasattr(instance, "fuse"),
         "pick": "pick" in params or hasattr(instance, "pick"),
-        "gemm": "gemm" in params or hasattr(instance, "gemm"),
         "force_eos_at": "force_eos_at" in params or hasattr(instance, "force_eos_at"),
         "logits_hook": "logits_hook" in params or hasattr(instance, "logits_hook"),
         "stats": isinstance(getattr(instance, "stats", None), dict),
@@ -137,7 +136,7 @@ def sampler_options(sampler=None) -> dict[str, bool]:
 
 
 def make_sampler(reasoning_vocab=None, compile: bool | None = None, attention: str | None = None, **options):
-    """A FastSampler; ``attention`` and ``options`` (``fuse``, ``pick``, ``gemm``) are passed only where it takes
+    """A FastSampler; ``attention`` and ``options`` (``fuse``, ``pick``) are passed only where the sampler takes
     them (ValueError if not)."""
     from rlvr_vocab.sampling import FastSampler
 

@@ -850,32 +850,6 @@ def test_fused_decode_layers_compute_what_transformers_layers_do(tok, arch, monk
     assert fast.stats["fallbacks"] == 0
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_fused_layers_on_the_skinny_triton_gemms_match_transformers(tok, arch, monkeypatch):
-    """``gemm="triton"``: Q/K/V, O, down on ``triton_gemm.linear`` (llama: with biases), Qwen3's gate/up and SiLU
-    on ``silu_mul``; greedy tokens as transformers' layers give them."""
-    triton_gemm = interpreted_triton("triton_gemm", monkeypatch)
-    calls = []
-    for name in ("linear", "silu_mul"):
-        real = getattr(triton_gemm, name)
-        monkeypatch.setattr(
-            triton_gemm, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)
-        )
-    model = tiny_arch(tok, arch).to(TRITON_DEVICE)
-    inputs = batch(tok, PROMPTS, TRITON_DEVICE)
-    greedy = dict(do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id)
-    ref = model.generate(**inputs, **greedy)
-    fast = FastSampler(gemm="triton")
-    out = model.generate(**inputs, **greedy, custom_generate=fast)
-    assert fast.session.fused is not None and fast.session.gemm == "triton"
-    assert calls.count("silu_mul") == (2 * 7 if arch == "qwen3" else 0)  # llama here has MLP biases: no SiLU fusion
-    assert calls.count("linear") == 2 * 7 * (3 if arch == "qwen3" else 4)
-    n = min(ref.shape[1], out.shape[1])
-    assert th.equal(out[:, :n], ref[:, :n])
-    with pytest.raises(ValueError, match="gemm='cutlass'"):
-        FastSampler(gemm="cutlass")
-
-
 def test_layers_that_cannot_be_fused_run_as_transformers_layers(tok):
     from peft import LoraConfig, get_peft_model
 

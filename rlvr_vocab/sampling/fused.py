@@ -27,10 +27,8 @@ import torch as th
 import torch.nn.functional as F
 
 from rlvr_vocab.sampling import attention as attn
-from rlvr_vocab.sampling import triton_gemm
 
 LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
-SILU_CLASSES = ("SiLU", "SiLUActivation")  # the MLP activations that triton_gemm.silu_mul computes
 
 
 def _plain(linear) -> bool:
@@ -169,16 +167,9 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     hq, hkv = a.q_proj.out_features // d, a.k_proj.out_features // d
     b, s = hidden_states.shape[:2]
 
-    gemm = rlvr_decode.get("gemm", "torch")  # "triton": triton_gemm's skinny kernels where the batch is small
-
-    def linear(x, w, bias):
-        if gemm == "torch":
-            return F.linear(x, w, bias)
-        return triton_gemm.decode_linear(x.reshape(b * s, -1), w, bias, gemm).view(b, s, -1)
-
     residual = hidden_states
     h = layer.input_layernorm(hidden_states)
-    qkv = linear(h, qkv_w, qkv_b)  # [B, S, (Hq + 2 Hkv) D]
+    qkv = F.linear(h, qkv_w, qkv_b)  # [B, S, (Hq + 2 Hkv) D]
     qk = qkv[..., : (hq + hkv) * d].view(b, s, hq + hkv, d)
     value = qkv[..., (hq + hkv) * d :].view(b, s, hkv, d).transpose(1, 2)
     if qk_norm is not None:  # Qwen3: per-head RMSNorm of q and k, one kernel
@@ -190,17 +181,13 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     out, _ = attn.decode_attention(
         a, query, key, value, attention_mask, scaling=a.scaling, rlvr_decode=rlvr_decode, **kwargs
     )
-    h = linear(out.reshape(b, s, -1), a.o_proj.weight, a.o_proj.bias)
+    h = a.o_proj(out.reshape(b, s, -1).contiguous())
     h = residual + h
 
     residual = h
     h = layer.post_attention_layernorm(h)
-    if gemm != "torch" and gate_up_b is None and type(m.act_fn).__name__ in SILU_CLASSES:
-        act = triton_gemm.decode_silu_mul(h.reshape(b * s, -1), gate_up_w, gemm).view(b, s, -1)
-    else:
-        gate, up = linear(h, gate_up_w, gate_up_b).chunk(2, dim=-1)
-        act = m.act_fn(gate) * up
-    h = linear(act, m.down_proj.weight, m.down_proj.bias)
+    gate, up = F.linear(h, gate_up_w, gate_up_b).chunk(2, dim=-1)
+    h = m.down_proj(m.act_fn(gate) * up)
     return residual + h
 
 

@@ -35,7 +35,7 @@ from loguru import logger
 
 from rlvr_vocab.sampling import attention as attn
 from rlvr_vocab.sampling import fused as fusion
-from rlvr_vocab.sampling import triton_gemm, triton_pick
+from rlvr_vocab.sampling import triton_pick
 from rlvr_vocab.sampling.cache import StaticKVCache
 from rlvr_vocab.sampling.plan import Plan, build_plan
 from rlvr_vocab.sampling.state import DecodeState, pick
@@ -50,7 +50,6 @@ COMPILE = True  # torch.compile the decode step on CUDA (FastSampler(compile=...
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")  # plain softmax attention, no sliding window / sinks / softcap
 ATTENTION_CHOICES = ("auto", "triton", "eager")
 PICK_CHOICES = ("auto", "triton", "torch")
-GEMM_CHOICES = ("auto", "triton", "torch")
 
 
 def unsupported_model(model) -> str | None:
@@ -98,7 +97,6 @@ class Session:
         self.state = DecodeState(batch, cache_len, device)
         self.attention = attention  # the decode attention in use: "triton" or "eager"
         self.pick = pick  # the token pick in use: "triton" (triton_pick) or "torch" (state.pick's PyTorch ops)
-        self.gemm = "torch"  # the fused layers' GEMMs: "triton" (triton_gemm's, for <= 64 rows) or "torch"
         self.graphs: dict[tuple, th.cuda.CUDAGraph] = {}  # (live rows, window or None) -> captured step
         self.warmed: set[tuple] = set()  # keys whose step ran once uncaptured (compiles, Triton JIT)
         self.pool = None
@@ -131,8 +129,6 @@ class FastSampler:
         pick: the token pick: ``auto`` (``triton_pick``'s one-pass kernel on CUDA when the plan is temperature,
             repetition penalty and masks only and the kernel passes a check against the PyTorch pick, else
             PyTorch ops), ``triton`` (forced; CPU tensors need Triton's interpreter) or ``torch``.
-        gemm: the fused layers' GEMMs at up to ``triton_gemm.MAX_ROWS`` rows: ``auto`` (``triton_gemm``'s skinny
-            kernels on CUDA when they pass a check against torch, else cuBLAS), ``triton`` or ``torch``.
         min_rows: compaction never goes below this batch size.
         window: slots per window of the eager attention.
         stop_check_every: decode steps between host-side stop checks (and compactions).
@@ -156,14 +152,11 @@ class FastSampler:
         keep_bytes: int = KEEP_BYTES,
         fuse: bool = True,
         pick: str = "auto",
-        gemm: str = "auto",
     ):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"FastSampler(attention={attention!r}): choose one of {ATTENTION_CHOICES}")
         if pick not in PICK_CHOICES:
             raise ValueError(f"FastSampler(pick={pick!r}): choose one of {PICK_CHOICES}")
-        if gemm not in GEMM_CHOICES:
-            raise ValueError(f"FastSampler(gemm={gemm!r}): choose one of {GEMM_CHOICES}")
         if min_rows < 1 or window < 1 or stop_check_every < 1:
             raise ValueError("FastSampler: min_rows, window and stop_check_every must be >= 1")
         self.reasoning_vocab = reasoning_vocab
@@ -177,7 +170,6 @@ class FastSampler:
         self.keep_bytes = keep_bytes
         self.fuse = fuse
         self.pick = pick
-        self.gemm = gemm
         self.session: Session | None = None
         self.last_logprobs: th.Tensor | None = None  # [B, n] processed log-probs of the last call's tokens
         self.last_used_fast_path = False
@@ -191,8 +183,6 @@ class FastSampler:
         self._triton_failure: str | None = None  # why the Triton kernel is not used (auto), once it failed
         self._pick_checked: set[str] = set()  # devices on which the Triton pick was checked against PyTorch's
         self._pick_failure: str | None = None  # why the Triton pick is not used (auto), once it failed
-        self._gemm_checked: set[tuple] = set()  # (dtype, device) on which triton_gemm was checked
-        self._gemm_failure: str | None = None  # why triton_gemm is not used (auto), once it failed
         self._logged: set[str] = set()
         attn.register()
 
@@ -276,8 +266,6 @@ class FastSampler:
         self.session = Session(
             key, model, batch, cache_len, device, attention, fused, self._resolve_pick(plan, device)
         )
-        if fused is not None:
-            self.session.gemm = self._resolve_gemm(model.dtype, device)
         return self.session
 
     def _prefill(self, model, s: Session, input_ids, attention_mask, position_ids) -> th.Tensor:
@@ -362,29 +350,6 @@ class FastSampler:
             self.stats["failures"] += self._pick_failure is not None
         if self._pick_failure is not None:
             self._log_once(f"generation_backend=fast: Triton token pick unusable ({self._pick_failure}); PyTorch")
-            return "torch"
-        return "triton"
-
-    def _resolve_gemm(self, dtype: th.dtype, device: th.device) -> str:
-        """The fused layers' GEMMs of a new session: "triton" or "torch"."""
-        if self.gemm == "torch":
-            return "torch"
-        if self.gemm == "triton":
-            if triton_gemm.triton is None:
-                raise RuntimeError("FastSampler(gemm='triton'): Triton is not installed")
-            if device.type != "cuda" and not triton_gemm.interpreted():
-                raise RuntimeError(
-                    "FastSampler(gemm='triton') on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported"
-                )
-            return "triton"
-        if device.type != "cuda" or triton_gemm.triton is None:
-            return "torch"
-        if self._gemm_failure is None and (dtype, str(device)) not in self._gemm_checked:
-            self._gemm_checked.add((dtype, str(device)))
-            self._gemm_failure = triton_gemm.check(dtype, device)
-            self.stats["failures"] += self._gemm_failure is not None
-        if self._gemm_failure is not None:
-            self._log_once(f"generation_backend=fast: Triton GEMMs unusable ({self._gemm_failure}); cuBLAS")
             return "torch"
         return "triton"
 
@@ -474,7 +439,6 @@ class FastSampler:
         decode = {"keys": keys, "values": values, "length": st.length, "start": first, "impl": s.attention}
         if s.fused is not None:
             decode["fused"] = s.fused.inputs()
-            decode["gemm"] = s.gemm
         out = forward(
             input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False, logits_to_keep=1, rlvr_decode=decode
         )
@@ -499,10 +463,6 @@ class FastSampler:
                 what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 if isinstance(err, triton_pick.TritonPickError) and self._pick_failed(s, what):
                     pass
-                elif isinstance(err, triton_gemm.TritonGemmError) and s.gemm == "triton" and self.gemm == "auto":
-                    self._gemm_failure = what
-                    s.gemm = "torch"
-                    self._log_once(f"generation_backend=fast: Triton GEMMs failed ({what}); cuBLAS")
                 elif s.attention == "triton" and self.attention == "auto":
                     self._triton_failure = what
                     s.attention = "eager"
