@@ -352,10 +352,10 @@ SKINNY_GRID = dict(block_n=(16, 32, 64), block_k=(128, 256), stages=(3, 5))
 
 
 def skinny_rows(m: int, name: str, x, ws, moved: int, args, bandwidth) -> list[dict]:
-    """``triton_gemm`` on one map (gate_up: ``silu_mul``, against cuBLAS's GEMM plus torch's SiLU x up)."""
+    """``bench.skinny_gemm`` on one map (gate_up: ``silu_mul``, against cuBLAS's GEMM plus torch's SiLU x up)."""
     import torch as th
 
-    from rlvr_vocab.sampling import triton_gemm
+    from bench import skinny_gemm as triton_gemm
 
     if triton_gemm.triton is None or m > triton_gemm.MAX_ROWS:
         return []

@@ -540,7 +540,7 @@ def interpreted_triton(name, monkeypatch):
     pytest.importorskip("triton")
     import importlib
 
-    module = importlib.import_module(f"rlvr_vocab.sampling.{name}")
+    module = importlib.import_module(name if "." in name else f"rlvr_vocab.sampling.{name}")
     if TRITON_DEVICE == "cpu":
         if not module.interpreted():
             pytest.skip("Triton was imported without TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
@@ -775,7 +775,7 @@ def test_triton_pick_is_refused_for_what_it_cannot_process(tok, triton_pick):
 # ------------------------------------------------------------------------------------------ skinny GEMMs
 @pytest.mark.parametrize("m, k, n, bias", [(5, 200, 70, True), (16, 128, 64, False), (1, 96, 33, False)])
 def test_triton_skinny_linear_matches_torch(monkeypatch, m, k, n, bias):
-    triton_gemm = interpreted_triton("triton_gemm", monkeypatch)
+    triton_gemm = interpreted_triton("bench.skinny_gemm", monkeypatch)
     gen = th.Generator().manual_seed(m)
     x, w = (th.randn(*s, generator=gen).to(TRITON_DEVICE) for s in ((m, k), (n, k)))
     b = th.randn(n, generator=gen).to(TRITON_DEVICE) if bias else None
@@ -784,7 +784,7 @@ def test_triton_skinny_linear_matches_torch(monkeypatch, m, k, n, bias):
 
 
 def test_triton_silu_mul_is_the_mlp_activation_of_the_fused_gate_up(monkeypatch):
-    triton_gemm = interpreted_triton("triton_gemm", monkeypatch)
+    triton_gemm = interpreted_triton("bench.skinny_gemm", monkeypatch)
     gen = th.Generator().manual_seed(0)
     x, w = th.randn(7, 160, generator=gen).to(TRITON_DEVICE), th.randn(2 * 48, 160, generator=gen).to(TRITON_DEVICE)
     gate, up = th.nn.functional.linear(x, w).chunk(2, dim=-1)

@@ -16,7 +16,6 @@ One job per module:
   * ``fused``: the decode step's decoder layer with concatenated Q/K/V and gate/up projections;
   * ``triton_decode``: the flash-decoding Triton kernels (optional: Triton need not be installed);
   * ``triton_pick``: the token pick in one Triton pass over the logits (noise drawn in the kernel);
-  * ``triton_gemm``: skinny GEMMs for the decode step's few rows (SiLU x up fused into gate_up);
   * ``state``: per-row decode state, the graph-safe token pick (PyTorch ops or ``triton_pick``), compaction;
   * ``sampler``: ``FastSampler``: prefill, the decode loop, CUDA graphs, torch.compile, fallbacks.
 """

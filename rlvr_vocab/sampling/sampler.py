@@ -14,7 +14,7 @@ Where the time of a decode step goes, and what this does about it (BENCHMARKS.md
   length; the eager attention needs one per ``window`` (128 slots);
 * the token pick: ``triton_pick``'s one pass over the [n, V] logits with the noise drawn in the kernel, where
   the plan is temperature, repetition penalty and masks (TRL's defaults), else the plan's PyTorch ops over an
-  Exp(1) draw (``state.pick``); at up to 64 rows the fused layers' GEMMs are ``triton_gemm``'s skinny kernels;
+  Exp(1) draw (``state.pick``);
 * host syncs: none inside the loop except a stop check every ``stop_check_every`` steps;
 * finished rows: at each stop check, when the live rows fit in half the current batch (power-of-two
   buckets, at least ``min_rows``), they are compacted to the front of every buffer and the loop continues

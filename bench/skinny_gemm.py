@@ -1,4 +1,10 @@
-"""Skinny GEMMs for the decode step in Triton: ``x @ W.T`` with few rows (M <= 64), the weight read once.
+"""A measured dead end, kept to reproduce it: skinny Triton GEMMs for the decode step (``x @ W.T``, M <= 64).
+
+12-03 D on the H200 (BENCHMARKS.md): at M = 32 the best configuration of each map took qkv 5.3, o 4.9, gate_up
+with SiLU x up 7.7, down 6.8 us against cuBLAS's 5.2, 5.4, 6.1 (+1.3 for the SiLU kernel), 7.5: 3% off a layer's
+GEMMs with a per-map tuned config, and the whole 32 x 512 decode step was 5% slower with one default config (1.97
+against 1.88 ms). A GEMM of this size costs ~5 us whatever its grid; the sampler keeps cuBLAS.
+``bench.decode_parts --parts gemm`` times them. The design that was tried:
 
 At a few dozen rows a decode-step GEMM reads its weight and does little else, so its time is the weight's bytes
 over the bandwidth its grid reaches plus a fixed ramp. cuBLAS picks 64-column tiles for these shapes (the
@@ -103,9 +109,9 @@ def _launch(x, w, bias, n_out, silu_mul, block_n, block_k, num_warps, num_stages
         raise RuntimeError("Triton is not installed")
     m, k = x.shape
     if m > MAX_ROWS:
-        raise ValueError(f"triton_gemm serves at most {MAX_ROWS} rows, got {m}")
+        raise ValueError(f"skinny_gemm serves at most {MAX_ROWS} rows, got {m}")
     if x.stride(1) != 1 or w.stride(1) != 1:
-        raise ValueError("triton_gemm wants the last dimension of x and w contiguous")
+        raise ValueError("skinny_gemm wants the last dimension of x and w contiguous")
     out = x.new_empty(m, n_out)
     if m == 0:
         return out
