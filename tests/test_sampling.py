@@ -772,6 +772,24 @@ def test_triton_pick_is_refused_for_what_it_cannot_process(tok, triton_pick):
         FastSampler(pick="fast")
 
 
+@pytest.mark.parametrize("name", ["triton_decode", "triton_pick", "bench.skinny_gemm"])
+def test_triton_kernels_read_no_plain_globals(monkeypatch, name):
+    """Triton's GPU compiler refuses a kernel that reads a module global other than a constexpr, a module or
+    another kernel; its CPU interpreter does not (12-03 D: the pick kernel compiled here and failed on the GPU)."""
+    module = interpreted_triton(name, monkeypatch)
+    import types
+
+    kernels = {k: v for k, v in vars(module).items() if hasattr(v, "fn") and hasattr(v.fn, "__code__")}
+    assert kernels, "no Triton kernels found"
+    for kernel_name, kernel in kernels.items():
+        for used in kernel.fn.__code__.co_names:
+            value = vars(module).get(used)
+            if value is None:
+                continue  # an attribute name (tl.load's "load") or a builtin
+            ok = isinstance(value, (types.ModuleType, module.tl.constexpr)) or hasattr(value, "fn")
+            assert ok, f"{name}.{kernel_name} reads the plain global {used} = {value!r}"
+
+
 # ------------------------------------------------------------------------------------------ skinny GEMMs
 @pytest.mark.parametrize("m, k, n, bias", [(5, 200, 70, True), (16, 128, 64, False), (1, 96, 33, False)])
 def test_triton_skinny_linear_matches_torch(monkeypatch, m, k, n, bias):
