@@ -67,6 +67,17 @@ def unsupported_model(model) -> str | None:
     return None
 
 
+def _require_triton(option: str, kernels, device: th.device) -> None:
+    """``FastSampler(option="triton")``: raise unless the kernel module ``kernels`` can run on ``device``."""
+    if kernels.triton is None:
+        raise RuntimeError(f"FastSampler({option}='triton'): Triton is not installed")
+    if device.type != "cuda" and not kernels.interpreted():
+        raise RuntimeError(
+            f"FastSampler({option}='triton') on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported "
+            "(Triton's interpreter)"
+        )
+
+
 @contextlib.contextmanager
 def _attention_implementation(config, name: str):
     previous = config._attn_implementation
@@ -296,13 +307,7 @@ class FastSampler:
         if self.attention == "triton":
             from rlvr_vocab.sampling import triton_decode
 
-            if not attn.triton_importable():
-                raise RuntimeError("FastSampler(attention='triton'): Triton is not installed")
-            if device.type != "cuda" and not triton_decode.interpreted():
-                raise RuntimeError(
-                    "FastSampler(attention='triton') on CPU tensors needs TRITON_INTERPRET=1 set before Triton is "
-                    "imported (Triton's interpreter)"
-                )
+            _require_triton("attention", triton_decode, device)
             return "triton"
         if device.type != "cuda" or not attn.triton_importable():
             return "eager"
@@ -330,12 +335,7 @@ class FastSampler:
             return "torch"
         reason = triton_pick.unfusable(plan)
         if self.pick == "triton":
-            if triton_pick.triton is None:
-                raise RuntimeError("FastSampler(pick='triton'): Triton is not installed")
-            if device.type != "cuda" and not triton_pick.interpreted():
-                raise RuntimeError(
-                    "FastSampler(pick='triton') on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported"
-                )
+            _require_triton("pick", triton_pick, device)
             if reason is not None:
                 raise ValueError(f"FastSampler(pick='triton'): the Triton pick cannot process this call ({reason})")
             return "triton"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch as th
 
+from rlvr_vocab.sampling import triton_pick
 from rlvr_vocab.sampling.plan import BlockAt, BlockBefore, Plan, StepInputs
 
 
@@ -222,8 +223,6 @@ def _pick_torch(plan: Plan, logits: th.Tensor, t: dict) -> tuple[th.Tensor, th.T
 
 
 def _pick_triton(plan: Plan, logits: th.Tensor, t: dict) -> tuple[th.Tensor, th.Tensor]:
-    from rlvr_vocab.sampling import triton_pick
-
     step = t["step"]
     blocked = None  # this step's blocked columns: the BlockBefore / BlockAt masks whose gate is open
     for index, s in enumerate(plan.steps):
@@ -238,7 +237,7 @@ def _pick_triton(plan: Plan, logits: th.Tensor, t: dict) -> tuple[th.Tensor, th.
         logits,
         t["rows"],
         t["inside"] if reasoning is not None else None,
-        t["seen"] if t["seen"] is not None else None,
+        t["seen"],
         blocked,
         t["force_eos_at"] if forced else None,
         t["eos_columns"] if forced else None,

@@ -294,94 +294,56 @@ def pick_tokens(
         return nxt, logp
     dummy = step  # any tensor: the pointer of an absent input is never read
     try:
-        _launch(
+        _partial_kernel[(n, chunks)](
             logits,
             rows,
-            inside,
-            seen,
-            blocked,
-            force_at,
-            eos_columns,
+            inside if inside is not None else dummy,
+            seen if seen is not None else dummy,
+            blocked if blocked is not None else dummy,
+            force_at if force_at is not None else dummy,
+            eos_columns if eos_columns is not None else dummy,
             step,
-            seed,
+            seed if seed is not None else dummy,
+            part_max,
+            part_sum,
+            part_best,
+            part_idx,
+            part_score,
+            logits.stride(0),
+            seen.stride(0) if seen is not None else 0,
+            vocab,
             batch,
-            temperature,
-            penalty,
-            standard_size,
             chunks,
-            (part_max, part_sum, part_best, part_idx, part_score),
+            float(temperature),
+            float(penalty),
+            int(standard_size),
+            HAS_SEEN=seen is not None,
+            HAS_BLOCKED=blocked is not None,
+            HAS_FORCE=force_at is not None,
+            HAS_SPAN=inside is not None,
+            HAS_TEMPERATURE=temperature != 1.0,
+            NOISE=seed is not None,
+            BLOCK=sub,
+            num_warps=NUM_WARPS,
+        )
+        _combine_kernel[(n,)](
+            part_max,
+            part_sum,
+            part_best,
+            part_idx,
+            part_score,
             nxt,
             logp,
-            dummy,
-            sub,
+            chunks,
+            BLOCK_C=triton.next_power_of_2(chunks),
         )
     except Exception as err:  # noqa: BLE001 - any compile or launch failure: the caller falls back
         raise TritonPickError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     return nxt, logp
 
 
-def _launch(
-    logits,
-    rows,
-    inside,
-    seen,
-    blocked,
-    force_at,
-    eos_columns,
-    step,
-    seed,
-    batch,
-    temperature,
-    penalty,
-    standard_size,
-    chunks,
-    parts,
-    nxt,
-    logp,
-    dummy,
-    sub,
-):
-    part_max, part_sum, part_best, part_idx, part_score = parts
-    vocab = logits.shape[1]
-    _partial_kernel[(logits.shape[0], chunks)](
-        logits,
-        rows,
-        inside if inside is not None else dummy,
-        seen if seen is not None else dummy,
-        blocked if blocked is not None else dummy,
-        force_at if force_at is not None else dummy,
-        eos_columns if eos_columns is not None else dummy,
-        step,
-        seed if seed is not None else dummy,
-        part_max,
-        part_sum,
-        part_best,
-        part_idx,
-        part_score,
-        logits.stride(0),
-        seen.stride(0) if seen is not None else 0,
-        vocab,
-        batch,
-        chunks,
-        float(temperature),
-        float(penalty),
-        int(standard_size),
-        HAS_SEEN=seen is not None,
-        HAS_BLOCKED=blocked is not None,
-        HAS_FORCE=force_at is not None,
-        HAS_SPAN=inside is not None,
-        HAS_TEMPERATURE=temperature != 1.0,
-        NOISE=seed is not None,
-        BLOCK=sub,
-        num_warps=NUM_WARPS,
-    )
-    _combine_kernel[(logits.shape[0],)](
-        part_max, part_sum, part_best, part_idx, part_score, nxt, logp, chunks, BLOCK_C=triton.next_power_of_2(chunks)
-    )
-
-
 @th.library.custom_op("rlvr_vocab::pick_tokens", mutates_args=())
-def _pick_tokens_op(
+def pick_op(
     logits: th.Tensor,
     rows: th.Tensor,
     inside: th.Tensor | None,
@@ -396,6 +358,7 @@ def _pick_tokens_op(
     penalty: float,
     standard_size: int,
 ) -> tuple[th.Tensor, th.Tensor]:
+    """``pick_tokens`` as the custom op ``rlvr_vocab::pick_tokens``: opaque to ``torch.compile``, captured as is."""
     return pick_tokens(
         logits,
         rows,
@@ -413,7 +376,7 @@ def _pick_tokens_op(
     )
 
 
-@_pick_tokens_op.register_fake
+@pick_op.register_fake
 def _(
     logits, rows, inside, seen, blocked, force_at, eos_columns, step, seed, batch, temperature, penalty, standard_size
 ):
@@ -456,8 +419,3 @@ def check(device: th.device) -> str | None:
     if not th.allclose(lp, x.log_softmax(-1).gather(1, tok[:, None])[:, 0], atol=1e-4):
         return "sampled log-probs differ from log_softmax of the processed scores"
     return None
-
-
-def pick_op(*args, **kwargs) -> tuple[th.Tensor, th.Tensor]:
-    """``pick_tokens`` as the custom op ``rlvr_vocab::pick_tokens`` (opaque to ``torch.compile``)."""
-    return _pick_tokens_op(*args, **kwargs)
