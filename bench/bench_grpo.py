@@ -364,7 +364,13 @@ def summarise(result: dict, warmup: int = 1, slow_factor: float = 1.25) -> dict:
             "fast_path_used": result.get("fast_path_used"),
             "cache": compile_cache_state(steps[0]) if steps else "?",
             "slow": [
-                {"step": s["step"], "s": s["step_s"], "gen_s": s.get("generation_s"), "why": explain(s, typical)}
+                {
+                    "step": s["step"],
+                    "s": s["step_s"],
+                    "gen_s": s.get("generation_s"),
+                    "why": explain(s, typical),
+                    "stacks": s.get("stacks", {}).get("top", [])[:2],  # where the host thread was most often
+                }
                 for s in slow_steps
             ],
         }

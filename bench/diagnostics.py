@@ -10,8 +10,13 @@
 * ``triton``: Triton JIT compilations in the step: count, seconds and kernel names (``JITFunction._do_compile``
   wrapped, which every ``@triton.jit`` kernel launched with new specialisations goes through: the decode
   attention kernel, TRL's chunked log-prob kernel), and new entries in Triton's on-disk cache;
-* ``host``: this process's CPU time and involuntary context switches, its live child processes (inductor's
-  compile workers) and their CPU time, and the machine's busy CPU share (``/proc``; psutil not needed).
+* ``host``: this process's CPU time and involuntary context switches, its page faults (major ones read a page
+  from disk: a cold page cache of the CUDA libraries, whose kernels load lazily on first launch) and the bytes it
+  read from storage, its live child processes (inductor's compile workers) and their CPU time, and the machine's
+  busy CPU share (``/proc``; psutil not needed);
+* ``stacks``: where the main thread was: a thread samples its Python stack every ``StackSampler.INTERVAL``
+  seconds; the step's most frequent stacks and the share of samples taken (a C call that holds the GIL, such as a
+  kernel launch or a lazy module load, blocks the sampler: a low share says the thread was inside one).
 
 ``explain(step, typical)`` names the counters of a step that differ from a typical step's.
 """
@@ -134,9 +139,19 @@ def process_tree(root: int | None = None) -> dict[int, float]:
 
 
 def self_cpu() -> dict[str, float]:
-    """This process's CPU seconds and context switches (all threads)."""
+    """This process's CPU seconds, context switches and page faults (all threads), and its storage reads
+    (``read_bytes``: what it made the kernel fetch from disk; ``rchar``: every byte read, page cache too)."""
     fields = _stat_fields("self")
     out = {"cpu_s": (int(fields[11]) + int(fields[12])) / CLOCK_TICKS if fields else time.process_time()}
+    if fields:
+        out["minflt"], out["majflt"] = float(fields[7]), float(fields[9])
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            key, value = line.split(":")
+            if key in ("read_bytes", "rchar"):
+                out[key] = float(value)
+    except (OSError, ValueError):
+        pass
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches", "Threads")):
@@ -158,6 +173,66 @@ def machine_cpu() -> tuple[float, float] | None:
     return sum(ticks) - idle, sum(ticks)
 
 
+# ------------------------------------------------------------------------------------------ host stacks
+class StackSampler:
+    """Samples the main thread's Python stack from a daemon thread every ``INTERVAL`` seconds.
+
+    ``take()`` returns the samples since the last call as ``{"samples", "expected", "top"}``: ``expected`` is
+    the number of intervals that passed (fewer samples: the thread held the GIL in a long C call), ``top`` the
+    ``TOP`` most frequent stacks (``DEPTH`` innermost frames, ``file:function:line`` joined by ``<``) with their
+    share of the samples.
+    """
+
+    INTERVAL = 0.005
+    DEPTH = 8
+    TOP = 4
+
+    def __init__(self, thread_id: int | None = None):
+        import collections
+        import threading
+
+        self._target = thread_id if thread_id is not None else threading.main_thread().ident
+        self._counts: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+        self._since = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def stack_key(cls, frame) -> str:
+        parts = []
+        while frame is not None and len(parts) < cls.DEPTH:
+            code = frame.f_code
+            parts.append(f"{os.path.basename(code.co_filename)}:{code.co_name}:{frame.f_lineno}")
+            frame = frame.f_back
+        return " < ".join(parts)
+
+    def _run(self) -> None:
+        import sys
+
+        while not self._stop.wait(self.INTERVAL):
+            frame = sys._current_frames().get(self._target)
+            if frame is None:
+                continue
+            key = self.stack_key(frame)
+            with self._lock:
+                self._counts[key] += 1
+
+    def take(self) -> dict:
+        now = time.perf_counter()
+        with self._lock:
+            counts, self._counts = self._counts, type(self._counts)()
+        expected, self._since = (now - self._since) / self.INTERVAL, now
+        samples = sum(counts.values())
+        top = [{"share": round(n / samples, 3), "stack": key} for key, n in counts.most_common(self.TOP)]
+        return {"samples": samples, "expected": int(expected), "top": top}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+
 # ------------------------------------------------------------------------------------------ the probe
 class _Records(logging.Handler):
     def __init__(self):
@@ -171,8 +246,15 @@ class _Records(logging.Handler):
 class StepProbe:
     """Bracket each step with ``begin()`` and ``end()``; ``end`` returns the step's counters (a dict)."""
 
-    def __init__(self, sampler_getter=None, log_recompiles: bool = True, triton: TritonCompiles | None = None):
+    def __init__(
+        self,
+        sampler_getter=None,
+        log_recompiles: bool = True,
+        triton: TritonCompiles | None = None,
+        stacks: bool = True,
+    ):
         self.sampler_getter = sampler_getter or (lambda: None)
+        self.stacks = StackSampler() if stacks else None
         self.triton = triton if triton is not None else TritonCompiles()
         self.gc_events: list[tuple[int, float]] = []  # (generation, pause s) within the current step
         self._gc_start: float | None = None
@@ -189,6 +271,8 @@ class StepProbe:
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
         self.triton.close()
+        if self.stacks is not None:
+            self.stacks.close()
         for name in list(logging.root.manager.loggerDict):
             if name.endswith(("__recompiles", "__graph_breaks")):
                 logging.getLogger(name).removeHandler(self.records)
@@ -248,6 +332,8 @@ class StepProbe:
         self.gc_events.clear()
         self.records.lines.clear()
         self._before = self._snapshot()
+        if self.stacks is not None:
+            self.stacks.take()  # drop what was sampled between steps
 
     def end(self) -> dict:
         """The step's deltas (call after its timer stopped)."""
@@ -271,6 +357,9 @@ class StepProbe:
             "children": len(a["children"]),
             "children_cpu_s": round(children_cpu, 3),
         }
+        for key in ("majflt", "minflt", "read_bytes", "rchar"):
+            if key in a["self"] and key in b["self"]:
+                host[key] = a["self"][key] - b["self"][key]
         if a["machine"] and b["machine"] and a["machine"][1] > b["machine"][1]:
             host["machine_busy"] = round((a["machine"][0] - b["machine"][0]) / (a["machine"][1] - b["machine"][1]), 3)
         out = {
@@ -285,7 +374,10 @@ class StepProbe:
             "triton": self.triton.delta(b["triton"], a["triton"]),
             "host": host,
             "probe_wall_s": round(wall, 3),
+            "t_end_epoch": round(time.time(), 3),  # to line the step up with an outside log (nvidia-smi)
         }
+        if self.stacks is not None:
+            out["stacks"] = self.stacks.take()
         if "cuda" in a and "cuda" in b:
             cuda = stats_delta(b["cuda"], a["cuda"])
             cuda["reserved_gib"] = round(a["cuda"]["reserved_bytes"] / 2**30, 2)
@@ -303,6 +395,13 @@ SIGNALS = {  # counter -> (how to read it from a step record, threshold above th
     "children": (lambda d: d.get("host", {}).get("children", 0), 0.5, "{:.0f} child procs"),
     "machine_busy": (lambda d: d.get("host", {}).get("machine_busy", 0.0), 0.15, "machine busy {:.0%}"),
     "ctx": (lambda d: d.get("host", {}).get("involuntary_ctx", 0), 200, "{:.0f} involuntary ctx switches"),
+    "majflt": (lambda d: d.get("host", {}).get("majflt", 0), 50, "{:.0f} major page faults"),
+    "disk": (lambda d: d.get("host", {}).get("read_bytes", 0) / 2**20, 16, "{:.0f} MiB read from disk"),
+    "gil": (
+        lambda d: 1 - d["stacks"]["samples"] / d["stacks"]["expected"] if d.get("stacks", {}).get("expected") else 0,
+        0.25,
+        "sampler starved {:.0%} (a long C call holding the GIL)",
+    ),
     "frames": (lambda d: d.get("dynamo", {}).get("frames.total", 0), 0.5, "{:.0f} frames compiled"),
     "recompiles": (lambda d: len(d.get("recompile_log", [])), 0.5, "{:.0f} recompile msgs"),
     "captures": (lambda d: d.get("sampler", {}).get("captures", 0), 0.5, "{:.0f} graph captures"),

@@ -122,6 +122,41 @@ def test_step_probe_sees_gc_passes_child_processes_and_recompiles():
     assert diagnostics.explain(record, [{}]) and probe._on_gc not in gc.callbacks
 
 
+def _spin_in_a_named_function(seconds: float) -> int:
+    t, n = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds:
+        n += 1
+    return n
+
+
+def test_step_probe_records_page_faults_and_where_the_host_thread_was():
+    probe = diagnostics.StepProbe(log_recompiles=False)
+    try:
+        probe.begin()
+        touched = bytearray(64 * 2**20)  # 16k fresh pages: minor faults
+        touched[::4096] = b"x" * len(touched[::4096])
+        _spin_in_a_named_function(0.4)
+        record = probe.end()
+        probe.begin()
+        time.sleep(0.2)
+        quiet = probe.end()
+    finally:
+        probe.close()
+    assert record["host"]["minflt"] >= 8000 and "majflt" in record["host"] and "rchar" in record["host"]
+    stacks = record["stacks"]
+    assert stacks["samples"] >= 20 and stacks["expected"] >= stacks["samples"] * 0.5
+    assert "_spin_in_a_named_function" in stacks["top"][0]["stack"] and stacks["top"][0]["share"] > 0.5
+    assert not any("_spin_in_a_named_function" in t["stack"] for t in quiet["stacks"]["top"])  # taken per step
+    assert not probe.stacks._thread.is_alive()
+    slow = {"host": {"majflt": 4000, "read_bytes": 300 * 2**20}, "stacks": {"samples": 100, "expected": 500}}
+    why = diagnostics.explain(slow, [{"host": {"majflt": 2}, "stacks": {"samples": 99, "expected": 100}}])
+    assert why == [
+        "4000 major page faults",
+        "300 MiB read from disk",
+        "sampler starved 80% (a long C call holding the GIL)",
+    ]
+
+
 def test_triton_probe_counts_and_times_compiles_per_step_and_restores_the_method(tmp_path, monkeypatch):
     """A stand-in for triton's JITFunction (the CPU has no Triton): a kernel compiled in the step shows up with
     its name, count and time, a kernel compiled before the step does not, and close() puts the method back."""
