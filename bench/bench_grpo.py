@@ -91,6 +91,8 @@ FIXES = {
     "expandable-segments": ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "allocator segments grow"),
     "cold-cache": ({}, "a fresh, empty inductor/triton cache (compiles from scratch)"),
     "fixed-prompt": ({}, "every prompt 80 words: one padded length on every step (no new shapes after step 1)"),
+    "cold-jit-cache": ({}, "a fresh, empty CUDA driver JIT cache (CUDA_CACHE_PATH): as on a machine never used"),
+    "no-cudnn-sdpa": ({}, "torch's cuDNN attention off (SDPA takes flash or memory-efficient attention)"),
 }
 FIXED_PROMPT = (PROMPT_TOKENS[1], PROMPT_TOKENS[1])
 
@@ -108,15 +110,35 @@ def training_flops(params: int, layers: int, heads: int, head_dim: int, sequence
     return 6.0 * params * sequences * length + 6.0 * layers * heads * head_dim * length**2 * sequences
 
 
+def fix_parts(fix: str) -> list[str]:
+    """The fixes of a run: names of ``FIXES`` joined by ``+`` (they combine).
+
+    Example:
+        >>> fix_parts("cold-jit-cache+no-cudnn-sdpa"), fix_parts("plain")
+        (['cold-jit-cache', 'no-cudnn-sdpa'], ['plain'])
+    """
+    parts = fix.split("+")
+    unknown = [p for p in parts if p not in FIXES]
+    if unknown:
+        raise ValueError(f"unknown fix {'+'.join(unknown)!r}; choose from {', '.join(FIXES)} (join with +)")
+    return parts
+
+
+def fix_what(fix: str) -> str:
+    return "; ".join(FIXES[p][1] for p in fix_parts(fix))
+
+
 def apply_fix_env(fix: str) -> None:
     """Set the fix's environment variables (before torch is imported in this process)."""
-    if fix not in FIXES:
-        raise ValueError(f"unknown fix {fix!r}; choose from {', '.join(FIXES)}")
-    os.environ.update(FIXES[fix][0])
-    if fix == "cold-cache":
+    parts = fix_parts(fix)
+    for part in parts:
+        os.environ.update(FIXES[part][0])
+    if "cold-cache" in parts:
         root = tempfile.mkdtemp(prefix="bench-cold-cache-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = root
         os.environ["TRITON_CACHE_DIR"] = os.path.join(root, "triton")
+    if "cold-jit-cache" in parts:  # the driver caches the SASS it JIT-compiles from PTX here, across processes
+        os.environ["CUDA_CACHE_PATH"] = tempfile.mkdtemp(prefix="bench-cold-jit-")
 
 
 # ------------------------------------------------------------------------------------------ timing a trainer
@@ -187,6 +209,9 @@ def run_variant(
 
     cuda = th.cuda.is_available() and not tiny
     sync = th.cuda.synchronize if cuda else (lambda: None)
+    fixes = fix_parts(fix)
+    if "no-cudnn-sdpa" in fixes:
+        th.backends.cuda.enable_cudnn_sdp(False)
     vocab_size = TINY_VOCAB if tiny else VOCAB
     if tiny:
         v = replace(v, completion=16, micro_batch=8, completions=min(v.completions, 32), generations=8)
@@ -226,7 +251,7 @@ def run_variant(
         reward_funcs=[random_reward],
         args=args,
         train_dataset=build_dataset(
-            prompts + 8, seed, vocab_size, FIXED_PROMPT if fix == "fixed-prompt" else PROMPT_TOKENS
+            prompts + 8, seed, vocab_size, FIXED_PROMPT if "fixed-prompt" in fixes else PROMPT_TOKENS
         ),
         processing_class=tok,
         reasoning_vocab=vocab,
@@ -238,14 +263,19 @@ def run_variant(
         "variant": v.name,
         "label": v.label,
         "fix": fix,
-        "fix_what": FIXES[fix][1],
+        "fix_what": fix_what(fix),
         "config": asdict(v),
         "params": params,
         "peak_flops": peak,
         "peak_source": peak_source if peak else None,
         "device": device,
         "torch": th.__version__,
-        "env": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_COMPILE_THREADS", "PYTORCH_CUDA_ALLOC_CONF")},
+        "env": {
+            k: os.environ.get(k)
+            for k in ("TORCHINDUCTOR_COMPILE_THREADS", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_CACHE_PATH")
+        },
+        "cudnn_sdpa": th.backends.cuda.cudnn_sdp_enabled() if cuda else None,
+        "cudnn": th.backends.cudnn.version() if cuda else None,
         "setup_s": None,
         "steps": [],
         "stopped_early": None,
@@ -262,10 +292,10 @@ def run_variant(
 
     def after_warmup() -> None:
         try:
-            if fix == "gc-freeze":
+            if "gc-freeze" in fixes:
                 gc.collect()
                 gc.freeze()
-            elif fix == "pool-shutdown":
+            if "pool-shutdown" in fixes:
                 from torch._inductor import async_compile
 
                 async_compile.shutdown_compile_workers()
@@ -307,7 +337,7 @@ def run_variant(
                 write_json(partial, result)
 
     trainer.add_callback(StepTimer())
-    if fix == "gc-freeze":
+    if "gc-freeze" in fixes:
         gc.collect()
         gc.freeze()  # everything built so far (tokenizer, dataset, model, trainer) is never scanned again
     result["gc_tracked_objects_at_start"] = len(gc.get_objects())
@@ -464,7 +494,7 @@ def run_child(name: str, fix: str, args, partial: Path) -> dict:
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--deadline", str(args.deadline)] if args.deadline else []
     cmd += ["--peak-flops", str(args.peak_flops)] if args.peak_flops else []
-    print(f"=== {name} / {fix}: {VARIANTS[name].label}; {FIXES[fix][1]}", flush=True)
+    print(f"=== {name} / {fix}: {VARIANTS[name].label}; {fix_what(fix)}", flush=True)
     timeout = max(args.deadline - time.time() + 30, 1) if args.deadline else None
     try:
         proc = subprocess.run(
@@ -510,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, (env, what) in FIXES.items():
             print(f"--fixes {name:20s} {what} {env or ''}")
         return 0
-    unknown = [n for n in args.variants if n not in VARIANTS] + [f for f in args.fixes if f not in FIXES]
+    unknown = [n for n in args.variants if n not in VARIANTS]
+    unknown += [f for f in args.fixes if not set(f.split("+")) <= set(FIXES)]
     if unknown:
         parser.error(f"unknown variant/fix {unknown}; see --list")
     if args.run_one:

@@ -30,12 +30,13 @@ except ImportError:  # CPU installs and CI: the eager attention is used
     triton = None
     tl = None
 
-# The launch configuration, chosen from ``bench.decode_parts`` on one H200 (2026-12-02, BENCHMARKS.md): 32 slots x
-# 4 warps x 3 stages was the fastest or within 3% of it at 32 x 512, 256 x 1,024 and 32 x 4,096, and more context
-# splits than needed to give every SM a program only added time (the reduce kernel, shorter loops).
-BLOCK_N = 32  # cache slots per block of the inner loop
+# The launch configuration, chosen from ``bench.decode_parts`` on one H200 (BENCHMARKS.md): with the new token
+# folded in after the loop (12-03 H), 64 slots x 4 warps x 3 stages and one split where the (row, KV head)
+# programs already give every SM one was the fastest or within 1% of it at 32 x 512 (17.1 us), 256 x 1,024
+# (156.2 us) and 32 x 4,096 (70.5 us); more splits only added time (the reduce kernel, shorter loops).
+BLOCK_N = 64  # cache slots per block of the inner loop
 NEW_APART = True  # the new token folded in after the loop over the cached slots (see _split_kernel)
-WAVES = 2  # programs per SM aimed at when choosing the number of context splits (12-03 D: 2 splits at 32 x 4,096)
+WAVES = 1  # programs per SM aimed at when choosing the number of context splits
 NUM_WARPS = 4  # warps per program of the split kernel
 NUM_STAGES = 3  # software-pipeline stages of its loop over the cache blocks
 MIN_DOT = 16  # tl.dot needs every dimension >= 16: query heads and head_dim are padded up to it
@@ -223,8 +224,8 @@ def num_splits(rows: int, cache_len: int, device: th.device, sms: int | None = N
     Triton's interpreter, which runs programs one by one, one).
 
     Example:
-        >>> num_splits(256, 4096, th.device("cpu"), sms=132), num_splits(2048, 1024, th.device("cpu"), sms=132)
-        (2, 1)
+        >>> num_splits(64, 4096, th.device("cpu"), sms=132), num_splits(2048, 1024, th.device("cpu"), sms=132)
+        (3, 1)
     """
     if sms is None:
         sms = th.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
