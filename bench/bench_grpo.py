@@ -92,7 +92,7 @@ FIXES = {
     "cold-cache": ({}, "a fresh, empty inductor/triton cache (compiles from scratch)"),
     "fixed-prompt": ({}, "every prompt 80 words: one padded length on every step (no new shapes after step 1)"),
     "cold-jit-cache": ({}, "a fresh, empty CUDA driver JIT cache (CUDA_CACHE_PATH): as on a machine never used"),
-    "no-cudnn-sdpa": ({}, "torch's cuDNN attention off (SDPA takes flash or memory-efficient attention)"),
+    "cudnn-sdpa": ({}, "training.cudnn_attention=true: SDPA may take cuDNN's attention (torch's Hopper default)"),
 }
 FIXED_PROMPT = (PROMPT_TOKENS[1], PROMPT_TOKENS[1])
 
@@ -114,8 +114,8 @@ def fix_parts(fix: str) -> list[str]:
     """The fixes of a run: names of ``FIXES`` joined by ``+`` (they combine).
 
     Example:
-        >>> fix_parts("cold-jit-cache+no-cudnn-sdpa"), fix_parts("plain")
-        (['cold-jit-cache', 'no-cudnn-sdpa'], ['plain'])
+        >>> fix_parts("cold-jit-cache+cudnn-sdpa"), fix_parts("plain")
+        (['cold-jit-cache', 'cudnn-sdpa'], ['plain'])
     """
     parts = fix.split("+")
     unknown = [p for p in parts if p not in FIXES]
@@ -210,8 +210,6 @@ def run_variant(
     cuda = th.cuda.is_available() and not tiny
     sync = th.cuda.synchronize if cuda else (lambda: None)
     fixes = fix_parts(fix)
-    if "no-cudnn-sdpa" in fixes:
-        th.backends.cuda.enable_cudnn_sdp(False)
     vocab_size = TINY_VOCAB if tiny else VOCAB
     if tiny:
         v = replace(v, completion=16, micro_batch=8, completions=min(v.completions, 32), generations=8)
@@ -244,6 +242,7 @@ def run_variant(
         report_to="none",
         seed=seed,
         disable_dropout=True,
+        cudnn_attention="cudnn-sdpa" in fixes,  # the repo's default is off (trainer.sdpa_backends)
     )
     prompts = v.steps * v.completions // v.generations
     trainer = RLVRGRPOTrainer(
@@ -274,7 +273,7 @@ def run_variant(
             k: os.environ.get(k)
             for k in ("TORCHINDUCTOR_COMPILE_THREADS", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_CACHE_PATH")
         },
-        "cudnn_sdpa": th.backends.cuda.cudnn_sdp_enabled() if cuda else None,
+        "cudnn_attention": args.cudnn_attention,
         "cudnn": th.backends.cudnn.version() if cuda else None,
         "setup_s": None,
         "steps": [],

@@ -120,8 +120,8 @@ class TrainingConfig:
     """Arguments of ``trl.GRPOConfig``: every key here is a GRPOConfig field and reaches it unchanged.
 
     ``extra`` takes any other GRPOConfig field by name (checked against GRPOConfig before training).
-    The project's own knobs (``generation_backend``, ``logprob_chunk_size``, ``master_weights``) are fields of the
-    GRPOConfig subclass in trainer.py, so they are GRPOConfig fields too.
+    The project's own knobs (``generation_backend``, ``logprob_chunk_size``, ``master_weights``,
+    ``cudnn_attention``) are fields of the GRPOConfig subclass in trainer.py, so they are GRPOConfig fields too.
     """
 
     learning_rate: float = 1e-6  # AdamW peak learning rate
@@ -159,6 +159,7 @@ class TrainingConfig:
     generation_backend: str = "fast"  # fast: rlvr-vocab's static-cache sampler | trl: TRL's plain generate()
     logprob_chunk_size: int = 1024  # tokens per chunk in the log-prob pass (bounds the B x L x V logits)
     master_weights: bool = True  # fp32 copies of bf16 weights for the optimizer step (false: most updates round away)
+    cudnn_attention: bool = False  # SDPA may use cuDNN (torch's Hopper default): it JIT-compiles per length class
     extra: dict[str, Any] = field(default_factory=dict)  # any other GRPOConfig field, by name
 
 

@@ -11,6 +11,7 @@ EOS cut, lives here, the only file that touches TRL's private API). With N > 0:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -38,6 +39,23 @@ from rlvr_vocab.sampling import FastSampler
 from rlvr_vocab.thinking import CompletionSpan, SpanTags, ends_inside, split_completion
 
 
+@contextlib.contextmanager
+def sdpa_backends(cudnn: bool):
+    """``scaled_dot_product_attention``'s backends inside the block: all of torch's (``cudnn``), or all but cuDNN's.
+
+    On an H200 (torch 2.11, cuDNN 9.19) cuDNN's attention builds and JIT-compiles kernels the first time a
+    sequence-length class appears: in a Qwen3-0.6B GRPO run from a fresh machine steps 2, 3 and 6 took 3.7-4.7 s
+    against a median of 1.47 s, and with cuDNN off none did (median 1.42 s; BENCHMARKS.md, 12-03 I).
+    """
+    if cudnn:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
 @dataclass
 class RLVRGRPOConfig(GRPOConfig):
     """GRPOConfig plus this project's switches (so every ``training.*`` key is a field of one config)."""
@@ -50,6 +68,13 @@ class RLVRGRPOConfig(GRPOConfig):
     )
     master_weights: bool = field(
         default=True, metadata={"help": "fp32 copies of bf16/fp16 weights for the optimizer step (optim.py)."}
+    )
+    cudnn_attention: bool = field(
+        default=False,
+        metadata={
+            "help": "Let SDPA use cuDNN's attention (torch's first choice on Hopper with cuDNN >= 9.15). Off: it "
+            "JIT-compiles kernels for new sequence-length classes, 2-3 s steps on a fresh machine (BENCHMARKS.md)."
+        },
     )
 
     # Pickling is how the Trainer writes training_args.bin into every checkpoint and the final model, and
@@ -350,6 +375,11 @@ class RLVRGRPOTrainer(GRPOTrainer):
                     continue
                 base = target.get_base_model() if hasattr(target, "get_base_model") else target
                 add_reasoning_lm_head(base, reasoning_vocab, self.temperature, self.args.logprob_chunk_size)
+
+    def train(self, *args, **kwargs):
+        """The Trainer's loop, with SDPA's backends as ``training.cudnn_attention`` says (``sdpa_backends``)."""
+        with sdpa_backends(self.args.cudnn_attention):
+            return super().train(*args, **kwargs)
 
     def create_optimizer(self, *args, **kwargs):
         """The Trainer's optimizer, stepping fp32 copies of the bf16/fp16 weights (``training.master_weights``):

@@ -187,6 +187,29 @@ def test_a_non_finite_gradient_stops_training_before_the_weights_change(tmp_path
     assert sorted(p.name for p in (tmp_path / "t").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
+@pytest.mark.parametrize("cudnn", [False, True])
+def test_cudnn_attention_is_off_in_training_and_rollouts_unless_asked_for(tmp_path, cudnn):
+    """training.cudnn_attention: SDPA's cuDNN backend (JIT compiles per length class on Hopper: the slow steps of
+    BENCHMARKS.md) is off in every attention call of train(), generation and training alike; the process's own
+    setting comes back after it."""
+    from conftest import make_trainer, tiny_llama
+
+    from rlvr_vocab.models import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = tiny_llama(tok, seed=1)
+    trainer = make_trainer(model, tok, None, tmp_path, max_steps=2, save_strategy="no", cudnn_attention=cudnn)
+    seen = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda *_: seen.append((th.is_grad_enabled(), th.backends.cuda.cudnn_sdp_enabled()))
+    )
+    before = th.backends.cuda.cudnn_sdp_enabled()
+    trainer.train()
+    assert {grad for grad, _ in seen} == {True, False}, "both rollouts (no grad) and training forwards were seen"
+    assert {flag for _, flag in seen} == {cudnn}
+    assert th.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def test_console_shows_a_banner_one_line_per_step_and_a_summary_and_train_log_holds_them(tmp_path, capfd):
     """What a researcher reads (issue 15): no transformers metrics dicts, bars or held-out dicts; the same lines
     in the run dir's train.log. One 2-step debug run with a held-out eval at every step, in a folder named as a
