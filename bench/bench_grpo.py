@@ -93,6 +93,7 @@ FIXES = {
     "fixed-prompt": ({}, "every prompt 80 words: one padded length on every step (no new shapes after step 1)"),
     "cold-jit-cache": ({}, "a fresh, empty CUDA driver JIT cache (CUDA_CACHE_PATH): as on a machine never used"),
     "cudnn-sdpa": ({}, "training.cudnn_attention=true: SDPA may take cuDNN's attention (torch's Hopper default)"),
+    "no-cudnn-sdpa": ({}, "training.cudnn_attention=false: SDPA never takes cuDNN's attention"),
 }
 FIXED_PROMPT = (PROMPT_TOKENS[1], PROMPT_TOKENS[1])
 
@@ -205,7 +206,7 @@ def run_variant(
     from bench.diagnostics import StepProbe
     from rlvr_vocab.config import ReasoningVocabConfig
     from rlvr_vocab.reasoning_vocab import extend_model
-    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer, checkpointing_field
+    from rlvr_vocab.trainer import RLVRGRPOConfig, RLVRGRPOTrainer, checkpointing_field, cudnn_attention_on
 
     cuda = th.cuda.is_available() and not tiny
     sync = th.cuda.synchronize if cuda else (lambda: None)
@@ -242,7 +243,8 @@ def run_variant(
         report_to="none",
         seed=seed,
         disable_dropout=True,
-        cudnn_attention="cudnn-sdpa" in fixes,  # the repo's default is off (trainer.sdpa_backends)
+        # null (the repo's default): on from 1,024-token completions (trainer.cudnn_attention_on)
+        cudnn_attention=True if "cudnn-sdpa" in fixes else False if "no-cudnn-sdpa" in fixes else None,
     )
     prompts = v.steps * v.completions // v.generations
     trainer = RLVRGRPOTrainer(
@@ -273,7 +275,7 @@ def run_variant(
             k: os.environ.get(k)
             for k in ("TORCHINDUCTOR_COMPILE_THREADS", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_CACHE_PATH")
         },
-        "cudnn_attention": args.cudnn_attention,
+        "cudnn_attention": cudnn_attention_on(args.cudnn_attention, args.max_completion_length),
         "cudnn": th.backends.cudnn.version() if cuda else None,
         "setup_s": None,
         "steps": [],

@@ -38,15 +38,29 @@ from rlvr_vocab.redact import is_secret_key, scrub_secrets
 from rlvr_vocab.sampling import FastSampler
 from rlvr_vocab.thinking import CompletionSpan, SpanTags, ends_inside, split_completion
 
+CUDNN_MIN_COMPLETION = 1024  # training.cudnn_attention=null turns cuDNN's attention on from this completion length
+
+
+def cudnn_attention_on(setting: bool | None, max_completion_length: int) -> bool:
+    """``training.cudnn_attention``: true/false as given; null (the default) on for completions of at least
+    ``CUDNN_MIN_COMPLETION`` tokens.
+
+    Why (one H200, torch 2.11, cuDNN 9.19, Qwen3-0.6B GRPO; BENCHMARKS.md): cuDNN's attention, torch's first choice
+    on Hopper, JIT-compiles kernels the first time a sequence-length class appears. At 32 x 512 that made steps 2, 3
+    and 6 of every run on a fresh machine take 3.7-4.7 s against a 1.47 s median, and its kernels were no faster
+    there (median 1.42 s with cuDNN off, same call). At 256 x 1,024 its training side is faster (6.2 s against
+    7.5 s per step, two calls), so there it repays the compiles, which cost a few early steps ~1.5 s each.
+
+    Example:
+        >>> cudnn_attention_on(None, 512), cudnn_attention_on(None, 1024), cudnn_attention_on(True, 512)
+        (False, True, True)
+    """
+    return setting if setting is not None else max_completion_length >= CUDNN_MIN_COMPLETION
+
 
 @contextlib.contextmanager
 def sdpa_backends(cudnn: bool):
-    """``scaled_dot_product_attention``'s backends inside the block: all of torch's (``cudnn``), or all but cuDNN's.
-
-    On an H200 (torch 2.11, cuDNN 9.19) cuDNN's attention builds and JIT-compiles kernels the first time a
-    sequence-length class appears: in a Qwen3-0.6B GRPO run from a fresh machine steps 2, 3 and 6 took 3.7-4.7 s
-    against a median of 1.47 s, and with cuDNN off none did (median 1.42 s; BENCHMARKS.md, 12-03 I).
-    """
+    """``scaled_dot_product_attention``'s backends inside the block: all of torch's (``cudnn``), or all but cuDNN's."""
     if cudnn:
         yield
         return
@@ -69,11 +83,12 @@ class RLVRGRPOConfig(GRPOConfig):
     master_weights: bool = field(
         default=True, metadata={"help": "fp32 copies of bf16/fp16 weights for the optimizer step (optim.py)."}
     )
-    cudnn_attention: bool = field(
-        default=False,
+    cudnn_attention: bool | None = field(
+        default=None,
         metadata={
-            "help": "Let SDPA use cuDNN's attention (torch's first choice on Hopper with cuDNN >= 9.15). Off: it "
-            "JIT-compiles kernels for new sequence-length classes, 2-3 s steps on a fresh machine (BENCHMARKS.md)."
+            "help": "Let SDPA use cuDNN's attention (torch's first choice on Hopper). null: on for completions of "
+            f"{CUDNN_MIN_COMPLETION}+ tokens; below, its per-length-class JIT compiles cost 2-3 s steps and its "
+            "kernels were no faster (cudnn_attention_on, BENCHMARKS.md)."
         },
     )
 
@@ -378,7 +393,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
 
     def train(self, *args, **kwargs):
         """The Trainer's loop, with SDPA's backends as ``training.cudnn_attention`` says (``sdpa_backends``)."""
-        with sdpa_backends(self.args.cudnn_attention):
+        with sdpa_backends(cudnn_attention_on(self.args.cudnn_attention, self.args.max_completion_length)):
             return super().train(*args, **kwargs)
 
     def create_optimizer(self, *args, **kwargs):

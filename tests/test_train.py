@@ -187,18 +187,23 @@ def test_a_non_finite_gradient_stops_training_before_the_weights_change(tmp_path
     assert sorted(p.name for p in (tmp_path / "t").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
-@pytest.mark.parametrize("cudnn", [False, True])
-def test_cudnn_attention_is_off_in_training_and_rollouts_unless_asked_for(tmp_path, cudnn):
+@pytest.mark.parametrize(
+    "setting, completion, cudnn", [(None, 24, False), (None, 1024, True), (False, 1024, False), (True, 24, True)]
+)
+def test_cudnn_attention_follows_the_setting_in_training_and_rollouts(tmp_path, setting, completion, cudnn):
     """training.cudnn_attention: SDPA's cuDNN backend (JIT compiles per length class on Hopper: the slow steps of
-    BENCHMARKS.md) is off in every attention call of train(), generation and training alike; the process's own
-    setting comes back after it."""
+    BENCHMARKS.md) is on or off in every attention call of train(), generation and training alike (null: on from
+    1,024-token completions); the process's own setting comes back after it."""
     from conftest import make_trainer, tiny_llama
 
     from rlvr_vocab.models import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     model = tiny_llama(tok, seed=1)
-    trainer = make_trainer(model, tok, None, tmp_path, max_steps=2, save_strategy="no", cudnn_attention=cudnn)
+    trainer = make_trainer(
+        model, tok, None, tmp_path, max_steps=1, save_strategy="no", cudnn_attention=setting,
+        max_completion_length=completion,
+    )  # fmt: skip
     seen = []
     model.model.layers[0].self_attn.register_forward_pre_hook(
         lambda *_: seen.append((th.is_grad_enabled(), th.backends.cuda.cudnn_sdp_enabled()))
