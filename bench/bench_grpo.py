@@ -542,9 +542,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--fixes {name:20s} {what} {env or ''}")
         return 0
     unknown = [n for n in args.variants if n not in VARIANTS]
-    unknown += [f for f in args.fixes if not set(f.split("+")) <= set(FIXES)]
     if unknown:
-        parser.error(f"unknown variant/fix {unknown}; see --list")
+        parser.error(f"unknown variant {unknown}; see --list")
+    for fix in args.fixes:
+        try:
+            fix_parts(fix)
+        except ValueError as err:
+            parser.error(str(err))
     if args.run_one:
         apply_fix_env(args.fix)  # before torch is imported
         v = VARIANTS[args.run_one]

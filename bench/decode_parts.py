@@ -21,8 +21,7 @@ zeros), rotated among enough copies that the bytes of one graph exceed the L2 ca
   ``--batches`` and the vocabulary as it is and doubled: ``state.pick`` with the PyTorch ops (compiled, with the
   [B, V] Exp(1) draw it needs) against the Triton kernels of ``triton_pick``; GB/s of the logits read.
 
-``--grid block=32,64 splits=1,2,4 apart=1`` replaces those entries of the attention grid (``apart``: the new token
-folded in after the loop over the cached slots, 1, or inside it, 0).
+``--grid block=32,64 splits=1,2,4`` replaces those entries of the attention grid.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from bench.workload import QWEN3_06B, TINY
 
 PROMPT_MEAN = 68  # the benchmark prompts' mean length (52-84 tokens)
 PROMPT_MAX = 84
-GRID = dict(block=(32, 64, 128), warps=(4, 8), stages=(2, 3, 4), splits=(1, 2, 4, 8, 16, 32), apart=(1, 0))
+GRID = dict(block=(32, 64, 128), warps=(4, 8), stages=(2, 3, 4), splits=(1, 2, 4, 8, 16, 32))
 
 
 def parse_grid(entries: list[str]) -> dict:
@@ -176,7 +175,6 @@ def attention_row(name: str, args, shape: dict, cuda: bool, bandwidth: float | N
         triton_decode.BLOCK_N,
         triton_decode.NUM_WARPS,
         triton_decode.NUM_STAGES,
-        triton_decode.NEW_APART,
     )
     base = dict(row=name, batch=b, cache_len=cache_len, length=length, kv_bytes=kv_bytes, copies=copies)
     mask = decode_mask(bias, n, -(-length // 128) * 128, hkv, dtype)
@@ -191,18 +189,17 @@ def attention_row(name: str, args, shape: dict, cuda: bool, bandwidth: float | N
     if triton_decode.triton is None or not cuda:  # Triton's CPU interpreter: too slow to time
         return results
     grid = parse_grid(args.grid)
-    keys = ("block", "warps", "stages", "splits", "apart")
-    for block, warps, stages, splits, apart in itertools.product(*(grid[k] for k in keys)):
+    for block, warps, stages, splits in itertools.product(*(grid[k] for k in ("block", "warps", "stages", "splits"))):
         if splits > 1 and (splits - 1) * block >= length - pad:  # a split with nothing to read
             continue
-        config = dict(block=block, warps=warps, stages=stages, splits=splits, apart=apart)
-        config["default"] = (splits, block, warps, stages, bool(apart)) == default
+        config = dict(block=block, warps=warps, stages=stages, splits=splits)
+        config["default"] = (splits, block, warps, stages) == default
 
         def run(i, config=config):
             x = sets[i % copies]
             return triton_decode.decode_attention(
                 x["q"], x["kn"], x["vn"], x["k"], x["v"], n, bias, scale, config["splits"], config["block"],
-                config["warps"], config["stages"], start=start, new_apart=bool(config["apart"]),
+                config["warps"], config["stages"], start=start,
             )  # fmt: skip
 
         try:
@@ -230,7 +227,7 @@ def _attention_result(base: dict, impl: str, config: dict | None, t: float, nbyt
 
 def attention_table(results: list[dict], top: int = 8) -> str:
     """The eager row, the default config and the ``top`` fastest Triton configs of each row."""
-    lines = ["| row | impl | block | warps | stages | splits | apart | us | GB/s | share | note |", "|" + "---|" * 11]
+    lines = ["| row | impl | block | warps | stages | splits | us | GB/s | share | note |", "|" + "---|" * 10]
     for name in dict.fromkeys(r["row"] for r in results):
         rows = [r for r in results if r["row"] == name and "us" in r]
         triton_rows = sorted((r for r in rows if r["impl"] == "triton"), key=lambda r: r["us"])
@@ -239,7 +236,7 @@ def attention_table(results: list[dict], top: int = 8) -> str:
         for r in shown:
             share = "" if r["share_of_bandwidth"] is None else f"{r['share_of_bandwidth']:.0%}"
             note = "the default" if r in default else ""
-            cfg = [str(r.get(k, "")) for k in ("block", "warps", "stages", "splits", "apart")]
+            cfg = [str(r.get(k, "")) for k in ("block", "warps", "stages", "splits")]
             lines.append(
                 f"| {name} | {r['impl']} | {' | '.join(cfg)} | {r['us']:.1f} | {r['GBps']:.0f} | {share} | {note} |"
             )

@@ -159,9 +159,7 @@ class TrainingConfig:
     generation_backend: str = "fast"  # fast: rlvr-vocab's static-cache sampler | trl: TRL's plain generate()
     logprob_chunk_size: int = 1024  # tokens per chunk in the log-prob pass (bounds the B x L x V logits)
     master_weights: bool = True  # fp32 copies of bf16 weights for the optimizer step (false: most updates round away)
-    cudnn_attention: bool | None = (
-        None  # SDPA may use cuDNN (torch's Hopper default); null: from 1,024-token completions
-    )
+    cudnn_attention: bool | None = None  # SDPA may use cuDNN's attention; null: on from 1,024-token completions
     extra: dict[str, Any] = field(default_factory=dict)  # any other GRPOConfig field, by name
 
 

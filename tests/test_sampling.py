@@ -574,15 +574,14 @@ def triton_decode(monkeypatch):
         (2, 2, 3, 8, 70, 2, 2),  # group and head_dim padded up to tl.dot's 16; the first decode slot
     ],
 )
-@pytest.mark.parametrize("new_apart", [True, False], ids=["new-apart", "new-in-loop"])
 def test_triton_decode_kernel_matches_the_eager_maths(
-    triton_decode, b, kv_heads, group, head_dim, cache_len, length, splits, new_apart
+    triton_decode, b, kv_heads, group, head_dim, cache_len, length, splits
 ):
     q, kn, vn, keys, values, n, bias = decode_inputs(
         b, kv_heads, group, head_dim, cache_len, length, th.float32, TRITON_DEVICE
     )
     ref_keys, ref_values = keys.clone(), values.clone()
-    got = triton_decode.decode_attention(q, kn, vn, keys, values, n, bias, head_dim**-0.5, splits, new_apart=new_apart)
+    got = triton_decode.decode_attention(q, kn, vn, keys, values, n, bias, head_dim**-0.5, splits)
     mask = decode_mask(bias, n, cache_len, kv_heads, q.dtype)
     want = eager_decode_attention(q, kn, vn, ref_keys, ref_values, n, mask, head_dim**-0.5)
     assert th.equal(keys, ref_keys) and th.equal(values, ref_values), "the K/V write differs"
