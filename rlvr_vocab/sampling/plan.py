@@ -62,9 +62,12 @@ class BlockBefore:
     def threshold(self) -> int:
         return self.until
 
+    def blocked(self, inputs: StepInputs, index: int) -> th.Tensor:
+        """bool [V]: the columns this step puts at -inf now (``index``: the step's place in the plan)."""
+        return inputs["columns"][index] & (inputs["step"] < inputs["thresholds"][index])
+
     def apply(self, scores: th.Tensor, inputs: StepInputs, index: int) -> th.Tensor:
-        blocked = inputs["columns"][index] & (inputs["step"] < inputs["thresholds"][index])
-        return scores.masked_fill(blocked, float("-inf"))
+        return scores.masked_fill(self.blocked(inputs, index), float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,12 @@ class BlockAt:
     def threshold(self) -> int:
         return self.at
 
+    def blocked(self, inputs: StepInputs, index: int) -> th.Tensor:
+        """bool [V]: the columns this step puts at -inf now (``index``: the step's place in the plan)."""
+        return inputs["columns"][index] & (inputs["step"] == inputs["thresholds"][index])
+
     def apply(self, scores: th.Tensor, inputs: StepInputs, index: int) -> th.Tensor:
-        blocked = inputs["columns"][index] & (inputs["step"] == inputs["thresholds"][index])
-        return scores.masked_fill(blocked, float("-inf"))
+        return scores.masked_fill(self.blocked(inputs, index), float("-inf"))
 
 
 @dataclass(frozen=True, eq=False)

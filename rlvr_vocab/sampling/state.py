@@ -227,9 +227,7 @@ def _pick_triton(plan: Plan, logits: th.Tensor, t: dict) -> tuple[th.Tensor, th.
     blocked = None  # this step's blocked columns: the BlockBefore / BlockAt masks whose gate is open
     for index, s in enumerate(plan.steps):
         if isinstance(s, (BlockBefore, BlockAt)):
-            threshold = t["thresholds"][index]
-            gate = step < threshold if isinstance(s, BlockBefore) else step == threshold
-            cols = t["columns"][index] & gate
+            cols = s.blocked(t, index)
             blocked = cols if blocked is None else blocked | cols
     reasoning = plan.reasoning()
     forced = t["force_eos_at"] is not None
