@@ -620,14 +620,60 @@ def test_triton_decode_kernel_in_16_bits(triton_decode, dtype):
     assert relative_error(got, naive_attention(q, keys, values, 150, bias, 0.125)) < 1e-2
 
 
-def test_greedy_with_the_triton_kernel_matches_transformers_generate(tok, triton_decode):
-    model = tiny_qwen3(tok, TRITON_DEVICE)
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("dtype", [th.float32, th.float16])
+def test_triton_decode_kernel_norms_and_rotates_the_raw_projections(triton_decode, norm, dtype):
+    """``rope=``: the kernel applies the layer's q/k RMSNorm and RoPE as ``attention.norm_rope`` does (the same
+    16-bit roundings), attends with them, and writes the rotated key into the cache."""
+    from rlvr_vocab.sampling.attention import norm_rope
+
+    b, kv_heads, group, head_dim, cache_len, length = 3, 2, 3, 32, 100, 61
+    q, kn, vn, keys, values, n, bias = decode_inputs(
+        b, kv_heads, group, head_dim, cache_len, length, dtype, TRITON_DEVICE
+    )
+    gen = th.Generator().manual_seed(7)
+    angle = th.rand(b, 1, head_dim // 2, generator=gen) * 50
+    cos, sin = (f(th.cat([angle, angle], -1)).to(dtype=dtype, device=TRITON_DEVICE) for f in (th.cos, th.sin))
+    weight = (1 + 0.5 * th.randn(kv_heads * (group + 1), head_dim, generator=gen)).to(
+        dtype=dtype, device=TRITON_DEVICE
+    )
+    weight = weight if norm else None
+    rq, rk = norm_rope(q, kn, cos, sin, weight, 1e-6)
+    assert relative_error(rq, q) > 0.1 and relative_error(rk, kn) > 0.1  # the rotation is not the identity here
+    ref_keys, ref_values = keys.clone(), values.clone()
+    want = eager_decode_attention(
+        rq, rk, vn, ref_keys, ref_values, n, decode_mask(bias, n, cache_len, kv_heads, dtype), 0.2
+    )
+    got = triton_decode.decode_attention(
+        q, kn, vn, keys, values, n, bias, 0.2, 2, rope=(cos[:, 0], sin[:, 0], weight, 1e-6)
+    )
+    written = keys[:, :, length - 1].float()
+    assert relative_error(written, rk[:, :, 0]) < (1e-6 if dtype == th.float32 else 2e-3), "the roped key is cached"
+    assert th.equal(values, ref_values)
+    assert relative_error(got, want) < (1e-4 if dtype == th.float32 else 1e-2)
+
+
+def test_the_samplers_kernel_check_covers_the_raw_projection_form(triton_decode, monkeypatch):
+    """``check_triton`` (run before the sampler uses the kernel) passes the kernel, and names the form that fails."""
+    from rlvr_vocab.sampling.attention import check_triton
+
+    assert check_triton(th.float32, 4, 2, 16, th.device(TRITON_DEVICE)) is None
+    real = triton_decode.decode_attention
+    monkeypatch.setattr(triton_decode, "decode_attention", lambda *a, rope=None, **k: real(*a, **k))  # rope ignored
+    assert "q/k norm and RoPE in the kernel" in check_triton(th.float32, 4, 2, 16, th.device(TRITON_DEVICE))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_greedy_with_the_triton_kernel_matches_transformers_generate(tok, triton_decode, arch):
+    """Through the fused layers (raw q/k into the kernel, which norms and rotates them) for each architecture."""
+    model = tiny_arch(tok, arch).to(TRITON_DEVICE)
     inputs = batch(tok, PROMPTS, TRITON_DEVICE)
     kwargs = dict(do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id, repetition_penalty=1.3)
     ref = model.generate(**inputs, **kwargs)
     sampler = FastSampler(attention="triton")
     out = model.generate(**inputs, **kwargs, custom_generate=sampler)
     assert sampler.last_used_fast_path and sampler.session.attention == "triton"
+    assert sampler.session.fused is not None
     assert th.equal(out, ref)
 
 

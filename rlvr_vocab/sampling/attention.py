@@ -46,6 +46,28 @@ def decode_mask(bias: th.Tensor, length: th.Tensor, window: int, kv_heads: int, 
     return mask[:, None, None, :].expand(b, kv_heads, 1, w).contiguous()
 
 
+def norm_rope(
+    query: th.Tensor, key: th.Tensor, cos: th.Tensor, sin: th.Tensor, norm_weight: th.Tensor | None, eps: float
+) -> tuple[th.Tensor, th.Tensor]:
+    """The reference maths of the op's ``rope``: transformers' per-head RMSNorm (Qwen3; ``norm_weight``
+    [H + Hkv, D], None for none) then RoPE, in the input dtype's roundings. ``query`` [B, H, 1, D], ``key``
+    [B, Hkv, 1, D], ``cos``/``sin`` [B, 1, D]; returns the rotated (query, key)."""
+    h = query.shape[1]
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]: every head
+
+    def rotate(x, weight):
+        if weight is not None:
+            dtype = x.dtype
+            f = x.to(th.float32)
+            x = weight[:, None, :] * (f * th.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+        half = x.shape[-1] // 2
+        return x * cos + th.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    if norm_weight is None:
+        return rotate(query, None), rotate(key, None)
+    return rotate(query, norm_weight[:h]), rotate(key, norm_weight[h:])
+
+
 def eager_decode_attention(
     query: th.Tensor,
     key_new: th.Tensor,
@@ -92,23 +114,33 @@ def _decode_attention_op(
     start: th.Tensor,
     scaling: float,
     impl: str,
+    cos: th.Tensor | None = None,
+    sin: th.Tensor | None = None,
+    norm_weight: th.Tensor | None = None,
+    eps: float = 0.0,
 ) -> th.Tensor:
     """The op behind ``decode_attention``. ``mask``: triton: the bias [B, 1, 1, L] fp32; eager: ``decode_mask``.
 
     ``start``: int32 [B], each row's first slot after its left padding (the Triton kernel skips the padding; the
-    eager maths read it, masked)."""
+    eager maths read it, masked). ``cos``/``sin`` [B, 1, D] (None: ``query``/``key_new`` are final): the raw
+    projections get ``norm_rope`` first (the Triton kernel applies it to what it loads: no kernel of its own)."""
     if impl == "triton":
         from rlvr_vocab.sampling import triton_decode
 
         bias = mask.reshape(mask.shape[0], -1)
-        return triton_decode.decode_attention(
-            query, key_new, value_new, key_cache, value_cache, length, bias, scaling, start=start
+        rope = (
+            None if cos is None else (cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), norm_weight, eps)
         )
+        return triton_decode.decode_attention(
+            query, key_new, value_new, key_cache, value_cache, length, bias, scaling, start=start, rope=rope
+        )
+    if cos is not None:
+        query, key_new = norm_rope(query, key_new, cos, sin, norm_weight, eps)
     return eager_decode_attention(query, key_new, value_new, key_cache, value_cache, length, mask, scaling)
 
 
 @_decode_attention_op.register_fake
-def _(query, key_new, value_new, key_cache, value_cache, length, mask, start, scaling, impl):
+def _(query, key_new, value_new, key_cache, value_cache, length, mask, start, scaling, impl, *rope):
     b, h, _, d = query.shape
     return query.new_empty(b, 1, h, d)
 
@@ -122,6 +154,7 @@ def decode_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     rlvr_decode: dict | None = None,
+    rope: tuple | None = None,
     **kwargs,
 ) -> tuple[th.Tensor, None]:
     """transformers' attention-function signature, for the decode step: ([B, 1, H, D], None).
@@ -130,8 +163,10 @@ def decode_attention(
     object, so the layer hands them over unchanged); ``attention_mask``: for ``triton`` the per-row additive
     bias [B, 1, 1, L] fp32, for ``eager`` the step's ``decode_mask``; ``rlvr_decode``: ``keys``/``values``
     (the cache buffers per layer, [B, Hkv, L, D]), ``length`` (int64 [1], device), ``start`` (int32 [B]: each
-    row's first slot after its left padding) and ``impl``. Query head
-    ``h`` uses KV head ``h // (H / Hkv)``, as transformers' ``repeat_kv``.
+    row's first slot after its left padding) and ``impl``; ``rope``: None (``query`` and ``key`` are final: how
+    transformers' layers call it), or ``(cos, sin, norm_weight, eps)`` from ``fused``'s layer: the raw projections,
+    to which the op applies ``norm_rope``. Query head ``h`` uses KV head ``h // (H / Hkv)``, as transformers'
+    ``repeat_kv``.
     """
     if rlvr_decode is None:
         raise RuntimeError(f"attn_implementation={DECODE_ATTENTION!r} is only for FastSampler's decode step")
@@ -148,6 +183,7 @@ def decode_attention(
         rlvr_decode["start"],
         scaling,
         rlvr_decode["impl"],
+        *(rope or ()),
     )
     return out, None
 
@@ -155,8 +191,8 @@ def decode_attention(
 def check_triton(dtype: th.dtype, heads: int, kv_heads: int, head_dim: int, device: th.device) -> str | None:
     """Run the Triton kernel once against the eager maths on random inputs: None if it agrees, else why not.
 
-    Two context splits and one, a length that is not a multiple of the block, some left padding; the
-    tolerance is that of the dtype (fp32 1e-4, 16-bit 2e-2, relative to the largest output).
+    Three context splits and one, a length that is not a multiple of the block, some left padding, and the
+    raw-projection form (``rope``: q/k RMSNorm and RoPE in the kernel) against ``norm_rope``; the tolerance is that of the dtype (fp32 1e-4, 16-bit 2e-2, relative to the largest output).
     """
     from rlvr_vocab.sampling import triton_decode
 
@@ -177,18 +213,34 @@ def check_triton(dtype: th.dtype, heads: int, kv_heads: int, head_dim: int, devi
     scaling = head_dim**-0.5
     mask = decode_mask(bias, n, cache_len, kv_heads, dtype)
     want = eager_decode_attention(query, key_new, value_new, keys.clone(), values.clone(), n, mask, scaling).float()
+    angle = th.rand(b, 1, head_dim // 2, generator=gen, device=device) * 100
+    cos, sin = (f(th.cat([angle, angle], -1)).to(dtype) for f in (th.cos, th.sin))
+    weight = (1 + rand(heads + kv_heads, head_dim) * 0.3).contiguous()
+    rq, rk = norm_rope(query, key_new, cos, sin, weight, 1e-6)
+    rope_want = eager_decode_attention(rq, rk, value_new, keys.clone(), values.clone(), n, mask, scaling).float()
     tolerance = 1e-4 if dtype == th.float32 else 2e-2
-    for splits in (3, 1):
+    cases = [
+        (3, None, want, key_new),
+        (1, None, want, key_new),
+        (1, (cos[:, 0], sin[:, 0], weight, 1e-6), rope_want, rk),
+    ]
+    for splits, rope, expected, new_key in cases:
         k, v = keys.clone(), values.clone()
         try:
-            got = triton_decode.decode_attention(query, key_new, value_new, k, v, n, bias, scaling, splits).float()
+            got = triton_decode.decode_attention(
+                query, key_new, value_new, k, v, n, bias, scaling, splits, rope=rope
+            ).float()
         except Exception as err:  # noqa: BLE001 - a compile or launch failure is the answer
             return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+        what = f"{splits} splits" + (", q/k norm and RoPE in the kernel" if rope else "")
+        error = float((got - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
         if not error <= tolerance:  # also catches NaN
-            return f"relative error {error:.2e} against the eager maths with {splits} splits"
-        if not (th.equal(k[:, :, length - 1], key_new[:, :, 0]) and th.equal(v[:, :, length - 1], value_new[:, :, 0])):
-            return "the new K/V were not written to the cache"
+            return f"relative error {error:.2e} against the eager maths with {what}"
+        written = float((k[:, :, length - 1] - new_key[:, :, 0]).abs().max())
+        if not (
+            written <= tolerance * float(new_key.abs().max()) and th.equal(v[:, :, length - 1], value_new[:, :, 0])
+        ):
+            return f"the new K/V were not written to the cache ({what})"
     return None
 
 

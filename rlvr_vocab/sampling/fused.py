@@ -2,9 +2,10 @@
 
 At a few dozen rows a decode step is bound by its kernels' fixed cost, not by bytes: each of a layer's seven
 projections is its own ~4-5 µs GEMM. Concatenating the weights of the projections that read the same input
-gives four GEMMs per layer instead of seven (qkv, o, gate_up, down), and for Qwen3 one RMSNorm + RoPE kernel
-over the query and key heads together instead of one each (BENCHMARKS.md: 34.2 against 24.1 µs of GEMMs per
-layer at 32 rows).
+gives four GEMMs per layer instead of seven (qkv, o, gate_up, down) (BENCHMARKS.md: 34.2 against 24.1 µs of
+GEMMs per layer at 32 rows). The query and key go to the decode attention op raw, with the layer's RoPE tables
+and Qwen3's q/k RMSNorm weights: the Triton kernel norms and rotates what it loads, so those cost no kernel of
+their own (they took ~4.4 µs per layer as one compiled kernel, 12-03 F).
 
 * ``FusedWeights.build(model)``: buffers [Hq·D + 2·Hkv·D, hidden] and [2·intermediate, hidden] per layer (plus
   the biases, and Qwen3's per-head norm weights [Hq + Hkv, D]), or a reason why not (a layer that is not a
@@ -146,19 +147,6 @@ class FusedWeights:
         return [(lw.qkv, lw.qkv_bias, lw.gate_up, lw.gate_up_bias, lw.qk_norm) for lw in self.layers]
 
 
-def _rms_norm(x: th.Tensor, weight: th.Tensor, eps: float) -> th.Tensor:
-    """transformers' Llama/Qwen RMSNorm maths, with a weight that broadcasts over x."""
-    dtype = x.dtype
-    h = x.to(th.float32)
-    h = h * th.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def _rotate_half(x: th.Tensor) -> th.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return th.cat((-x2, x1), dim=-1)
-
-
 def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings=None, rlvr_decode=None, **kwargs):
     """The decode step of one llama / qwen2 / qwen3 decoder layer with ``rlvr_decode["fused"]``'s buffers."""
     a, m = layer.self_attn, layer.mlp
@@ -172,15 +160,13 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     qkv = F.linear(h, qkv_w, qkv_b)  # [B, S, (Hq + 2 Hkv) D]
     qk = qkv[..., : (hq + hkv) * d].view(b, s, hq + hkv, d)
     value = qkv[..., (hq + hkv) * d :].view(b, s, hkv, d).transpose(1, 2)
-    if qk_norm is not None:  # Qwen3: per-head RMSNorm of q and k, one kernel
-        qk = _rms_norm(qk, qk_norm, a.q_norm.variance_epsilon)
-    cos, sin = position_embeddings  # [B, S, D]
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    qk = (qk * cos) + (_rotate_half(qk) * sin)
-    query, key = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
+    query, key = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)  # raw: the op norms and rotates
+    cos, sin = position_embeddings  # [B, 1, D]
+    eps = a.q_norm.variance_epsilon if qk_norm is not None else 0.0
     out, _ = attn.decode_attention(
-        a, query, key, value, attention_mask, scaling=a.scaling, rlvr_decode=rlvr_decode, **kwargs
-    )
+        a, query, key, value, attention_mask, scaling=a.scaling, rlvr_decode=rlvr_decode,
+        rope=(cos, sin, qk_norm, eps), **kwargs,
+    )  # fmt: skip
     h = a.o_proj(out.reshape(b, s, -1).contiguous())
     h = residual + h
 

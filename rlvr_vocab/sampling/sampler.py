@@ -7,8 +7,8 @@ Where the time of a decode step goes, and what this does about it (BENCHMARKS.md
   GQA fused, the K/V write fused, exit at the device-side length), or, on the CPU and as the fallback, two
   batched matmuls over the first ``window`` slots (``attention.eager_decode_attention``);
 * launching some 10 kernels per layer (~300 per step: BENCHMARKS.md's profile): the decode layers use
-  ``fused``'s concatenated projections (four GEMMs per layer instead of seven; Qwen3's q/k norm and RoPE in one
-  kernel) where they are plain ``nn.Linear``s; on CUDA the decode forward and the logits processing are
+  ``fused``'s concatenated projections (four GEMMs per layer instead of seven; the q/k norm and RoPE inside the
+  attention kernel) where they are plain ``nn.Linear``s; on CUDA the decode forward and the logits processing are
   ``torch.compile``d (batch and cache length dynamic, so one compilation serves every batch size and length)
   and each step is one captured CUDA graph. With the Triton kernel one graph per live-batch size serves every
   length; the eager attention needs one per ``window`` (128 slots);

@@ -8,7 +8,9 @@ One decode step of one layer is one or two kernels:
   ``S`` splits divide ``[first, length)`` evenly at every step (``first``: the row's first slot after its left
   padding, which is never read), so one captured CUDA graph serves every length and no program reads past it.
   The program whose slice holds the new token's slot also writes the new K/V rows into the cache (and uses
-  them from registers), so the cache write costs no kernel of its own. Scores, softmax and the output are
+  them from registers), so the cache write costs no kernel of its own. With ``rope``, the query and new key
+  arrive as raw projections and the program applies the layer's per-head RMSNorm (Qwen3) and RoPE to what it
+  loads, in transformers' roundings (``attention.norm_rope`` is the reference), so those cost no kernel either. Scores, softmax and the output are
   accumulated in fp32 (online softmax); the probabilities are rounded to the value dtype before ``p @ V``, as
   the eager reference does.
 * ``_reduce_kernel``, grid ``(B * H,)``, only when ``S > 1``: merges the partial (output, log-sum-exp) pairs.
@@ -52,6 +54,36 @@ def interpreted() -> bool:
 
 if triton is not None:
 
+    @triton.jit
+    def _rms_normed(x, x_p, W, offs_d, ok, D: tl.constexpr, eps, AXIS: tl.constexpr):
+        """transformers' RMSNorm of rows ``x`` (over the last axis) and of their partner columns ``x_p``:
+        ``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)``, the product rounded to the dtype."""
+        dtype = x.dtype
+        xf = x.to(tl.float32)
+        r = tl.rsqrt(tl.sum(xf * xf, AXIS) / D + eps)
+        if AXIS == 1:
+            r = r[:, None]
+        partner = tl.where(offs_d < D // 2, offs_d + D // 2, offs_d - D // 2)
+        if AXIS == 1:
+            w, w_p = (
+                tl.load(W + offs_d[None, :], mask=ok, other=0.0),
+                tl.load(W + partner[None, :], mask=ok, other=0.0),
+            )
+        else:
+            w, w_p = tl.load(W + offs_d, mask=ok, other=0.0), tl.load(W + partner, mask=ok, other=0.0)
+        normed = (w.to(tl.float32) * (xf * r).to(dtype).to(tl.float32)).to(dtype)
+        normed_p = (w_p.to(tl.float32) * (x_p.to(tl.float32) * r).to(dtype).to(tl.float32)).to(dtype)
+        return normed, normed_p
+
+    @triton.jit
+    def _rotated(x, x_p, cos, sin):
+        """RoPE as transformers computes it, ``x * cos + rotate_half(x) * sin``, each product and the sum rounded
+        to the dtype; ``x_p``: x at rotate_half's source columns, ``sin`` with rotate_half's sign folded in."""
+        dtype = x.dtype
+        a = (x.to(tl.float32) * cos.to(tl.float32)).to(dtype).to(tl.float32)
+        c = (x_p.to(tl.float32) * sin.to(tl.float32)).to(dtype).to(tl.float32)
+        return (a + c).to(dtype)
+
     @triton.jit(do_not_specialize=["SPLITS"])
     def _split_kernel(
         Q,
@@ -62,6 +94,9 @@ if triton is not None:
         Bias,
         Length,
         Start,
+        Cos,
+        Sin,
+        NormW,
         Out,
         PartO,
         PartL,
@@ -83,12 +118,15 @@ if triton is not None:
         stride_vn,
         stride_vd,
         stride_bb,
+        stride_cb,
+        stride_sinb,
         stride_ob,
         stride_oh,
         stride_pb,
         stride_ph,
         stride_ps,
         scale,
+        eps,
         SPLITS,
         HKV: tl.constexpr,
         G: tl.constexpr,
@@ -98,6 +136,8 @@ if triton is not None:
         BLOCK: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_START: tl.constexpr,
+        ROPE: tl.constexpr,
+        NORM: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -117,12 +157,25 @@ if triton is not None:
         g_ok = offs_g < G
         d_ok = offs_d < D
         heads = kvh * G + offs_g
-        q = tl.load(
-            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-            mask=g_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        k_new = tl.load(KNew + b * stride_knb + kvh * stride_knh + offs_d * stride_knd, mask=d_ok, other=0.0)
+        q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh
+        q_ok = g_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptrs + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
+        k_ptrs = KNew + b * stride_knb + kvh * stride_knh
+        k_new = tl.load(k_ptrs + offs_d * stride_knd, mask=d_ok, other=0.0)
+        if ROPE:  # the layer's q/k RMSNorm (NORM) and RoPE on the raw projections, in transformers' roundings
+            partner = tl.where(offs_d < D // 2, offs_d + D // 2, offs_d - D // 2)  # rotate_half's source column
+            q_p = tl.load(q_ptrs + partner[None, :] * stride_qd, mask=q_ok, other=0.0)
+            k_p = tl.load(k_ptrs + partner * stride_knd, mask=d_ok, other=0.0)
+            cos = tl.load(Cos + b * stride_cb + offs_d, mask=d_ok, other=0.0)
+            sin = tl.load(Sin + b * stride_sinb + offs_d, mask=d_ok, other=0.0)
+            sin = tl.where(offs_d < D // 2, -sin, sin)  # rotate_half's sign: (-x2, x1)
+            if NORM:
+                w_q = NormW + heads[:, None] * D
+                w_k = NormW + (HKV * G + kvh) * D
+                q, q_p = _rms_normed(q, q_p, w_q, offs_d, q_ok, D, eps, 1)
+                k_new, k_p = _rms_normed(k_new, k_p, w_k, offs_d, d_ok, D, eps, 0)
+            q = _rotated(q, q_p, cos, sin)
+            k_new = _rotated(k_new, k_p, cos, sin)
         v_new = tl.load(VNew + b * stride_vnb + kvh * stride_vnh + offs_d * stride_vnd, mask=d_ok, other=0.0)
         k_row = K + b * stride_kb + kvh * stride_kh
         v_row = V + b * stride_vb + kvh * stride_vh
@@ -240,6 +293,7 @@ def decode_attention(
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     start: th.Tensor | None = None,
+    rope: tuple | None = None,
 ) -> th.Tensor:
     """Write the new K/V at slot ``length - 1`` and attend to slots ``[0, length)``: [B, 1, H, D].
 
@@ -247,7 +301,10 @@ def decode_attention(
     [B, Hkv, L, D] (last dim contiguous); ``length``: int64 [1] on the device; ``bias``: [B, L] additive (or
     None); ``splits``: context splits (None: ``num_splits``); ``block``, ``num_warps``, ``num_stages``: the
     split kernel's launch configuration (``bench.decode_parts`` measures the choices); ``start``: int [B], each
-    row's first slot to read (its left padding is skipped: those slots must be masked by ``bias`` or unused).
+    row's first slot to read (its left padding is skipped: those slots must be masked by ``bias`` or unused);
+    ``rope``: None (``query`` and ``key_new`` are final), or ``(cos, sin, norm_weight, eps)``: the raw projections
+    get the layer's per-head RMSNorm (``norm_weight`` [H + Hkv, D], rows for the query heads then the KV heads, or
+    None for none) and RoPE (``cos``/``sin`` [B, D], last dim contiguous) in the kernel, the new K written roped.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -265,6 +322,11 @@ def decode_attention(
         part_o = part_l = out  # unused
     precision = "ieee" if query.dtype == th.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     bias_arg = bias if bias is not None else length
+    cos, sin, norm_weight, eps = rope if rope is not None else (length, length, None, 0.0)
+    if rope is not None and not (cos.stride(-1) == 1 and sin.stride(-1) == 1 and d % 2 == 0):
+        raise ValueError("decode_attention(rope=...): cos/sin need a contiguous last dim and head_dim an even size")
+    if norm_weight is not None and not (norm_weight.is_contiguous() and norm_weight.shape == (h + hkv, d)):
+        raise ValueError(f"decode_attention(rope=...): norm_weight must be a contiguous [{h + hkv}, {d}]")
     _split_kernel[(b * hkv, splits)](
         query,
         key_new,
@@ -274,6 +336,9 @@ def decode_attention(
         bias_arg,
         length,
         start if start is not None else length,
+        cos,
+        sin,
+        norm_weight if norm_weight is not None else length,
         out,
         part_o,
         part_l,
@@ -295,12 +360,15 @@ def decode_attention(
         value_cache.stride(2),
         value_cache.stride(3),
         bias.stride(0) if bias is not None else 0,
+        cos.stride(0) if rope is not None else 0,
+        sin.stride(0) if rope is not None else 0,
         out.stride(0),
         out.stride(2),
         h * splits if splits > 1 else 0,
         splits if splits > 1 else 0,
         1,
         scaling,
+        float(eps),
         splits,
         HKV=hkv,
         G=g,
@@ -310,6 +378,8 @@ def decode_attention(
         BLOCK=block,
         HAS_BIAS=bias is not None,
         HAS_START=start is not None,
+        ROPE=rope is not None,
+        NORM=norm_weight is not None,
         PRECISION=precision,
         num_warps=num_warps,
         num_stages=num_stages,
