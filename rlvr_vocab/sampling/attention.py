@@ -192,7 +192,8 @@ def check_triton(dtype: th.dtype, heads: int, kv_heads: int, head_dim: int, devi
     """Run the Triton kernel once against the eager maths on random inputs: None if it agrees, else why not.
 
     Three context splits and one, a length that is not a multiple of the block, some left padding, and the
-    raw-projection form (``rope``: q/k RMSNorm and RoPE in the kernel) against ``norm_rope``; the tolerance is that of the dtype (fp32 1e-4, 16-bit 2e-2, relative to the largest output).
+    raw-projection form (``rope``: q/k RMSNorm and RoPE in the kernel) against ``norm_rope``; the tolerance is
+    that of the dtype (fp32 1e-4, 16-bit 2e-2, relative to the largest output).
     """
     from rlvr_vocab.sampling import triton_decode
 

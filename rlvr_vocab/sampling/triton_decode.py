@@ -10,9 +10,9 @@ One decode step of one layer is one or two kernels:
   The program whose slice holds the new token's slot also writes the new K/V rows into the cache (and uses
   them from registers), so the cache write costs no kernel of its own. With ``rope``, the query and new key
   arrive as raw projections and the program applies the layer's per-head RMSNorm (Qwen3) and RoPE to what it
-  loads, in transformers' roundings (``attention.norm_rope`` is the reference), so those cost no kernel either. Scores, softmax and the output are
-  accumulated in fp32 (online softmax); the probabilities are rounded to the value dtype before ``p @ V``, as
-  the eager reference does.
+  loads, in transformers' roundings (``attention.norm_rope`` is the reference), so those cost no kernel either.
+  Scores, softmax and the output are accumulated in fp32 (online softmax); the probabilities are rounded to the
+  value dtype before ``p @ V``, as the eager reference does.
 * ``_reduce_kernel``, grid ``(B * H,)``, only when ``S > 1``: merges the partial (output, log-sum-exp) pairs.
 
 Masking: slot ``n`` of row ``b`` is read when ``n < length`` and, with a bias, gets ``bias[b, n]`` added
@@ -55,7 +55,7 @@ def interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rms_normed(x, x_p, W, offs_d, ok, D: tl.constexpr, eps, AXIS: tl.constexpr):
+    def _rms_normed(x, x_p, W, offs_d, partner, ok, D: tl.constexpr, eps, AXIS: tl.constexpr):
         """transformers' RMSNorm of rows ``x`` (over the last axis) and of their partner columns ``x_p``:
         ``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)``, the product rounded to the dtype."""
         dtype = x.dtype
@@ -63,7 +63,6 @@ if triton is not None:
         r = tl.rsqrt(tl.sum(xf * xf, AXIS) / D + eps)
         if AXIS == 1:
             r = r[:, None]
-        partner = tl.where(offs_d < D // 2, offs_d + D // 2, offs_d - D // 2)
         if AXIS == 1:
             w, w_p = (
                 tl.load(W + offs_d[None, :], mask=ok, other=0.0),
@@ -172,8 +171,8 @@ if triton is not None:
             if NORM:
                 w_q = NormW + heads[:, None] * D
                 w_k = NormW + (HKV * G + kvh) * D
-                q, q_p = _rms_normed(q, q_p, w_q, offs_d, q_ok, D, eps, 1)
-                k_new, k_p = _rms_normed(k_new, k_p, w_k, offs_d, d_ok, D, eps, 0)
+                q, q_p = _rms_normed(q, q_p, w_q, offs_d, partner, q_ok, D, eps, 1)
+                k_new, k_p = _rms_normed(k_new, k_p, w_k, offs_d, partner, d_ok, D, eps, 0)
             q = _rotated(q, q_p, cos, sin)
             k_new = _rotated(k_new, k_p, cos, sin)
         v_new = tl.load(VNew + b * stride_vnb + kvh * stride_vnh + offs_d * stride_vnd, mask=d_ok, other=0.0)
