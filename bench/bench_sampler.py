@@ -17,7 +17,9 @@ prompts' ``<think>`` span open), ``eos-spread`` (256 x 1,024 with EOS forced at 
 needs the sampler's ``force_eos_at`` or ``logits_hook``). ``ROW@triton`` runs that row with one attention path
 only; a bare name runs once per ``--attention``. A path with ``-unfused`` (``triton-unfused``) is that attention
 with ``FastSampler(fuse=False)``: transformers' decoder layers, for the fused layers' side-by-side ratio;
-``-torchpick``: ``FastSampler(pick="torch")``, the token pick in PyTorch ops instead of the Triton kernel. A
+``-torchpick``: ``FastSampler(pick="torch")``, the token pick in PyTorch ops instead of the Triton kernel;
+``-torchlinear`` / ``-lino`` / ``-linod``: ``FastSampler(linear="torch" / "o" / "o+down")``, which of the fused
+layers' projections ``triton_linear`` runs (none: all cuBLAS). A
 sampler without the ``attention=`` option has one path, today's eager one: its rows are labelled
 ``eager (only path)`` and other paths are skipped.
 
@@ -97,7 +99,13 @@ def plan_rows(names: list[str], attentions: list[str]) -> list[tuple[Row, str]]:
     return plan
 
 
-PATH_SUFFIXES = {"-unfused": ("fuse", False), "-torchpick": ("pick", "torch")}  # suffix -> FastSampler option
+PATH_SUFFIXES = {  # suffix -> FastSampler option
+    "-unfused": ("fuse", False),
+    "-torchpick": ("pick", "torch"),
+    "-torchlinear": ("linear", "torch"),
+    "-lino": ("linear", "o"),
+    "-linod": ("linear", "o+down"),
+}
 
 
 def split_path(path: str | None) -> tuple[str | None, dict]:
@@ -180,7 +188,7 @@ class Bench:
         return self.models[reasoning]
 
     def sampler(self, reasoning: bool, attention: str | None):
-        """The sampler of this path (``split_path``: ``-unfused``, ``-torchpick``), built once."""
+        """The sampler of this path (``split_path``'s suffixes), built once."""
         from bench.workload import make_sampler
 
         key = (reasoning, attention)
@@ -256,11 +264,19 @@ class Bench:
             "share_of_floor": floor_s / t if floor_s else None,
             "peak_gib": th.cuda.max_memory_allocated() / 2**30 if self.cuda else 0.0,
             "fast_path": bool(getattr(sampler, "last_used_fast_path", False)),
+            "paths": session_paths(sampler),
             "sampler_stats_per_run": runs,
             "eos_hook": hook,
             "lengths_min_max": [min(lengths), max(lengths)],
             **({"profile": profile} if profile else {}),
         }
+
+
+def session_paths(sampler) -> dict:
+    """What the sampler's last session ran: attention, pick and projections (empty without a session)."""
+    session = getattr(sampler, "session", None)
+    names = ("attention", "pick", "linear")
+    return {n: getattr(session, n) for n in names if hasattr(session, n)} if session is not None else {}
 
 
 def run_row(bench: Bench, row: Row, attention) -> dict:

@@ -219,6 +219,7 @@ def logprob_check(
         "sample_s": round(t, 2),
         "fast_path": bool(getattr(sampler, "last_used_fast_path", False)),
         "pick": session_pick(sampler),
+        "linear": getattr(getattr(sampler, "session", None), "linear", None),
         "eos_hook": hook,
         "lengths_min_max": [min(got), max(got)],
     }
@@ -328,6 +329,7 @@ def distribution_check(
         result[name]["positions"] = [{k: round(v, 5) for k, v in q.items()} for q in cmp["positions"]]
         result[name]["first_token_entropy_nats"] = entropy
         result[name]["pick"] = session_pick(sampler)
+        result[name]["linear"] = getattr(getattr(sampler, "session", None), "linear", None)
         result[name]["eos_rows"] = int((fast == tok.eos_token_id).any(1).sum())
         ok &= not cmp["reject"]
         if name == "T=1":  # power: the same test must tell temperature 1 from a hotter one

@@ -393,6 +393,73 @@ def skinny_rows(m: int, name: str, x, ws, moved: int, args, bandwidth) -> list[d
     return out
 
 
+LINEAR_MAPS = ("o", "down")  # the maps the fused layers can run with triton_linear (with the residual add)
+LINEAR_GRID = dict(block_n=(16, 32, 64), block_k=(128, 256), warps=(4,), stages=(3,), split_k=(2, 4, 8))
+
+
+def linear_rows(args, shape: dict, cuda: bool, bandwidth: float | None) -> list[dict]:
+    """``triton_linear`` on the o and down maps in the fused layers' form (the residual added), over ``LINEAR_GRID``,
+    against cuBLAS's GEMM alone and against the torch ops it replaces (the GEMM, with cuBLAS's split-K reduce where
+    it splits, and the residual add)."""
+    import torch as th
+    import torch.nn.functional as F
+
+    from rlvr_vocab.sampling import triton_linear
+
+    device = "cuda" if cuda else "cpu"
+    dtype = th.bfloat16 if cuda else th.float32
+    results = []
+    for m in [b for b in args.batches if b <= triton_linear.MAX_ROWS]:
+        for name in LINEAR_MAPS:
+            k, n = gemm_maps(shape)[name]
+            nbytes = k * n * dtype.itemsize
+            ws = [th.randn(n, k, device=device, dtype=dtype) * k**-0.5 for _ in range(copies_for(nbytes))]
+            x = th.randn(m, k, device=device, dtype=dtype)
+            kwargs = {"residual": th.randn(m, n, device=device, dtype=dtype)}
+            moved = nbytes + (m * k + 2 * m * n) * dtype.itemsize
+            t = time_op(lambda i, ws=ws, x=x: F.linear(x, ws[i % len(ws)]), cuda, args.launches, args.repeats)
+            results.append(dict(batch=m, map=name, impl="cublas (GEMM alone)", us=t * 1e6))
+
+            def eager(i, ws=ws, kwargs=kwargs, x=x):
+                return triton_linear.reference(x, ws[i % len(ws)], **kwargs)
+
+            t = time_op(eager, cuda, args.launches, args.repeats)
+            results.append(dict(batch=m, map=name, impl="torch ops (what it replaces)", us=t * 1e6))
+            want = triton_linear.reference(x, ws[0], **kwargs).float()
+            default = triton_linear.block_config(n, k)
+            kwargs["work"] = triton_linear.workspace(x.device, n)
+            configs = list(itertools.product(*LINEAR_GRID.values()))
+            configs += [default] * (default not in configs)
+            for config in configs:
+
+                def run(i, config=config, ws=ws, x=x, kwargs=kwargs):
+                    return triton_linear.linear(x, ws[i % len(ws)], **kwargs, config=config)
+
+                label = dict(batch=m, map=name, impl="triton", config=list(config))
+                try:
+                    error = float((run(0).float() - want).abs().max() / want.abs().max())
+                    t = time_op(run, cuda, args.launches, args.repeats)
+                except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: record, go on
+                    results.append(dict(label, error=repr(err)[:200]))
+                    continue
+                share = moved / t / bandwidth if bandwidth else None
+                results.append(dict(label, us=t * 1e6, share_of_bandwidth=share, max_rel_error=error,
+                                    default=config == default))  # fmt: skip
+    print(linear_table(results), flush=True)
+    return results
+
+
+def linear_table(results: list[dict]) -> str:
+    lines = ["| batch | map | impl | config (block_n, block_k, warps, stages, split_k) | us | max rel error |"]
+    lines.append("|---|---|---|---|---|---|")
+    for r in results:
+        us = f"{r['us']:.1f}" if "us" in r else r.get("error", "")
+        err = f"{r['max_rel_error']:.1e}" if "max_rel_error" in r else ""
+        mark = " (default)" if r.get("default") else ""
+        lines.append(f"| {r['batch']} | {r['map']} | {r['impl']} | {r.get('config', '')}{mark} | {us} | {err} |")
+    return "\n".join(lines)
+
+
 def gemm_table(results: list[dict]) -> str:
     lines = ["| batch | map | in x out | us | GB/s | share |", "|---|---|---|---|---|---|"]
     for r in results:
@@ -412,7 +479,7 @@ def gemm_table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--parts", nargs="*", default=["attention", "gemm", "pick"], choices=["attention", "gemm", "pick"]
+        "--parts", nargs="*", default=["attention", "gemm", "pick"], choices=["attention", "gemm", "pick", "linear"]
     )
     parser.add_argument("--grid", nargs="*", default=[], help="attention grid entries, e.g. block=32,64 splits=1,2")
     parser.add_argument("--rows", nargs="*", default=["32x512", "256x1024", "32x4096"], help="attention rows, BxL")
@@ -449,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         record["gemm"] = gemm_rows(args, shape, cuda, bandwidth)
     if "pick" in args.parts:
         record["pick"] = pick_rows(args, shape, cuda, bandwidth)
+    if "linear" in args.parts:
+        record["linear"] = linear_rows(args, shape, cuda, bandwidth)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)

@@ -129,6 +129,7 @@ def sampler_options(sampler=None) -> dict[str, bool]:
         "attention": "attention" in params or hasattr(instance, "attention"),
         "fuse": "fuse" in params or hasattr(instance, "fuse"),
         "pick": "pick" in params or hasattr(instance, "pick"),
+        "linear": "linear" in params or hasattr(instance, "linear"),
         "force_eos_at": "force_eos_at" in params or hasattr(instance, "force_eos_at"),
         "logits_hook": "logits_hook" in params or hasattr(instance, "logits_hook"),
         "stats": isinstance(getattr(instance, "stats", None), dict),

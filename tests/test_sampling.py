@@ -818,7 +818,7 @@ def test_triton_pick_is_refused_for_what_it_cannot_process(tok, triton_pick):
         FastSampler(pick="fast")
 
 
-@pytest.mark.parametrize("name", ["triton_decode", "triton_pick", "bench.skinny_gemm"])
+@pytest.mark.parametrize("name", ["triton_decode", "triton_pick", "triton_linear", "bench.skinny_gemm"])
 def test_triton_kernels_read_no_plain_globals(monkeypatch, name):
     """Triton's GPU compiler refuses a kernel that reads a module global other than a constexpr, a module or
     another kernel; its CPU interpreter does not (12-03 D: the pick kernel compiled here and failed on the GPU)."""
@@ -856,6 +856,118 @@ def test_triton_silu_mul_is_the_mlp_activation_of_the_fused_gate_up(monkeypatch)
     th.testing.assert_close(got, th.nn.functional.silu(gate) * up, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="at most 64 rows"):
         triton_gemm.linear(th.zeros(65, 16, device=TRITON_DEVICE), w[:, :16])
+
+
+# ------------------------------------------------------------------------------------------ Triton projections
+@pytest.fixture
+def triton_linear(monkeypatch):
+    """The decode step's few-row projections with their neighbours fused in (``triton_linear``)."""
+    return interpreted_triton("triton_linear", monkeypatch)
+
+
+def linear_case(form: str, m: int, k: int, n: int, dtype=th.float32, seed=0):
+    """(x, weight, kwargs) of one form of ``triton_linear.linear``: "+"-joined bias, residual (or "plain")."""
+    gen = th.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (th.randn(*shape, generator=gen) * scale).to(dtype).to(TRITON_DEVICE)
+
+    parts = form.split("+")
+    x, w = rand(m, k), rand(n, k, scale=k**-0.5)
+    kwargs = {}
+    if "bias" in parts:
+        kwargs["bias"] = rand(n, scale=0.3)
+    if "residual" in parts:
+        kwargs["residual"] = rand(m, n)
+    return x, w, kwargs
+
+
+@pytest.mark.parametrize("form", ["plain", "bias", "residual", "bias+residual"])
+@pytest.mark.parametrize("m, k, n, split_k", [(5, 200, 70, 1), (33, 96, 48, 1), (5, 200, 70, 2), (33, 200, 48, 3)])
+def test_triton_linear_matches_the_pytorch_maths(triton_linear, form, m, k, n, split_k):
+    """K and N off the blocks, rows padded up to tl.dot's 16 and past one power of two, K split in one kernel
+    (the column block's last program sums the partials and leaves the counters at zero for the next launch)."""
+    x, w, kwargs = linear_case(form, m, k, n)
+    work = triton_linear.workspace(x.device, n)
+    want = triton_linear.reference(x, w, **kwargs)
+    for _ in range(2):  # the second launch reuses the workspace
+        got = triton_linear.linear(x, w, **kwargs, config=(16, 64, 4, 2, split_k), work=work)
+        th.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert not work[0].any()
+
+
+def test_triton_linear_in_16_bits(triton_linear):
+    """fp16 (bf16 on CUDA only: the interpreter's bf16 dot is wrong), in the default block configuration."""
+    dtype = th.bfloat16 if TRITON_DEVICE == "cuda" else th.float16
+    x, w, kwargs = linear_case("residual", 7, 512, 96, dtype)
+    got = triton_linear.linear(x, w, **kwargs).float()
+    want = triton_linear.reference(x, w, **kwargs).float()
+    assert float((got - want).abs().max() / want.abs().max()) < 2e-2
+
+
+def test_triton_linear_reference_is_transformers_projection_and_residual(tok):
+    """``reference`` rounds as transformers' ``residual + o_proj(x)`` does: equal in bf16, bit for bit."""
+    from rlvr_vocab.sampling import triton_linear
+
+    model = tiny_arch(tok, "llama").to(th.bfloat16)  # llama here has biases (attention_bias, mlp_bias)
+    layer = model.model.layers[0]
+    x = th.randn(5, 64, generator=th.Generator().manual_seed(0)).to(th.bfloat16)
+    with th.no_grad():
+        for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            inputs = th.randn(5, proj.in_features, generator=th.Generator().manual_seed(1)).to(th.bfloat16)
+            assert proj.bias is not None
+            assert th.equal(triton_linear.reference(inputs, proj.weight, proj.bias, residual=x), x + proj(inputs))
+
+
+def test_the_samplers_linear_check_names_a_wrong_kernel(triton_linear, monkeypatch):
+    assert triton_linear.check(th.float32, th.device(TRITON_DEVICE)) is None
+    real = triton_linear.linear
+    monkeypatch.setattr(triton_linear, "linear", lambda *a, residual=None, **k: real(*a, **k))  # residual ignored
+    assert "(residual, 5 rows)" in triton_linear.check(th.float32, th.device(TRITON_DEVICE))
+    with pytest.raises(ValueError, match="64 rows"):
+        real(th.zeros(65, 16, device=TRITON_DEVICE), th.zeros(8, 16, device=TRITON_DEVICE))
+    with pytest.raises(ValueError, match="16 columns"):
+        real(th.zeros(4, 8, device=TRITON_DEVICE), th.zeros(8, 16, device=TRITON_DEVICE))
+
+
+@pytest.mark.parametrize("arch, linear", [("qwen3", "o+down"), ("qwen2", "o"), ("llama", "o+down")])
+def test_greedy_with_the_triton_projections_matches_transformers_generate(tok, triton_decode, triton_linear, arch,
+                                                                           linear, monkeypatch):  # fmt: skip
+    """The named projections in Triton (the residual adds inside them), every decode step."""
+    calls = []
+    real = triton_linear.linear
+    monkeypatch.setattr(triton_linear, "linear", lambda x, w, *a, **k: calls.append(w.shape) or real(x, w, *a, **k))
+    model = tiny_arch(tok, arch).to(TRITON_DEVICE)
+    inputs = batch(tok, PROMPTS, TRITON_DEVICE)
+    kwargs = dict(do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id, repetition_penalty=1.3)
+    ref = model.generate(**inputs, **kwargs)
+    sampler = FastSampler(attention="triton", linear=linear)
+    out = model.generate(**inputs, **kwargs, custom_generate=sampler)
+    assert sampler.last_used_fast_path and sampler.session.linear == sampler_module.LINEAR_SETS[linear]
+    uncaptured = sampler.stats["steps"] - sampler.stats["replays"]  # steps run in Python (CUDA: the rest replay)
+    layer = model.model.layers[0]
+    o_calls, down_calls = (
+        calls.count(layer.self_attn.o_proj.weight.shape),
+        calls.count(layer.mlp.down_proj.weight.shape),
+    )
+    assert uncaptured >= 1 and o_calls >= 2 * uncaptured  # both layers, every such step
+    assert (down_calls >= 2 * uncaptured) if "down" in linear else down_calls == 0
+    assert th.equal(out, ref)
+
+
+def test_triton_projections_are_refused_by_name_where_they_cannot_serve(tok, triton_linear):
+    model = tiny_arch(tok, "llama").to(TRITON_DEVICE)
+    inputs = batch(tok, PROMPTS, TRITON_DEVICE)
+    kwargs = dict(do_sample=False, max_new_tokens=3, pad_token_id=tok.pad_token_id)
+    o = model.model.layers[1].self_attn.o_proj
+    o.weight = th.nn.Parameter(o.weight.detach().t().contiguous().t())  # the same values, column-major
+    with pytest.raises(ValueError, match="linear='o'.*o / down projection weights are not contiguous"):
+        model.generate(**inputs, **kwargs, custom_generate=FastSampler(linear="o"))
+    auto = FastSampler()
+    model.generate(**inputs, **kwargs, custom_generate=auto)
+    assert auto.session.fused is not None and auto.session.linear == ()  # torch's projections (a strided o weight)
+    with pytest.raises(ValueError, match="linear='cublas'"):
+        FastSampler(linear="cublas")
 
 
 # ------------------------------------------------------------------------------------------ fused layers

@@ -5,7 +5,9 @@ projections is its own ~4-5 µs GEMM. Concatenating the weights of the projectio
 gives four GEMMs per layer instead of seven (qkv, o, gate_up, down) (BENCHMARKS.md: 34.2 against 24.1 µs of
 GEMMs per layer at 32 rows). The query and key go to the decode attention op raw, with the layer's RoPE tables
 and Qwen3's q/k RMSNorm weights: the Triton kernel norms and rotates what it loads, so those cost no kernel of
-their own (they took ~4.4 µs per layer as one compiled kernel, 12-03 F).
+their own (they took ~4.4 µs per layer as one compiled kernel, 12-03 F). At up to ``triton_linear.MAX_ROWS``
+rows the projections named in ``rlvr_decode["linear"]`` (``o``, ``down``) are ``triton_linear``'s kernels, split
+over K in one kernel, with the residual add inside.
 
 * ``FusedWeights.build(model)``: buffers [Hq·D + 2·Hkv·D, hidden] and [2·intermediate, hidden] per layer (plus
   the biases, and Qwen3's per-head norm weights [Hq + Hkv, D]), or a reason why not (a layer that is not a
@@ -28,6 +30,7 @@ import torch as th
 import torch.nn.functional as F
 
 from rlvr_vocab.sampling import attention as attn
+from rlvr_vocab.sampling import triton_linear as tlin
 
 LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
@@ -138,6 +141,20 @@ class FusedWeights:
         for lw in self.layers:
             lw.refresh()
 
+    def max_columns(self) -> int:
+        """The most output columns of the o and down projections (``triton_linear``'s split-K workspace)."""
+        return max(
+            max(lw.layer.self_attn.o_proj.out_features, lw.layer.mlp.down_proj.out_features) for lw in self.layers
+        )
+
+    def small_unfit(self) -> str | None:
+        """Why ``triton_linear``'s kernels cannot serve these layers' o and down projections (None: they can)."""
+        for lw in self.layers:
+            a, m = lw.layer.self_attn, lw.layer.mlp
+            if not (a.o_proj.weight.is_contiguous() and m.down_proj.weight.is_contiguous()):
+                return "the o / down projection weights are not contiguous"
+        return None
+
     def nbytes(self) -> int:
         tensors = [t for lw in self.layers for t in (lw.qkv, lw.qkv_bias, lw.gate_up, lw.gate_up_bias, lw.qk_norm)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -148,12 +165,18 @@ class FusedWeights:
 
 
 def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings=None, rlvr_decode=None, **kwargs):
-    """The decode step of one llama / qwen2 / qwen3 decoder layer with ``rlvr_decode["fused"]``'s buffers."""
+    """The decode step of one llama / qwen2 / qwen3 decoder layer with ``rlvr_decode["fused"]``'s buffers.
+
+    At most ``triton_linear.MAX_ROWS`` rows: the projections named in ``rlvr_decode["linear"]`` (``o``, ``down``)
+    are ``triton_linear``'s kernels with the residual add inside.
+    """
     a, m = layer.self_attn, layer.mlp
     qkv_w, qkv_b, gate_up_w, gate_up_b, qk_norm = rlvr_decode["fused"][a.layer_idx]
     d = a.head_dim
     hq, hkv = a.q_proj.out_features // d, a.k_proj.out_features // d
-    b, s = hidden_states.shape[:2]
+    b, s, hidden = hidden_states.shape
+    small = (rlvr_decode.get("linear") or ()) if b * s <= tlin.MAX_ROWS else ()
+    work = rlvr_decode.get("linear_work")
 
     residual = hidden_states
     h = layer.input_layernorm(hidden_states)
@@ -167,12 +190,20 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
         a, query, key, value, attention_mask, scaling=a.scaling, rlvr_decode=rlvr_decode,
         rope=(cos, sin, qk_norm, eps), **kwargs,
     )  # fmt: skip
-    h = a.o_proj(out.reshape(b, s, -1).contiguous())
-    h = residual + h
+    if "o" in small:
+        o = a.o_proj
+        x = tlin.small_linear(out.reshape(b * s, -1), o.weight, o.bias, residual.reshape(b * s, hidden), work)
+        h = x.view(b, s, hidden)
+    else:
+        h = residual + a.o_proj(out.reshape(b, s, -1).contiguous())
 
     residual = h
     h = layer.post_attention_layernorm(h)
     gate, up = F.linear(h, gate_up_w, gate_up_b).chunk(2, dim=-1)
+    if "down" in small:
+        down = m.down_proj
+        act = (m.act_fn(gate) * up).reshape(b * s, -1)
+        return tlin.small_linear(act, down.weight, down.bias, residual.reshape(b * s, hidden), work).view(b, s, hidden)
     h = m.down_proj(m.act_fn(gate) * up)
     return residual + h
 

@@ -35,7 +35,7 @@ from loguru import logger
 
 from rlvr_vocab.sampling import attention as attn
 from rlvr_vocab.sampling import fused as fusion
-from rlvr_vocab.sampling import triton_pick
+from rlvr_vocab.sampling import triton_linear, triton_pick
 from rlvr_vocab.sampling.cache import StaticKVCache
 from rlvr_vocab.sampling.plan import Plan, build_plan
 from rlvr_vocab.sampling.state import DecodeState, pick
@@ -50,6 +50,13 @@ COMPILE = True  # torch.compile the decode step on CUDA (FastSampler(compile=...
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")  # plain softmax attention, no sliding window / sinks / softcap
 ATTENTION_CHOICES = ("auto", "triton", "eager")
 PICK_CHOICES = ("auto", "triton", "torch")
+LINEAR_SETS = {  # FastSampler(linear=...) -> the fused layers' projections run by triton_linear at a few rows
+    "torch": (),
+    "o": ("o",),
+    "o+down": ("o", "down"),
+}
+LINEAR_CHOICES = ("auto", *LINEAR_SETS)
+AUTO_LINEAR = "o+down"  # what auto runs where triton_linear passes its check on CUDA
 
 
 def unsupported_model(model) -> str | None:
@@ -67,13 +74,13 @@ def unsupported_model(model) -> str | None:
     return None
 
 
-def _require_triton(option: str, kernels, device: th.device) -> None:
-    """``FastSampler(option="triton")``: raise unless the kernel module ``kernels`` can run on ``device``."""
+def _require_triton(option: str, kernels, device: th.device, value: str = "triton") -> None:
+    """``FastSampler(option=value)``: raise unless the kernel module ``kernels`` can run on ``device``."""
     if kernels.triton is None:
-        raise RuntimeError(f"FastSampler({option}='triton'): Triton is not installed")
+        raise RuntimeError(f"FastSampler({option}={value!r}): Triton is not installed")
     if device.type != "cuda" and not kernels.interpreted():
         raise RuntimeError(
-            f"FastSampler({option}='triton') on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported "
+            f"FastSampler({option}={value!r}) on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported "
             "(Triton's interpreter)"
         )
 
@@ -99,7 +106,16 @@ class Session:
     """Everything one batch needs across decode steps (and across calls, when kept): cache, state, graphs."""
 
     def __init__(
-        self, key: tuple, model, batch: int, cache_len: int, device: th.device, attention: str, fused, pick: str
+        self,
+        key: tuple,
+        model,
+        batch: int,
+        cache_len: int,
+        device: th.device,
+        attention: str,
+        fused,
+        pick: str,
+        linear: tuple[str, ...] = (),
     ):
         self.key = key
         self.fused: fusion.FusedWeights | None = fused  # the decode layers' fused projections (None: HF's layers)
@@ -108,6 +124,10 @@ class Session:
         self.state = DecodeState(batch, cache_len, device)
         self.attention = attention  # the decode attention in use: "triton" or "eager"
         self.pick = pick  # the token pick in use: "triton" (triton_pick) or "torch" (state.pick's PyTorch ops)
+        self.linear = linear  # the fused layers' projections run by triton_linear at <= MAX_ROWS rows (LINEAR_SETS)
+        self.linear_work = None  # triton_linear's split-K workspace (counters, partials), with linear
+        if linear and fused is not None:
+            self.linear_work = triton_linear.workspace(device, fused.max_columns())
         self.graphs: dict[tuple, th.cuda.CUDAGraph] = {}  # (live rows, window or None) -> captured step
         self.warmed: set[tuple] = set()  # keys whose step ran once uncaptured (compiles, Triton JIT)
         self.pool = None
@@ -148,6 +168,9 @@ class FastSampler:
             distribution; never set it in training.
         keep_bytes: keep the cache, fused weights and graphs between calls when together they are at most this
             large.
+        linear: the fused layers' projections run by ``triton_linear`` (split over K in one kernel, the residual
+            add inside) at up to ``triton_linear.MAX_ROWS`` live rows: ``o``, ``o+down``, ``torch`` (none), or
+            ``auto`` (``AUTO_LINEAR`` on CUDA when the kernel passes a check against the PyTorch maths, else none).
     """
 
     def __init__(
@@ -163,11 +186,14 @@ class FastSampler:
         keep_bytes: int = KEEP_BYTES,
         fuse: bool = True,
         pick: str = "auto",
+        linear: str = "auto",
     ):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"FastSampler(attention={attention!r}): choose one of {ATTENTION_CHOICES}")
         if pick not in PICK_CHOICES:
             raise ValueError(f"FastSampler(pick={pick!r}): choose one of {PICK_CHOICES}")
+        if linear not in LINEAR_CHOICES:
+            raise ValueError(f"FastSampler(linear={linear!r}): choose one of {LINEAR_CHOICES}")
         if min_rows < 1 or window < 1 or stop_check_every < 1:
             raise ValueError("FastSampler: min_rows, window and stop_check_every must be >= 1")
         self.reasoning_vocab = reasoning_vocab
@@ -181,6 +207,7 @@ class FastSampler:
         self.keep_bytes = keep_bytes
         self.fuse = fuse
         self.pick = pick
+        self.linear = linear
         self.session: Session | None = None
         self.last_logprobs: th.Tensor | None = None  # [B, n] processed log-probs of the last call's tokens
         self.last_used_fast_path = False
@@ -194,6 +221,8 @@ class FastSampler:
         self._triton_failure: str | None = None  # why the Triton kernel is not used (auto), once it failed
         self._pick_checked: set[str] = set()  # devices on which the Triton pick was checked against PyTorch's
         self._pick_failure: str | None = None  # why the Triton pick is not used (auto), once it failed
+        self._linear_checked: set[tuple] = set()  # (dtype, device) checked against the PyTorch maths
+        self._linear_failure: str | None = None  # why the Triton projections are not used (auto), once they failed
         self._logged: set[str] = set()
         attn.register()
 
@@ -274,8 +303,9 @@ class FastSampler:
             if reason is not None:
                 self._log_once(f"generation_backend=fast: decode layers not fused ({reason}); transformers' layers")
         attention = self._resolve_attention(model, device)
+        linear = self._resolve_linear(fused, model.dtype, device)
         self.session = Session(
-            key, model, batch, cache_len, device, attention, fused, self._resolve_pick(plan, device)
+            key, model, batch, cache_len, device, attention, fused, self._resolve_pick(plan, device), linear
         )
         return self.session
 
@@ -327,6 +357,28 @@ class FastSampler:
             )
             return "eager"
         return "triton"
+
+    # ------------------------------------------------------------------------------------ projections choice
+    def _resolve_linear(self, fused, dtype: th.dtype, device: th.device) -> tuple[str, ...]:
+        """The projections a new session runs with ``triton_linear`` (``LINEAR_SETS``'s names; () for none)."""
+        if self.linear == "torch":
+            return ()
+        reason = "the decode layers are not fused" if fused is None else fused.small_unfit()
+        if self.linear != "auto":
+            _require_triton("linear", triton_linear, device, self.linear)
+            if reason is not None:
+                raise ValueError(f"FastSampler(linear={self.linear!r}): {reason}")
+            return LINEAR_SETS[self.linear]
+        if reason is not None or device.type != "cuda" or triton_linear.triton is None:
+            return ()
+        if self._linear_failure is None and (dtype, str(device)) not in self._linear_checked:
+            self._linear_checked.add((dtype, str(device)))
+            self._linear_failure = triton_linear.check(dtype, device)
+            self.stats["failures"] += self._linear_failure is not None
+        if self._linear_failure is not None:
+            self._log_once(f"generation_backend=fast: Triton projections unusable ({self._linear_failure}); torch")
+            return ()
+        return LINEAR_SETS[AUTO_LINEAR]
 
     # ------------------------------------------------------------------------------------ pick choice
     def _resolve_pick(self, plan: Plan, device: th.device) -> str:
@@ -437,6 +489,7 @@ class FastSampler:
             for x in keys + values:
                 _mark_dynamic(x, 0, 2)
         decode = {"keys": keys, "values": values, "length": st.length, "start": first, "impl": s.attention}
+        decode |= {"linear": s.linear, "linear_work": s.linear_work}
         if s.fused is not None:
             decode["fused"] = s.fused.inputs()
         out = forward(
@@ -463,6 +516,10 @@ class FastSampler:
                 what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 if isinstance(err, triton_pick.TritonPickError) and self._pick_failed(s, what):
                     pass
+                elif s.linear and self.linear == "auto":
+                    self._linear_failure = what
+                    s.linear = ()
+                    self._log_once(f"generation_backend=fast: Triton projections failed ({what}); torch")
                 elif s.attention == "triton" and self.attention == "auto":
                     self._triton_failure = what
                     s.attention = "eager"

@@ -1,0 +1,288 @@
+"""The decode step's o and down projections for a few rows (M <= ``MAX_ROWS``), in Triton, split over K.
+
+At 32 rows cuBLAS runs the down projection as a split-K GEMM and a reduce kernel after it (5.3 + 1.7 us per layer
+in 12-06 B's profile on an H100) and the o projection as a 5.4 us GEMM; their residual adds ride in the next
+RMSNorm's kernel. Here one kernel computes ``out = residual + x @ W.T (+ bias)`` with
+
+* split-K in the kernel: ``SPLIT_K`` programs per block of ``BLOCK_N`` output columns each walk a slice of K,
+  store their fp32 partials, and the last of them to finish (an atomic counter) sums them in split order (the
+  result does not depend on who finished last) and writes the output, so there is no reduce kernel;
+* ``residual``: ``residual + out``, rounded as transformers' ``residual + h``.
+
+The sampler runs o and down this way at up to ``MAX_ROWS`` rows (``FastSampler(linear=...)``): 1.70 against
+1.73-1.74 ms per 32 x 512 decode step on an H100, twice side by side (12-06 D); o alone gained nothing (1.75
+against 1.74). The qkv and gate_up projections stay cuBLAS's, and so does SiLU x up: a Triton GEMM over every map with the
+RMSNorms fused in (12-03 P/Q) and SiLU x up as the down kernel's prologue (12-06 A) were slower (BENCHMARKS.md).
+
+Launched with programmatic dependent launch (the weights prefetched before waiting for the kernel before, and
+the attention kernel in the chain) it was slower: 1.80 against 1.75 ms per 32 x 512 step with the o projection
+alone (12-06 C/D), so it is launched plainly.
+
+``reference`` is the maths in PyTorch ops, as transformers' layers compute it; ``check`` runs the kernel against
+it before the sampler uses it. Importable without Triton; ``TRITON_INTERPRET=1`` (set before the first import)
+runs the kernel on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch as th
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs and CI: torch's ops are used
+    triton = None
+    tl = None
+
+MAX_ROWS = 64  # above this many rows cuBLAS's tiles fill the GPU and the layers keep torch's ops
+MAX_SPLIT = 8  # the most K splits a launch may use (the workspace is sized for it)
+
+
+def interpreted() -> bool:
+    """Was the kernel built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_linear_kernel, InterpretedFunction)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _finish(acc, Bias, Res, Out, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om,
+                HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):  # fmt: skip
+        """The epilogue: bias, the rounding to the dtype, the residual add, the store."""
+        dtype = Out.dtype.element_ty
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y = acc.to(dtype)
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        if RESIDUAL:
+            res = tl.load(Res + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
+            y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
+        tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=out_ok)
+
+    @triton.jit
+    def _linear_kernel(
+        X,
+        W,
+        Bias,
+        Res,
+        Out,
+        Counters,
+        Work,
+        M,
+        N,
+        K,
+        K_SPLIT,
+        stride_xm,
+        stride_rm,
+        stride_om,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        n0 = pid * BLOCK_N
+        k_lo = split * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        x_rows = X + offs_m[:, None] * stride_xm
+        w_rows = W + offs_n[:, None] * K
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_ok = (k0 + offs_k) < k_hi
+            x_ok = m_ok[:, None] & k_ok[None, :]
+            x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=x_ok, other=0.0)
+            w = tl.load(w_rows + (k0 + offs_k)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if SPLIT_K == 1:
+            _finish(acc, Bias, Res, Out, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om, HAS_BIAS, RESIDUAL)
+        else:  # split-K in one kernel: partials to the workspace; the column block's last program sums them
+            tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            size: tl.constexpr = BLOCK_M * BLOCK_N
+            tl.store(Work + (pid * SPLIT_K + split) * size + tile, acc)
+            done = tl.atomic_add(Counters + pid, 1, sem="acq_rel")  # releases the partials, acquires the others'
+            if done == SPLIT_K - 1:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for i in tl.static_range(SPLIT_K):  # in split order: the sum does not depend on who finished last
+                    acc += tl.load(Work + (pid * SPLIT_K + i) * size + tile, cache_modifier=".cg")
+                tl.atomic_xchg(Counters + pid, 0)  # ready for the next launch
+                _finish(acc, Bias, Res, Out, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om, HAS_BIAS, RESIDUAL)
+
+
+def block_config(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) for an [n, k] weight (n: output columns) at a few rows.
+
+    From ``bench.decode_parts --parts linear`` at 32 rows on the H200 (12-03 Q, BENCHMARKS.md): 16-column blocks
+    and 256-wide K steps, with K split so that the programs are about two per SM (o: 5.2 us, down: 6.4 us, against
+    cuBLAS's 5.5 and 7.5 with its split-K reduce kernel; 12-06 A on an H100: o 5.1-5.4 us at this choice).
+
+    Example:
+        >>> block_config(1024, 2048), block_config(1024, 3072), block_config(8192, 1024)
+        ((16, 256, 4, 3, 4), (16, 256, 4, 3, 4), (32, 256, 4, 3, 1))
+    """
+    block_n = 16 if n <= 2048 else 32
+    block_k = 256
+    blocks = -(-n // block_n)
+    split_k = 1 if 2 * blocks >= sms else max(1, min(4, 2 * sms // blocks, k // block_k))
+    return block_n, block_k, 4, 3, split_k
+
+
+def workspace(device: th.device, max_columns: int) -> tuple[th.Tensor, th.Tensor]:
+    """(counters, partials) for split-K launches of up to ``max_columns`` output columns, ``MAX_ROWS`` rows and
+    ``MAX_SPLIT`` splits: int32 zeros (each launch leaves them zero again) and fp32 partial sums. One pair serves
+    every launch of a stream in turn."""
+    counters = th.zeros(-(-max_columns // 16), dtype=th.int32, device=device)
+    return counters, th.empty((max_columns + 64) * MAX_SPLIT * MAX_ROWS, dtype=th.float32, device=device)
+
+
+def linear(
+    x: th.Tensor,
+    weight: th.Tensor,
+    bias: th.Tensor | None = None,
+    residual: th.Tensor | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
+    work: tuple[th.Tensor, th.Tensor] | None = None,
+) -> th.Tensor:
+    """The kernel: ``x`` [M, K] (last dim contiguous), ``weight`` [N, K] contiguous -> [M, N].
+
+    ``residual`` [M, N]: add it last; ``config``: ``block_config``'s tuple (None: that function's choice); ``work``:
+    ``workspace``'s pair for split-K (None: made for this call).
+    """
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    m = x.shape[0]
+    n, k = weight.shape
+    if m > MAX_ROWS or x.stride(-1) != 1 or not weight.is_contiguous() or x.shape[1] != k:
+        raise ValueError(
+            f"triton_linear.linear: x [{m}, {x.shape[1]}] needs <= {MAX_ROWS} rows, a contiguous last dim and "
+            f"{k} columns for a contiguous [N, {k}] weight"
+        )
+    block_n, block_k, warps, stages, split_k = config or block_config(n, k)
+    block_m = max(16, triton.next_power_of_2(m))
+    blocks = triton.cdiv(n, block_n)
+    k_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_split)
+    if split_k > 1:
+        counters, partials = work if work is not None else workspace(x.device, n)
+        if split_k > MAX_SPLIT or counters.numel() < blocks or partials.numel() < blocks * split_k * block_m * block_n:
+            raise ValueError("triton_linear.linear: the split-K workspace is too small for this launch")
+    else:
+        counters = partials = weight  # unused
+    out = x.new_empty(m, n)
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
+    _linear_kernel[(blocks, split_k)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        residual if residual is not None else out,
+        out,
+        counters,
+        partials,
+        m,
+        n,
+        k,
+        k_split,
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
+        HAS_BIAS=bias is not None,
+        RESIDUAL=residual is not None,
+        PRECISION="ieee" if x.dtype == th.float32 else "tf32",
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
+def reference(
+    x: th.Tensor,
+    weight: th.Tensor,
+    bias: th.Tensor | None = None,
+    residual: th.Tensor | None = None,
+) -> th.Tensor:
+    """``linear``'s maths in PyTorch ops, as transformers' ``nn.Linear`` and residual add compute it."""
+    y = F.linear(x, weight, bias)
+    return y if residual is None else residual + y
+
+
+@th.library.custom_op("rlvr_vocab::small_linear", mutates_args=("counters", "partials"))
+def _small_linear_op(
+    x: th.Tensor,
+    weight: th.Tensor,
+    bias: th.Tensor | None,
+    residual: th.Tensor | None,
+    counters: th.Tensor,
+    partials: th.Tensor,
+) -> th.Tensor:
+    """The op behind ``small_linear`` (opaque to ``torch.compile``, like the decode attention op)."""
+    return linear(x, weight, bias, residual=residual, work=(counters, partials))
+
+
+@_small_linear_op.register_fake
+def _(x, weight, bias, residual, counters, partials):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def small_linear(
+    x: th.Tensor,
+    weight: th.Tensor,
+    bias: th.Tensor | None = None,
+    residual: th.Tensor | None = None,
+    work: tuple[th.Tensor, th.Tensor] | None = None,
+) -> th.Tensor:
+    """``linear`` as a custom op, for the compiled decode step (arguments as ``linear``; ``work`` required)."""
+    counters, partials = work
+    return _small_linear_op(x, weight, bias, residual, counters, partials)
+
+
+def check(dtype: th.dtype, device: th.device) -> str | None:
+    """Run the kernel against ``reference`` on random inputs: None if it agrees, else why not.
+
+    The form the fused layers use (the residual, with and without a bias), 5 and 33 rows, a K that is not a multiple of the block, one program per column block and K split in three;
+    the tolerance is the dtype's (fp32 1e-4, 16-bit 2e-2, relative to the largest output).
+    """
+    if triton is None:
+        return "Triton is not installed"
+    gen = th.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (th.randn(*shape, generator=gen, device=device, dtype=th.float32) * scale).to(dtype)
+
+    k, n = 200, 96
+    tolerance = 1e-4 if dtype == th.float32 else 2e-2
+    for m in (5, 33):
+        x, w = rand(m, k), rand(n, k, scale=k**-0.5)
+        bias, res = rand(n), rand(m, n)
+        cases = {
+            "residual": ((x, w), {"residual": res}),
+            "bias and residual": ((x, w, bias), {"residual": res}),
+        }
+        config = None if m == 5 else (16, 64, 4, 3, 3)  # 33 rows: K split in three (the last program sums)
+        for what, (args, kwargs) in cases.items():
+            try:
+                got = linear(*args, **kwargs, config=config).float()
+            except Exception as err:  # noqa: BLE001 - a compile or launch failure is the answer
+                return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            want = reference(*args, **kwargs).float()
+            error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+            if not error <= tolerance:  # also catches NaN
+                return f"relative error {error:.2e} against the PyTorch maths ({what}, {m} rows)"
+    return None
