@@ -218,8 +218,7 @@ def logprob_check(
         "attention": attention or "default",
         "sample_s": round(t, 2),
         "fast_path": bool(getattr(sampler, "last_used_fast_path", False)),
-        "pick": session_pick(sampler),
-        "linear": getattr(getattr(sampler, "session", None), "linear", None),
+        **session_paths(sampler),
         "eos_hook": hook,
         "lengths_min_max": [min(got), max(got)],
     }
@@ -265,9 +264,11 @@ def logprob_check(
     return result
 
 
-def session_pick(sampler) -> str | None:
-    """The token pick the sampler's last session used (``triton`` or ``torch``; None if it has no such notion)."""
-    return getattr(getattr(sampler, "session", None), "pick", None)
+def session_paths(sampler) -> dict:
+    """The token pick (``triton`` or ``torch``) and the Triton projections (``linear``) of the sampler's last
+    session; None for what the sampler has no notion of."""
+    session = getattr(sampler, "session", None)
+    return {name: getattr(session, name, None) for name in ("pick", "linear")}
 
 
 def mask_check(vocab, prompt_ids, completions, lengths: list[int]) -> dict:
@@ -328,8 +329,7 @@ def distribution_check(
         result[name] = {k: v for k, v in cmp.items() if k != "positions"}
         result[name]["positions"] = [{k: round(v, 5) for k, v in q.items()} for q in cmp["positions"]]
         result[name]["first_token_entropy_nats"] = entropy
-        result[name]["pick"] = session_pick(sampler)
-        result[name]["linear"] = getattr(getattr(sampler, "session", None), "linear", None)
+        result[name] |= session_paths(sampler)
         result[name]["eos_rows"] = int((fast == tok.eos_token_id).any(1).sum())
         ok &= not cmp["reject"]
         if name == "T=1":  # power: the same test must tell temperature 1 from a hotter one

@@ -143,9 +143,7 @@ class FusedWeights:
 
     def max_columns(self) -> int:
         """The most output columns of the o and down projections (``triton_linear``'s split-K workspace)."""
-        return max(
-            max(lw.layer.self_attn.o_proj.out_features, lw.layer.mlp.down_proj.out_features) for lw in self.layers
-        )
+        return max(p.out_features for lw in self.layers for p in (lw.layer.self_attn.o_proj, lw.layer.mlp.down_proj))
 
     def small_unfit(self) -> str | None:
         """Why ``triton_linear``'s kernels cannot serve these layers' o and down projections (None: they can)."""
@@ -200,12 +198,12 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     residual = h
     h = layer.post_attention_layernorm(h)
     gate, up = F.linear(h, gate_up_w, gate_up_b).chunk(2, dim=-1)
+    act = m.act_fn(gate) * up
     if "down" in small:
         down = m.down_proj
-        act = (m.act_fn(gate) * up).reshape(b * s, -1)
-        return tlin.small_linear(act, down.weight, down.bias, residual.reshape(b * s, hidden), work).view(b, s, hidden)
-    h = m.down_proj(m.act_fn(gate) * up)
-    return residual + h
+        out = tlin.small_linear(act.reshape(b * s, -1), down.weight, down.bias, residual.reshape(b * s, hidden), work)
+        return out.view(b, s, hidden)
+    return residual + m.down_proj(act)
 
 
 @contextlib.contextmanager
