@@ -19,7 +19,8 @@ only; a bare name runs once per ``--attention``. A path with ``-unfused`` (``tri
 with ``FastSampler(fuse=False)``: transformers' decoder layers, for the fused layers' side-by-side ratio;
 ``-torchpick``: ``FastSampler(pick="torch")``, the token pick in PyTorch ops instead of the Triton kernel;
 ``-torchlinear`` / ``-lino`` / ``-linod``: ``FastSampler(linear="torch" / "o" / "o+down")``, which of the fused
-layers' projections ``triton_linear`` runs (none: all cuBLAS). A
+layers' projections ``triton_linear`` runs (none: all cuBLAS); ``-fold`` / ``-nofold``: ``FastSampler(fold="on" /
+"off")``, the decoder layers' RMSNorms folded into the projections after them (``norm_fold``) or not. A
 sampler without the ``attention=`` option has one path, today's eager one: its rows are labelled
 ``eager (only path)`` and other paths are skipped.
 
@@ -105,6 +106,8 @@ PATH_SUFFIXES = {  # suffix -> FastSampler option
     "-torchlinear": ("linear", "torch"),
     "-lino": ("linear", "o"),
     "-linod": ("linear", "o+down"),
+    "-fold": ("fold", "on"),
+    "-nofold": ("fold", "off"),
 }
 
 
@@ -275,7 +278,7 @@ class Bench:
 def session_paths(sampler) -> dict:
     """What the sampler's last session ran: attention, pick and projections (empty without a session)."""
     session = getattr(sampler, "session", None)
-    names = ("attention", "pick", "linear")
+    names = ("attention", "pick", "linear", "fold_impl")
     return {n: getattr(session, n) for n in names if hasattr(session, n)} if session is not None else {}
 
 

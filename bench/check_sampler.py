@@ -163,11 +163,20 @@ def _trainer(model, tok, vocab, tokens: int, cuda: bool):
 
 
 def logprob_check(
-    tiny: bool, reasoning: bool, batch: int, tokens: int, logit_scale: float, attention, seed=0, layers=None
+    tiny: bool,
+    reasoning: bool,
+    batch: int,
+    tokens: int,
+    logit_scale: float,
+    attention,
+    seed=0,
+    layers=None,
+    options: dict | None = None,
 ) -> dict:
     """Sample with the fast sampler, recompute the log-probs with the trainer, compare (and check the mask).
 
-    ``layers``: fewer decoder layers than the Qwen3-0.6B shape (a cheaper compile; the mask does not need depth).
+    ``layers``: fewer decoder layers than the Qwen3-0.6B shape (a cheaper compile; the mask does not need depth);
+    ``options``: more FastSampler options (``fold``).
     """
     import torch as th
     from omegaconf import OmegaConf
@@ -188,7 +197,7 @@ def logprob_check(
         rcfg = OmegaConf.structured(ReasoningVocabConfig(repeat_policy="cycle"))
         vocab = extend_model(model, tok, vocab_size, rcfg)
         prompts = [p + (" t1 </think>" if i % 2 else "") for i, p in enumerate(prompts)]  # odd rows: span closed
-    sampler = make_sampler(vocab, attention=attention)
+    sampler = make_sampler(vocab, attention=attention, **(options or {}))
     lengths = spread_lengths(batch, tokens, 0.1, seed)
     hook = force_eos(sampler, lengths, tok.eos_token_id)
     inputs = _inputs(tok, prompts, device)
@@ -268,7 +277,7 @@ def session_paths(sampler) -> dict:
     """The token pick (``triton`` or ``torch``) and the Triton projections (``linear``) of the sampler's last
     session; None for what the sampler has no notion of."""
     session = getattr(sampler, "session", None)
-    return {name: getattr(session, name, None) for name in ("pick", "linear")}
+    return {name: getattr(session, name, None) for name in ("pick", "linear", "fold_impl")}
 
 
 def mask_check(vocab, prompt_ids, completions, lengths: list[int]) -> dict:
@@ -291,9 +300,16 @@ def mask_check(vocab, prompt_ids, completions, lengths: list[int]) -> dict:
 
 
 def distribution_check(
-    tiny: bool, rows: int, tokens: int, attention, seed: int = 0, power_temperature: float = 1.25
+    tiny: bool,
+    rows: int,
+    tokens: int,
+    attention,
+    seed: int = 0,
+    power_temperature: float = 1.25,
+    options: dict | None = None,
 ) -> dict:
-    """Token frequencies per position, fast sampler vs ``generate``, for two sampling settings (+ a power check)."""
+    """Token frequencies per position, fast sampler vs ``generate``, for two sampling settings (+ a power check);
+    ``options``: more FastSampler options (``fold``)."""
     import torch as th
 
     cuda = th.cuda.is_available() and not tiny
@@ -321,7 +337,7 @@ def distribution_check(
 
     ok = True
     for name, kw in settings.items():
-        sampler = make_sampler(attention=attention, compile=None)
+        sampler = make_sampler(attention=attention, compile=None, **(options or {}))
         fast = sample(sampler, **kw)
         hf = sample(None, **kw)
         cmp = compare_samples(fast, hf, len(tok))
@@ -404,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="sampler attention path: auto (Triton on CUDA when it checks out, else eager) | triton | eager",
     )
+    parser.add_argument("--fold", default=None, help="FastSampler(fold=...): auto | on | off (default: its default)")
     parser.add_argument("--batch", type=int, default=None, help="logprobs rows (default 32; tiny 8)")
     parser.add_argument("--tokens", type=int, default=None, help="logprobs tokens (default 512; tiny 16)")
     parser.add_argument("--rows", type=int, default=None, help="distribution samples (default 4096; tiny 1024)")
@@ -417,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.workload import sampler_options
 
     attention = args.attention if sampler_options()["attention"] else None
+    options = {"fold": args.fold} if args.fold else {}
     batch = args.batch or (8 if args.tiny else 32)
     tokens = args.tokens or (16 if args.tiny else 512)
     rows = args.rows or (1024 if args.tiny else 4096)
@@ -429,13 +447,20 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             if check == "logprobs":
-                r = logprob_check(args.tiny, False, batch, tokens, args.logit_scale, attention)
+                r = logprob_check(args.tiny, False, batch, tokens, args.logit_scale, attention, options=options)
             elif check == "mask":
                 layers = None if args.tiny else args.mask_layers
-                r = logprob_check(args.tiny, True, batch, tokens, args.logit_scale, attention, layers=layers)
+                r = logprob_check(
+                    args.tiny, True, batch, tokens, args.logit_scale, attention, layers=layers, options=options
+                )
             elif check == "distribution":
                 r = distribution_check(
-                    args.tiny, rows, args.dist_tokens or (4 if args.tiny else 8), attention, power_temperature=power_t
+                    args.tiny,
+                    rows,
+                    args.dist_tokens or (4 if args.tiny else 8),
+                    attention,
+                    power_temperature=power_t,
+                    options=options,
                 )
             else:
                 raise ValueError(f"unknown check {check!r} (logprobs, distribution, mask)")

@@ -130,6 +130,7 @@ def sampler_options(sampler=None) -> dict[str, bool]:
         "fuse": "fuse" in params or hasattr(instance, "fuse"),
         "pick": "pick" in params or hasattr(instance, "pick"),
         "linear": "linear" in params or hasattr(instance, "linear"),
+        "fold": "fold" in params or hasattr(instance, "fold"),
         "force_eos_at": "force_eos_at" in params or hasattr(instance, "force_eos_at"),
         "logits_hook": "logits_hook" in params or hasattr(instance, "logits_hook"),
         "stats": isinstance(getattr(instance, "stats", None), dict),

@@ -970,6 +970,137 @@ def test_triton_projections_are_refused_by_name_where_they_cannot_serve(tok, tri
         FastSampler(linear="cublas")
 
 
+# ------------------------------------------------------------------------------------------ folded RMSNorms
+@pytest.fixture
+def norm_fold(monkeypatch):
+    """The RMSNorms folded into the projections after them (``norm_fold``), its kernel on CUDA or interpreted."""
+    return interpreted_triton("norm_fold", monkeypatch)
+
+
+def test_folding_an_rmsnorm_into_the_projection_after_it_is_the_same_maths(tok):
+    """``r * (x @ (W * w).T)`` is ``RMSNorm(x) @ W.T`` (fp32: to rounding), for transformers' own norm and the sums
+    of squares in parts, as the o / down kernels leave them (one part per column block)."""
+    from rlvr_vocab.sampling import norm_fold
+
+    layer = tiny_arch(tok, "qwen3").model.layers[0]
+    norm, proj = layer.input_layernorm, layer.self_attn.q_proj
+    x = th.randn(5, 64, generator=th.Generator().manual_seed(0)) * 3
+    folded = proj.weight.detach().clone()
+    norm_fold.fold_weight(folded, norm.weight)
+    ss = th.cat([norm_fold.sums_of_squares(part) for part in x.chunk(4, dim=-1)], -1)  # [5, 4]
+    r = norm_fold.row_scale(ss, 64, norm.variance_epsilon)
+    with th.no_grad():
+        want = proj(norm(x))
+    th.testing.assert_close(norm_fold.scaled(x @ folded.T, r, proj.bias), want, rtol=1e-5, atol=1e-5)
+    assert not th.allclose(norm_fold.scaled(x @ folded.T, r * 1.01, proj.bias), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m, parts, bias", [(5, 1, False), (33, 3, True), (2, 64, True)])
+def test_the_folded_silu_mul_kernel_matches_its_pytorch_maths(norm_fold, m, parts, bias):
+    """Rows, sums of squares in 1-64 parts (the o kernel's column blocks), the intermediate size off the block."""
+    gen = th.Generator().manual_seed(m)
+    inter = norm_fold.BLOCK + 24
+    gate_up = (th.randn(m, 2 * inter, generator=gen) * 4).to(TRITON_DEVICE)
+    ss = (th.rand(m, parts, generator=gen) * 50).to(TRITON_DEVICE)
+    b = (th.randn(2 * inter, generator=gen) * 0.3).to(TRITON_DEVICE) if bias else None
+    want = norm_fold.silu_mul_reference(gate_up, ss, 96, 1e-6, b)
+    got = norm_fold.silu_mul(gate_up, ss, 96, 1e-6, b, impl="triton")
+    th.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gate, up = gate_up.chunk(2, dim=-1)
+    r = th.rsqrt(ss.sum(-1, keepdim=True) / 96 + 1e-6)
+    bg, bu = b.chunk(2) if bias else (0, 0)
+    th.testing.assert_close(want, th.nn.functional.silu(gate * r + bg) * (up * r + bu), rtol=1e-5, atol=1e-5)
+    assert norm_fold.check(th.float32, th.device(TRITON_DEVICE)) is None
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        norm_fold.silu_mul(gate_up, ss, 96, 1e-6, b, impl="cuda")
+
+
+def test_the_o_and_down_kernels_leave_the_sums_of_squares_of_their_output(triton_linear):
+    """``sums=True``: each output row's sum of squares per 16-column block, of the rounded output (residual in)."""
+    x, w, kwargs = linear_case("bias+residual", 5, 200, 70)
+    work = triton_linear.workspace(x.device, 70)
+    out, ss = triton_linear.small_linear(x, w, **kwargs, work=work, sums=True)
+    assert ss.shape == (5, triton_linear.ss_blocks(70, 200)) == (5, 5)
+    want = th.nn.functional.pad(out, (0, 80 - 70)).reshape(5, 5, 16).pow(2).sum(-1)
+    th.testing.assert_close(ss, want, rtol=1e-5, atol=1e-5)
+    th.testing.assert_close(out, triton_linear.reference(x, w, **kwargs), rtol=1e-4, atol=1e-4)
+    assert th.equal(triton_linear.small_linear(x, w, **kwargs, work=work), out)
+
+
+def test_the_attention_kernel_unfolds_the_input_norm_as_the_eager_maths(triton_decode, norm_fold):
+    """The kernel scales the loaded q / k / v rows and adds the qkv bias (``fold``) before its q/k norm and RoPE,
+    as ``attention.unfold`` then ``norm_rope`` do; the new K/V written to the cache are the unfolded ones."""
+    from rlvr_vocab.sampling import attention
+
+    gen = th.Generator().manual_seed(3)
+    b, h, hkv, d, cache_len, length = 3, 4, 2, 16, 70, 41
+
+    def rand(*shape, scale=1.0):
+        return (th.randn(*shape, generator=gen) * scale).to(TRITON_DEVICE)
+
+    q, k, v = rand(b, 1, h, d, scale=5).transpose(1, 2), rand(b, hkv, 1, d, scale=5), rand(b, hkv, 1, d, scale=5)
+    keys, values = rand(b, hkv, cache_len, d), rand(b, hkv, cache_len, d)
+    bias = th.zeros(b, cache_len, device=TRITON_DEVICE)
+    n = th.tensor([length], device=TRITON_DEVICE)
+    angle = th.rand(b, 1, d // 2, generator=gen).to(TRITON_DEVICE) * 50
+    cos, sin = th.cos(th.cat([angle, angle], -1)), th.sin(th.cat([angle, angle], -1))
+    weight = (1 + rand(h + hkv, d) * 0.3).contiguous()
+    ss, qkv_bias = rand(b, 3).abs() * 40, rand((h + 2 * hkv) * d, scale=0.5)
+    uq, uk, uv = attention.unfold(q, k, v, ss, 48, 1e-6, qkv_bias)
+    rq, rk = attention.norm_rope(uq, uk, cos, sin, weight, 1e-6)
+    mask = attention.decode_mask(bias, n, cache_len, hkv, q.dtype)
+    want_k, want_v = keys.clone(), values.clone()
+    want = attention.eager_decode_attention(rq, rk, uv, want_k, want_v, n, mask, d**-0.5)
+    got_k, got_v = keys.clone(), values.clone()
+    got = triton_decode.decode_attention(
+        q, k, v, got_k, got_v, n, bias, d**-0.5, 1, rope=(cos[:, 0], sin[:, 0], weight, 1e-6),
+        fold=(ss, 48, 1e-6, qkv_bias),
+    )  # fmt: skip
+    th.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    th.testing.assert_close(got_k, want_k, rtol=1e-4, atol=1e-4)
+    th.testing.assert_close(got_v, want_v, rtol=1e-4, atol=1e-4)
+    plain = triton_decode.decode_attention(q, k, v, keys.clone(), values.clone(), n, bias, d**-0.5, 1,
+                                           rope=(cos[:, 0], sin[:, 0], weight, 1e-6))  # fmt: skip
+    assert not th.allclose(plain, want, rtol=1e-3, atol=1e-3)  # the fold changes the answer: the test can fail
+
+
+@pytest.mark.parametrize(
+    "arch, attention, linear", [("qwen3", "triton", "o+down"), ("qwen2", "triton", "o"), ("llama", "eager", "torch")]
+)
+def test_greedy_with_the_norms_folded_matches_transformers_generate(tok, triton_decode, triton_linear, norm_fold,
+                                                                     arch, attention, linear, monkeypatch):  # fmt: skip
+    """``fold="on"``: the RMSNorms folded into qkv and gate_up on every path (the Triton kernels: the attention's
+    scale, the o / down kernels' sums of squares, the SiLU x up kernel; the eager attention and torch projections:
+    the same maths in PyTorch ops), fp32, greedy: the tokens of ``generate``. Biases everywhere they can be."""
+    calls = []
+    real = norm_fold.silu_mul_triton
+    monkeypatch.setattr(norm_fold, "silu_mul_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_arch(tok, arch).to(TRITON_DEVICE)
+    inputs = batch(tok, PROMPTS, TRITON_DEVICE)
+    kwargs = dict(do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id, repetition_penalty=1.3)
+    ref = model.generate(**inputs, **kwargs)
+    sampler = FastSampler(attention=attention, linear=linear, fold="on")
+    out = model.generate(**inputs, **kwargs, custom_generate=sampler)
+    s = sampler.session
+    assert sampler.last_used_fast_path and s.fused.fold and s.fold_impl == "triton"
+    assert (sampler.stats["steps"] - sampler.stats["replays"]) * 2 <= len(calls)  # both layers, every such step
+    assert th.equal(out, ref)
+    layer = model.model.layers[0]
+    assert th.equal(s.fused.layers[0].qkv[:1], layer.self_attn.q_proj.weight[:1] * layer.input_layernorm.weight)
+    with pytest.raises(ValueError, match="fold='maybe'"):
+        FastSampler(fold="maybe")
+    with pytest.raises(ValueError, match="fold='on'.*fuse=False"):
+        model.generate(**inputs, **kwargs, custom_generate=FastSampler(fold="on", fuse=False))
+
+
+def test_the_fold_is_off_unless_asked_on_the_cpu(tok):
+    model = tiny_arch(tok, "qwen3")
+    inputs = batch(tok, PROMPTS, "cpu")
+    sampler = FastSampler()
+    model.generate(**inputs, do_sample=False, max_new_tokens=3, pad_token_id=tok.pad_token_id, custom_generate=sampler)
+    assert not sampler.session.fused.fold and sampler.session.fold_impl is None
+
+
 # ------------------------------------------------------------------------------------------ fused layers
 def tiny_arch(tok, arch: str):
     """A random 2-layer model of each fused architecture, with the biases each can have switched on."""

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch as th
 
+from rlvr_vocab.sampling import norm_fold
+
 DECODE_ATTENTION = "rlvr_static_decode"  # name registered with transformers' AttentionInterface
 IMPLEMENTATIONS = ("eager", "triton")
 
@@ -66,6 +68,23 @@ def norm_rope(
     if norm_weight is None:
         return rotate(query, None), rotate(key, None)
     return rotate(query, norm_weight[:h]), rotate(key, norm_weight[h:])
+
+
+def unfold(
+    query: th.Tensor,
+    key: th.Tensor,
+    value: th.Tensor,
+    ss: th.Tensor,
+    hidden: int,
+    eps: float,
+    qkv_bias: th.Tensor | None,
+) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """The reference maths of the op's ``fold``: the folded GEMM's q / k / v rows ([B, H or Hkv, 1, D]) scaled by
+    their row's RMSNorm scale from ``ss`` fp32 [B, S], plus the qkv bias ([Hq + 2 Hkv] x D, or None)."""
+    r = norm_fold.row_scale(ss, hidden, eps)[:, :, None, None]  # [B, 1, 1, 1]
+    h, hkv, d = query.shape[1], key.shape[1], query.shape[-1]
+    biases = (None,) * 3 if qkv_bias is None else qkv_bias.reshape(h + 2 * hkv, 1, d).split((h, hkv, hkv))
+    return tuple(norm_fold.scaled(x, r, b) for x, b in zip((query, key, value), biases, strict=True))
 
 
 def eager_decode_attention(
@@ -118,12 +137,19 @@ def _decode_attention_op(
     sin: th.Tensor | None = None,
     norm_weight: th.Tensor | None = None,
     eps: float = 0.0,
+    ss: th.Tensor | None = None,
+    qkv_bias: th.Tensor | None = None,
+    hidden: int = 1,
+    eps_in: float = 0.0,
 ) -> th.Tensor:
     """The op behind ``decode_attention``. ``mask``: triton: the bias [B, 1, 1, L] fp32; eager: ``decode_mask``.
 
     ``start``: int32 [B], each row's first slot after its left padding (the Triton kernel skips the padding; the
     eager maths read it, masked). ``cos``/``sin`` [B, 1, D] (None: ``query``/``key_new`` are final): the raw
-    projections get ``norm_rope`` first (the Triton kernel applies it to what it loads: no kernel of its own)."""
+    projections get ``norm_rope`` first (the Triton kernel applies it to what it loads: no kernel of its own).
+    ``ss`` (None: not folded): the input RMSNorm is folded into the projection (``norm_fold``), and ``unfold`` comes
+    before everything else."""
+    fold = None if ss is None else (ss, hidden, eps_in, qkv_bias)
     if impl == "triton":
         from rlvr_vocab.sampling import triton_decode
 
@@ -132,15 +158,17 @@ def _decode_attention_op(
             None if cos is None else (cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), norm_weight, eps)
         )
         return triton_decode.decode_attention(
-            query, key_new, value_new, key_cache, value_cache, length, bias, scaling, start=start, rope=rope
+            query, key_new, value_new, key_cache, value_cache, length, bias, scaling, start=start, rope=rope, fold=fold
         )
+    if fold is not None:
+        query, key_new, value_new = unfold(query, key_new, value_new, *fold)
     if cos is not None:
         query, key_new = norm_rope(query, key_new, cos, sin, norm_weight, eps)
     return eager_decode_attention(query, key_new, value_new, key_cache, value_cache, length, mask, scaling)
 
 
 @_decode_attention_op.register_fake
-def _(query, key_new, value_new, key_cache, value_cache, length, mask, start, scaling, impl, *rope):
+def _(query, key_new, value_new, key_cache, value_cache, length, mask, start, scaling, impl, *rope, **fold):
     b, h, _, d = query.shape
     return query.new_empty(b, 1, h, d)
 
@@ -155,6 +183,7 @@ def decode_attention(
     dropout: float = 0.0,
     rlvr_decode: dict | None = None,
     rope: tuple | None = None,
+    fold: tuple | None = None,
     **kwargs,
 ) -> tuple[th.Tensor, None]:
     """transformers' attention-function signature, for the decode step: ([B, 1, H, D], None).
@@ -165,7 +194,8 @@ def decode_attention(
     (the cache buffers per layer, [B, Hkv, L, D]), ``length`` (int64 [1], device), ``start`` (int32 [B]: each
     row's first slot after its left padding) and ``impl``; ``rope``: None (``query`` and ``key`` are final: how
     transformers' layers call it), or ``(cos, sin, norm_weight, eps)`` from ``fused``'s layer: the raw projections,
-    to which the op applies ``norm_rope``. Query head ``h`` uses KV head ``h // (H / Hkv)``, as transformers'
+    to which the op applies ``norm_rope``; ``fold``: None, or ``(ss, hidden, eps, qkv_bias)`` from ``fused``'s
+    layer with its input RMSNorm folded into the projection (``unfold``). Query head ``h`` uses KV head ``h // (H / Hkv)``, as transformers'
     ``repeat_kv``.
     """
     if rlvr_decode is None:
@@ -184,6 +214,7 @@ def decode_attention(
         scaling,
         rlvr_decode["impl"],
         *(rope or ()),
+        **({} if fold is None else dict(zip(("ss", "hidden", "eps_in", "qkv_bias"), fold, strict=True))),
     )
     return out, None
 

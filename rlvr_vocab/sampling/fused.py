@@ -30,6 +30,7 @@ import torch as th
 import torch.nn.functional as F
 
 from rlvr_vocab.sampling import attention as attn
+from rlvr_vocab.sampling import norm_fold
 from rlvr_vocab.sampling import triton_linear as tlin
 
 LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
@@ -54,6 +55,7 @@ class LayerWeights:
     gate_up_bias: th.Tensor | None
     qk_norm: th.Tensor | None  # [Hq + Hkv, D] (Qwen3), else None
     layer: th.nn.Module
+    fold: bool = False  # qkv and gate_up hold W * the RMSNorm weight before them (norm_fold)
 
     def refresh(self) -> None:
         a, m = self.layer.self_attn, self.layer.mlp
@@ -61,6 +63,9 @@ class LayerWeights:
         _cat_into(self.qkv_bias, [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
         _cat_into(self.gate_up, [m.gate_proj.weight, m.up_proj.weight])
         _cat_into(self.gate_up_bias, [m.gate_proj.bias, m.up_proj.bias])
+        if self.fold:
+            norm_fold.fold_weight(self.qkv, self.layer.input_layernorm.weight)
+            norm_fold.fold_weight(self.gate_up, self.layer.post_attention_layernorm.weight)
         if self.qk_norm is not None:
             hq, d = a.q_proj.out_features // a.head_dim, a.head_dim
             self.qk_norm[:hq].copy_(a.q_norm.weight.detach().expand(hq, d))
@@ -100,12 +105,16 @@ class FusedWeights:
 
     def __init__(self, layers: list[LayerWeights]):
         self.layers = layers
+        self.fold = bool(layers) and layers[0].fold
         # one bound forward per layer, made once: the same object at every install keeps dynamo's guards
         self.forwards = [types.MethodType(layer_forward, lw.layer) for lw in layers]
 
     @classmethod
-    def build(cls, model) -> tuple[FusedWeights | None, str | None]:
-        """(fused weights with the model's current values, None), or (None, why the layers cannot be fused)."""
+    def build(cls, model, fold: bool = False) -> tuple[FusedWeights | None, str | None]:
+        """(fused weights with the model's current values, None), or (None, why the layers cannot be fused).
+
+        ``fold``: the qkv and gate_up buffers hold the weights times the RMSNorm weight before them (``norm_fold``).
+        """
         reason = unfusable(model)
         if reason is not None:
             return None, reason
@@ -131,6 +140,7 @@ class FusedWeights:
                 gate_up_bias=empty(m.gate_proj, m.up_proj, bias=True),
                 qk_norm=qk_norm,
                 layer=layer,
+                fold=fold,
             )
             lw.refresh()
             out.append(lw)
@@ -166,22 +176,23 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     """The decode step of one llama / qwen2 / qwen3 decoder layer with ``rlvr_decode["fused"]``'s buffers.
 
     At most ``triton_linear.MAX_ROWS`` rows: the projections named in ``rlvr_decode["linear"]`` (``o``, ``down``)
-    are ``triton_linear``'s kernels with the residual add inside.
+    are ``triton_linear``'s kernels with the residual add inside. ``rlvr_decode["fold"]``: the buffers hold the
+    RMSNorms folded in (``FusedWeights(fold=True)``): ``_folded_forward``.
     """
+    b, s, hidden = hidden_states.shape
+    small = (rlvr_decode.get("linear") or ()) if b * s <= tlin.MAX_ROWS else ()
+    if rlvr_decode.get("fold"):
+        return _folded_forward(layer, hidden_states, attention_mask, position_embeddings, rlvr_decode, small, **kwargs)
     a, m = layer.self_attn, layer.mlp
     qkv_w, qkv_b, gate_up_w, gate_up_b, qk_norm = rlvr_decode["fused"][a.layer_idx]
     d = a.head_dim
     hq, hkv = a.q_proj.out_features // d, a.k_proj.out_features // d
-    b, s, hidden = hidden_states.shape
-    small = (rlvr_decode.get("linear") or ()) if b * s <= tlin.MAX_ROWS else ()
     work = rlvr_decode.get("linear_work")
 
     residual = hidden_states
     h = layer.input_layernorm(hidden_states)
     qkv = F.linear(h, qkv_w, qkv_b)  # [B, S, (Hq + 2 Hkv) D]
-    qk = qkv[..., : (hq + hkv) * d].view(b, s, hq + hkv, d)
-    value = qkv[..., (hq + hkv) * d :].view(b, s, hkv, d).transpose(1, 2)
-    query, key = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)  # raw: the op norms and rotates
+    query, key, value = _split_qkv(qkv, hq, hkv, d)  # raw: the op norms and rotates
     cos, sin = position_embeddings  # [B, 1, D]
     eps = a.q_norm.variance_epsilon if qk_norm is not None else 0.0
     out, _ = attn.decode_attention(
@@ -204,6 +215,56 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
         out = tlin.small_linear(act.reshape(b * s, -1), down.weight, down.bias, residual.reshape(b * s, hidden), work)
         return out.view(b, s, hidden)
     return residual + m.down_proj(act)
+
+
+def _split_qkv(qkv: th.Tensor, hq: int, hkv: int, d: int) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """[B, S, (Hq + 2 Hkv) D] -> query [B, Hq, S, D], key and value [B, Hkv, S, D] (views)."""
+    b, s, _ = qkv.shape
+    qk = qkv[..., : (hq + hkv) * d].view(b, s, hq + hkv, d)
+    value = qkv[..., (hq + hkv) * d :].view(b, s, hkv, d).transpose(1, 2)
+    return qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2), value
+
+
+def _projected(x: th.Tensor, proj, residual: th.Tensor, small: bool, work) -> tuple[th.Tensor, th.Tensor]:
+    """``residual + proj(x)`` [M, N] and its rows' sums of squares fp32 [M, S] (the next folded norm's input):
+    ``triton_linear``'s kernel with the sums in its epilogue (``small``), else PyTorch ops."""
+    if small:
+        return tlin.small_linear(x, proj.weight, proj.bias, residual, work, sums=True)
+    out = residual + proj(x)
+    return out, norm_fold.sums_of_squares(out)
+
+
+def _folded_forward(layer, hidden_states, attention_mask, position_embeddings, rlvr_decode, small, **kwargs):
+    """``layer_forward`` with both RMSNorms folded into the projections after them (``norm_fold``): the qkv and
+    gate_up buffers hold ``W * w``; the attention op and ``norm_fold.silu_mul`` apply each row's scale, from the
+    sums of squares that the layer before left in ``rlvr_decode["ss"]`` (the first layer sums its input here)."""
+    a, m = layer.self_attn, layer.mlp
+    qkv_w, qkv_b, gate_up_w, gate_up_b, qk_norm = rlvr_decode["fused"][a.layer_idx]
+    d = a.head_dim
+    hq, hkv = a.q_proj.out_features // d, a.k_proj.out_features // d
+    b, s, hidden = hidden_states.shape
+    work = rlvr_decode.get("linear_work")
+    x = hidden_states.reshape(b * s, hidden)
+    ss = rlvr_decode.get("ss")
+    if a.layer_idx == 0 or ss is None:
+        ss = norm_fold.sums_of_squares(x)
+    qkv = F.linear(hidden_states, qkv_w)  # [B, S, (Hq + 2 Hkv) D]; the bias is added after the scale, in the op
+    query, key, value = _split_qkv(qkv, hq, hkv, d)
+    cos, sin = position_embeddings
+    eps = a.q_norm.variance_epsilon if qk_norm is not None else 0.0
+    norm = layer.input_layernorm
+    out, _ = attn.decode_attention(
+        a, query, key, value, attention_mask, scaling=a.scaling, rlvr_decode=rlvr_decode,
+        rope=(cos, sin, qk_norm, eps), fold=(ss, hidden, norm.variance_epsilon, qkv_b), **kwargs,
+    )  # fmt: skip
+    h, ss = _projected(out.reshape(b * s, -1), a.o_proj, x, "o" in small, work)
+    gate_up = F.linear(h, gate_up_w)  # [M, 2 I]; the bias too is added after the scale
+    norm = layer.post_attention_layernorm
+    act = norm_fold.silu_mul(
+        gate_up, ss, hidden, norm.variance_epsilon, gate_up_b, rlvr_decode.get("fold_impl", "torch")
+    )
+    out, rlvr_decode["ss"] = _projected(act, m.down_proj, h, "down" in small, work)
+    return out.view(b, s, hidden)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from loguru import logger
 
 from rlvr_vocab.sampling import attention as attn
 from rlvr_vocab.sampling import fused as fusion
-from rlvr_vocab.sampling import triton_linear, triton_pick
+from rlvr_vocab.sampling import norm_fold, triton_linear, triton_pick
 from rlvr_vocab.sampling.cache import StaticKVCache
 from rlvr_vocab.sampling.plan import Plan, build_plan
 from rlvr_vocab.sampling.state import DecodeState, pick
@@ -57,6 +57,8 @@ LINEAR_SETS = {  # FastSampler(linear=...) -> the fused layers' projections run 
 }
 LINEAR_CHOICES = ("auto", *LINEAR_SETS)
 AUTO_LINEAR = "o+down"  # what auto runs where triton_linear passes its check on CUDA
+FOLD_CHOICES = ("auto", "on", "off")
+AUTO_FOLD = False  # whether auto folds the RMSNorms (norm_fold) in sessions of at most triton_linear.MAX_ROWS rows
 
 
 def unsupported_model(model) -> str | None:
@@ -116,6 +118,7 @@ class Session:
         fused,
         pick: str,
         linear: tuple[str, ...] = (),
+        fold_impl: str | None = None,
     ):
         self.key = key
         self.fused: fusion.FusedWeights | None = fused  # the decode layers' fused projections (None: HF's layers)
@@ -125,6 +128,7 @@ class Session:
         self.attention = attention  # the decode attention in use: "triton" or "eager"
         self.pick = pick  # the token pick in use: "triton" (triton_pick) or "torch" (state.pick's PyTorch ops)
         self.linear = linear  # the fused layers' projections run by triton_linear at <= MAX_ROWS rows (LINEAR_SETS)
+        self.fold_impl = fold_impl  # with fused.fold: norm_fold.silu_mul's implementation ("triton" or "torch")
         self.linear_work = None  # triton_linear's split-K workspace (counters, partials), with linear
         if linear and fused is not None:
             self.linear_work = triton_linear.workspace(device, fused.max_columns())
@@ -171,6 +175,9 @@ class FastSampler:
         linear: the fused layers' projections run by ``triton_linear`` (split over K in one kernel, the residual
             add inside) at up to ``triton_linear.MAX_ROWS`` live rows: ``o``, ``o+down``, ``torch`` (none), or
             ``auto`` (``AUTO_LINEAR`` on CUDA when the kernel passes a check against the PyTorch maths, else none).
+        fold: fold each decoder layer's two RMSNorms into the projections after them (``norm_fold``: two kernels
+            per layer fewer, in other roundings than transformers'): ``on``, ``off``, or ``auto`` (``AUTO_FOLD``,
+            in sessions of at most ``triton_linear.MAX_ROWS`` rows on CUDA). Needs the fused layers.
     """
 
     def __init__(
@@ -187,6 +194,7 @@ class FastSampler:
         fuse: bool = True,
         pick: str = "auto",
         linear: str = "auto",
+        fold: str = "auto",
     ):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"FastSampler(attention={attention!r}): choose one of {ATTENTION_CHOICES}")
@@ -194,6 +202,8 @@ class FastSampler:
             raise ValueError(f"FastSampler(pick={pick!r}): choose one of {PICK_CHOICES}")
         if linear not in LINEAR_CHOICES:
             raise ValueError(f"FastSampler(linear={linear!r}): choose one of {LINEAR_CHOICES}")
+        if fold not in FOLD_CHOICES:
+            raise ValueError(f"FastSampler(fold={fold!r}): choose one of {FOLD_CHOICES}")
         if min_rows < 1 or window < 1 or stop_check_every < 1:
             raise ValueError("FastSampler: min_rows, window and stop_check_every must be >= 1")
         self.reasoning_vocab = reasoning_vocab
@@ -208,6 +218,7 @@ class FastSampler:
         self.fuse = fuse
         self.pick = pick
         self.linear = linear
+        self.fold = fold
         self.session: Session | None = None
         self.last_logprobs: th.Tensor | None = None  # [B, n] processed log-probs of the last call's tokens
         self.last_used_fast_path = False
@@ -223,6 +234,8 @@ class FastSampler:
         self._pick_failure: str | None = None  # why the Triton pick is not used (auto), once it failed
         self._linear_checked: set[tuple] = set()  # (dtype, device) checked against the PyTorch maths
         self._linear_failure: str | None = None  # why the Triton projections are not used (auto), once they failed
+        self._fold_checked: set[tuple] = set()  # (dtype, device) on which norm_fold's kernel was checked
+        self._fold_failure: str | None = None  # why norm_fold's kernel is not used, once it failed
         self._logged: set[str] = set()
         attn.register()
 
@@ -298,16 +311,40 @@ class FastSampler:
         self.session = None  # free the old one first
         cache_len = math.ceil(needed / CACHE_ROUND) * CACHE_ROUND
         fused = None
+        fold = self.fold == "on" or (
+            self.fold == "auto" and AUTO_FOLD and device.type == "cuda" and batch <= triton_linear.MAX_ROWS
+        )
         if self.fuse:
-            fused, reason = fusion.FusedWeights.build(model)
+            fused, reason = fusion.FusedWeights.build(model, fold=fold)
             if reason is not None:
                 self._log_once(f"generation_backend=fast: decode layers not fused ({reason}); transformers' layers")
+        if self.fold == "on" and fused is None:
+            raise ValueError(
+                "FastSampler(fold='on') folds the RMSNorms into the fused decode layers: "
+                + ("fuse=False" if not self.fuse else "the layers cannot be fused (see the log)")
+            )
         attention = self._resolve_attention(model, device)
         linear = self._resolve_linear(fused, model.dtype, device)
+        fold_impl = self._resolve_fold_impl(model.dtype, device) if fused is not None and fused.fold else None
         self.session = Session(
-            key, model, batch, cache_len, device, attention, fused, self._resolve_pick(plan, device), linear
+            key, model, batch, cache_len, device, attention, fused, self._resolve_pick(plan, device), linear, fold_impl
         )
         return self.session
+
+    def _resolve_fold_impl(self, dtype: th.dtype, device: th.device) -> str:
+        """``norm_fold.silu_mul``'s implementation in a folded session: its Triton kernel where it runs and passes
+        its check (CUDA, or CPU tensors under Triton's interpreter), else PyTorch ops."""
+        runs = norm_fold.triton is not None and (device.type == "cuda" or norm_fold.interpreted())
+        if not runs or self._fold_failure is not None:
+            return "torch"
+        if (dtype, str(device)) not in self._fold_checked:
+            self._fold_checked.add((dtype, str(device)))
+            self._fold_failure = norm_fold.check(dtype, device)
+            self.stats["failures"] += self._fold_failure is not None
+        if self._fold_failure is not None:
+            self._log_once(f"generation_backend=fast: folded SiLU x up kernel unusable ({self._fold_failure}); torch")
+            return "torch"
+        return "triton"
 
     def _prefill(self, model, s: Session, input_ids, attention_mask, position_ids) -> th.Tensor:
         p = input_ids.shape[1]
@@ -491,7 +528,7 @@ class FastSampler:
         decode = {"keys": keys, "values": values, "length": st.length, "start": first, "impl": s.attention}
         decode |= {"linear": s.linear, "linear_work": s.linear_work}
         if s.fused is not None:
-            decode["fused"] = s.fused.inputs()
+            decode |= {"fused": s.fused.inputs(), "fold": s.fused.fold, "fold_impl": s.fold_impl}
         out = forward(
             input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False, logits_to_keep=1, rlvr_decode=decode
         )
@@ -516,6 +553,10 @@ class FastSampler:
                 what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 if isinstance(err, triton_pick.TritonPickError) and self._pick_failed(s, what):
                     pass
+                elif s.fold_impl == "triton":
+                    self._fold_failure = what
+                    s.fold_impl = "torch"
+                    self._log_once(f"generation_backend=fast: folded SiLU x up kernel failed ({what}); torch")
                 elif s.linear and self.linear == "auto":
                     self._linear_failure = what
                     s.linear = ()

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch as th
 
+from rlvr_vocab.sampling import norm_fold
+
 try:
     import triton
     import triton.language as tl
@@ -83,7 +85,7 @@ if triton is not None:
         c = (x_p.to(tl.float32) * sin.to(tl.float32)).to(dtype).to(tl.float32)
         return (a + c).to(dtype)
 
-    @triton.jit(do_not_specialize=["SPLITS"])
+    @triton.jit(do_not_specialize=["SPLITS", "ss_blocks"])
     def _split_kernel(
         Q,
         KNew,
@@ -96,6 +98,8 @@ if triton is not None:
         Cos,
         Sin,
         NormW,
+        SS,
+        QKVBias,
         Out,
         PartO,
         PartL,
@@ -124,6 +128,10 @@ if triton is not None:
         stride_pb,
         stride_ph,
         stride_ps,
+        stride_ssb,
+        ss_blocks,
+        hidden,
+        eps_in,
         scale,
         eps,
         SPLITS,
@@ -137,6 +145,9 @@ if triton is not None:
         HAS_START: tl.constexpr,
         ROPE: tl.constexpr,
         NORM: tl.constexpr,
+        FOLD: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        HAS_QKV_BIAS: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -161,10 +172,24 @@ if triton is not None:
         q = tl.load(q_ptrs + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
         k_ptrs = KNew + b * stride_knb + kvh * stride_knh
         k_new = tl.load(k_ptrs + offs_d * stride_knd, mask=d_ok, other=0.0)
+        v_new = tl.load(VNew + b * stride_vnb + kvh * stride_vnh + offs_d * stride_vnd, mask=d_ok, other=0.0)
+        r = 1.0
+        q_bias = QKVBias + heads[:, None] * D  # norm_fold's biases: [Hq + 2 Hkv, D] rows, q then k then v
+        k_bias = QKVBias + (HKV * G + kvh) * D
+        if FOLD:  # the folded input RMSNorm: this row's scale from its sums of squares, on what is loaded
+            offs_s = tl.arange(0, BLOCK_S)
+            sums = tl.load(SS + b * stride_ssb + offs_s, mask=offs_s < ss_blocks, other=0.0)
+            r = tl.rsqrt(tl.sum(sums, 0) / hidden + eps_in)
+            q = norm_fold.scaled_tile(q, r, q_bias + offs_d[None, :], q_ok, HAS_QKV_BIAS)
+            k_new = norm_fold.scaled_tile(k_new, r, k_bias + offs_d, d_ok, HAS_QKV_BIAS)
+            v_new = norm_fold.scaled_tile(v_new, r, QKVBias + (HKV * (G + 1) + kvh) * D + offs_d, d_ok, HAS_QKV_BIAS)
         if ROPE:  # the layer's q/k RMSNorm (NORM) and RoPE on the raw projections, in transformers' roundings
             partner = tl.where(offs_d < D // 2, offs_d + D // 2, offs_d - D // 2)  # rotate_half's source column
             q_p = tl.load(q_ptrs + partner[None, :] * stride_qd, mask=q_ok, other=0.0)
             k_p = tl.load(k_ptrs + partner * stride_knd, mask=d_ok, other=0.0)
+            if FOLD:
+                q_p = norm_fold.scaled_tile(q_p, r, q_bias + partner[None, :], q_ok, HAS_QKV_BIAS)
+                k_p = norm_fold.scaled_tile(k_p, r, k_bias + partner, d_ok, HAS_QKV_BIAS)
             cos = tl.load(Cos + b * stride_cb + offs_d, mask=d_ok, other=0.0)
             sin = tl.load(Sin + b * stride_sinb + offs_d, mask=d_ok, other=0.0)
             sin = tl.where(offs_d < D // 2, -sin, sin)  # rotate_half's sign: (-x2, x1)
@@ -175,7 +200,6 @@ if triton is not None:
                 k_new, k_p = _rms_normed(k_new, k_p, w_k, offs_d, partner, d_ok, D, eps, 0)
             q = _rotated(q, q_p, cos, sin)
             k_new = _rotated(k_new, k_p, cos, sin)
-        v_new = tl.load(VNew + b * stride_vnb + kvh * stride_vnh + offs_d * stride_vnd, mask=d_ok, other=0.0)
         k_row = K + b * stride_kb + kvh * stride_kh
         v_row = V + b * stride_vb + kvh * stride_vh
         if (slot >= start) & (slot < end):  # this program owns the new slot: write it (nobody else reads it)
@@ -293,6 +317,7 @@ def decode_attention(
     num_stages: int = NUM_STAGES,
     start: th.Tensor | None = None,
     rope: tuple | None = None,
+    fold: tuple | None = None,
 ) -> th.Tensor:
     """Write the new K/V at slot ``length - 1`` and attend to slots ``[0, length)``: [B, 1, H, D].
 
@@ -303,7 +328,11 @@ def decode_attention(
     row's first slot to read (its left padding is skipped: those slots must be masked by ``bias`` or unused);
     ``rope``: None (``query`` and ``key_new`` are final), or ``(cos, sin, norm_weight, eps)``: the raw projections
     get the layer's per-head RMSNorm (``norm_weight`` [H + Hkv, D], rows for the query heads then the KV heads, or
-    None for none) and RoPE (``cos``/``sin`` [B, D], last dim contiguous) in the kernel, the new K written roped.
+    None for none) and RoPE (``cos``/``sin`` [B, D], last dim contiguous) in the kernel, the new K written roped;
+    ``fold``: None, or ``(ss, hidden, eps, qkv_bias)`` when the layer's input RMSNorm is folded into its projection
+    (``norm_fold``): ``query``/``key_new``/``value_new`` are the folded GEMM's output, and the kernel first scales
+    each row by ``rsqrt(sum(ss[b]) / hidden + eps)`` (``ss`` fp32 [B, S]: the input's sums of squares in S parts)
+    and adds ``qkv_bias`` ([Hq + 2 Hkv, D] contiguous, q then k then v rows; or None).
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -326,6 +355,11 @@ def decode_attention(
         raise ValueError("decode_attention(rope=...): cos/sin need a contiguous last dim and head_dim an even size")
     if norm_weight is not None and not (norm_weight.is_contiguous() and norm_weight.shape == (h + hkv, d)):
         raise ValueError(f"decode_attention(rope=...): norm_weight must be a contiguous [{h + hkv}, {d}]")
+    ss, hidden, eps_in, qkv_bias = fold if fold is not None else (None, 1, 0.0, None)
+    if ss is not None and not (ss.dtype == th.float32 and ss.shape[0] == b and ss.stride(1) == 1):
+        raise ValueError(f"decode_attention(fold=...): ss must be fp32 [{b}, S] with a contiguous last dim")
+    if qkv_bias is not None and not (qkv_bias.is_contiguous() and qkv_bias.numel() == (h + 2 * hkv) * d):
+        raise ValueError(f"decode_attention(fold=...): qkv_bias must be a contiguous [{h + 2 * hkv} x {d}]")
     _split_kernel[(b * hkv, splits)](
         query,
         key_new,
@@ -338,6 +372,8 @@ def decode_attention(
         cos,
         sin,
         norm_weight if norm_weight is not None else length,
+        ss if ss is not None else length,
+        qkv_bias if qkv_bias is not None else length,
         out,
         part_o,
         part_l,
@@ -366,6 +402,10 @@ def decode_attention(
         h * splits if splits > 1 else 0,
         splits if splits > 1 else 0,
         1,
+        ss.stride(0) if ss is not None else 0,
+        ss.shape[1] if ss is not None else 1,
+        float(hidden),
+        float(eps_in),
         scaling,
         float(eps),
         splits,
@@ -379,6 +419,9 @@ def decode_attention(
         HAS_START=start is not None,
         ROPE=rope is not None,
         NORM=norm_weight is not None,
+        FOLD=ss is not None,
+        BLOCK_S=triton.next_power_of_2(ss.shape[1]) if ss is not None else 1,
+        HAS_QKV_BIAS=qkv_bias is not None,
         PRECISION=precision,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -51,9 +51,10 @@ def interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _finish(acc, Bias, Res, Out, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om,
-                HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):  # fmt: skip
-        """The epilogue: bias, the rounding to the dtype, the residual add, the store."""
+    def _finish(acc, Bias, Res, Out, SS, pid, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om, stride_ss,
+                HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, SS_OUT: tl.constexpr):  # fmt: skip
+        """The epilogue: bias, the rounding to the dtype, the residual add, the store; with ``SS_OUT`` each row's
+        sum of squares over this column block, ``SS[row, pid]`` (what a folded RMSNorm after it needs)."""
         dtype = Out.dtype.element_ty
         if HAS_BIAS:
             acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -63,6 +64,9 @@ if triton is not None:
             res = tl.load(Res + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0)
             y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
         tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=out_ok)
+        if SS_OUT:
+            yf = tl.where(out_ok, y.to(tl.float32), 0.0)
+            tl.store(SS + offs_m * stride_ss + pid, tl.sum(yf * yf, 1), mask=m_ok)
 
     @triton.jit
     def _linear_kernel(
@@ -71,6 +75,7 @@ if triton is not None:
         Bias,
         Res,
         Out,
+        SS,
         Counters,
         Work,
         M,
@@ -80,12 +85,14 @@ if triton is not None:
         stride_xm,
         stride_rm,
         stride_om,
+        stride_ss,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         RESIDUAL: tl.constexpr,
+        SS_OUT: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -108,7 +115,8 @@ if triton is not None:
             w = tl.load(w_rows + (k0 + offs_k)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         if SPLIT_K == 1:
-            _finish(acc, Bias, Res, Out, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om, HAS_BIAS, RESIDUAL)
+            _finish(acc, Bias, Res, Out, SS, pid, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om, stride_ss,
+                    HAS_BIAS, RESIDUAL, SS_OUT)  # fmt: skip
         else:  # split-K in one kernel: partials to the workspace; the column block's last program sums them
             tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             size: tl.constexpr = BLOCK_M * BLOCK_N
@@ -119,7 +127,8 @@ if triton is not None:
                 for i in tl.static_range(SPLIT_K):  # in split order: the sum does not depend on who finished last
                     acc += tl.load(Work + (pid * SPLIT_K + i) * size + tile, cache_modifier=".cg")
                 tl.atomic_xchg(Counters + pid, 0)  # ready for the next launch
-                _finish(acc, Bias, Res, Out, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om, HAS_BIAS, RESIDUAL)
+                _finish(acc, Bias, Res, Out, SS, pid, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om, stride_ss,
+                    HAS_BIAS, RESIDUAL, SS_OUT)  # fmt: skip
 
 
 def block_config(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, int]:
@@ -140,6 +149,11 @@ def block_config(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, in
     return block_n, block_k, 4, 3, split_k
 
 
+def ss_blocks(n: int, k: int) -> int:
+    """The column blocks of ``linear``'s launch for an [n, k] weight: the second dim of its ``ss`` output."""
+    return -(-n // block_config(n, k)[0])
+
+
 def workspace(device: th.device, max_columns: int) -> tuple[th.Tensor, th.Tensor]:
     """(counters, partials) for split-K launches of up to ``max_columns`` output columns, ``MAX_ROWS`` rows and
     ``MAX_SPLIT`` splits: int32 zeros (each launch leaves them zero again) and fp32 partial sums. One pair serves
@@ -155,11 +169,14 @@ def linear(
     residual: th.Tensor | None = None,
     config: tuple[int, int, int, int, int] | None = None,
     work: tuple[th.Tensor, th.Tensor] | None = None,
+    ss: th.Tensor | None = None,
 ) -> th.Tensor:
     """The kernel: ``x`` [M, K] (last dim contiguous), ``weight`` [N, K] contiguous -> [M, N].
 
     ``residual`` [M, N]: add it last; ``config``: ``block_config``'s tuple (None: that function's choice); ``work``:
-    ``workspace``'s pair for split-K (None: made for this call).
+    ``workspace``'s pair for split-K (None: made for this call); ``ss``: fp32 [M, column blocks] (``ss_blocks``),
+    filled with each output row's sum of squares per block of ``BLOCK_N`` columns (of the rounded output: what
+    transformers' RMSNorm of it sums), for ``norm_fold``.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -182,6 +199,8 @@ def linear(
     else:
         counters = partials = weight  # unused
     out = x.new_empty(m, n)
+    if ss is not None and not (ss.dtype == th.float32 and ss.shape == (m, blocks) and ss.is_contiguous()):
+        raise ValueError(f"triton_linear.linear: ss must be a contiguous fp32 [{m}, {blocks}]")
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()
     _linear_kernel[(blocks, split_k)](
@@ -190,6 +209,7 @@ def linear(
         bias if bias is not None else weight,
         residual if residual is not None else out,
         out,
+        ss if ss is not None else out,
         counters,
         partials,
         m,
@@ -199,12 +219,14 @@ def linear(
         x.stride(0),
         residual.stride(0) if residual is not None else 0,
         out.stride(0),
+        blocks,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         SPLIT_K=split_k,
         HAS_BIAS=bias is not None,
         RESIDUAL=residual is not None,
+        SS_OUT=ss is not None,
         PRECISION="ieee" if x.dtype == th.float32 else "tf32",
         num_warps=warps,
         num_stages=stages,
@@ -231,14 +253,19 @@ def _small_linear_op(
     residual: th.Tensor | None,
     counters: th.Tensor,
     partials: th.Tensor,
-) -> th.Tensor:
-    """The op behind ``small_linear`` (opaque to ``torch.compile``, like the decode attention op)."""
-    return linear(x, weight, bias, residual=residual, work=(counters, partials))
+    sums: bool,
+) -> tuple[th.Tensor, th.Tensor]:
+    """The op behind ``small_linear`` (opaque to ``torch.compile``, like the decode attention op): (out, ss), ss
+    [M, 0] unless ``sums``."""
+    n, k = weight.shape
+    ss = x.new_empty((x.shape[0], ss_blocks(n, k) if sums else 0), dtype=th.float32)
+    return linear(x, weight, bias, residual=residual, work=(counters, partials), ss=ss if sums else None), ss
 
 
 @_small_linear_op.register_fake
-def _(x, weight, bias, residual, counters, partials):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _(x, weight, bias, residual, counters, partials, sums):
+    n, k = weight.shape
+    return x.new_empty(x.shape[0], n), x.new_empty((x.shape[0], ss_blocks(n, k) if sums else 0), dtype=th.float32)
 
 
 def small_linear(
@@ -247,10 +274,15 @@ def small_linear(
     bias: th.Tensor | None = None,
     residual: th.Tensor | None = None,
     work: tuple[th.Tensor, th.Tensor] | None = None,
-) -> th.Tensor:
-    """``linear`` as a custom op, for the compiled decode step (arguments as ``linear``; ``work`` required)."""
+    sums: bool = False,
+):
+    """``linear`` as a custom op, for the compiled decode step (arguments as ``linear``; ``work`` required).
+
+    Returns the output, or with ``sums`` (output, ss): ss fp32 [M, ``ss_blocks``], the output rows' sums of squares
+    per column block (``norm_fold``'s input)."""
     counters, partials = work
-    return _small_linear_op(x, weight, bias, residual, counters, partials)
+    out, ss = _small_linear_op(x, weight, bias, residual, counters, partials, sums)
+    return (out, ss) if sums else out
 
 
 def check(dtype: th.dtype, device: th.device) -> str | None:
