@@ -48,6 +48,7 @@ from bench.workload import (
     force_eos,
     sampler_options,
     sampler_stats,
+    session_paths,
     spread_lengths,
     stats_delta,
     timed,
@@ -273,13 +274,6 @@ class Bench:
             "lengths_min_max": [min(lengths), max(lengths)],
             **({"profile": profile} if profile else {}),
         }
-
-
-def session_paths(sampler) -> dict:
-    """What the sampler's last session ran: attention, pick and projections (empty without a session)."""
-    session = getattr(sampler, "session", None)
-    names = ("attention", "pick", "linear", "fold_impl")
-    return {n: getattr(session, n) for n in names if hasattr(session, n)} if session is not None else {}
 
 
 def run_row(bench: Bench, row: Row, attention) -> dict:

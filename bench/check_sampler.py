@@ -41,6 +41,7 @@ from bench.workload import (
     force_eos,
     make_sampler,
     random_reward,
+    session_paths,
     spread_lengths,
     timed,
     write_json,
@@ -227,7 +228,7 @@ def logprob_check(
         "attention": attention or "default",
         "sample_s": round(t, 2),
         "fast_path": bool(getattr(sampler, "last_used_fast_path", False)),
-        **session_paths(sampler),
+        "paths": session_paths(sampler),  # what ran: attention, pick, projections, folded norms
         "eos_hook": hook,
         "lengths_min_max": [min(got), max(got)],
     }
@@ -271,13 +272,6 @@ def logprob_check(
     if cuda:
         th.cuda.empty_cache()
     return result
-
-
-def session_paths(sampler) -> dict:
-    """The token pick (``triton`` or ``torch``) and the Triton projections (``linear``) of the sampler's last
-    session; None for what the sampler has no notion of."""
-    session = getattr(sampler, "session", None)
-    return {name: getattr(session, name, None) for name in ("pick", "linear", "fold_impl")}
 
 
 def mask_check(vocab, prompt_ids, completions, lengths: list[int]) -> dict:
@@ -345,7 +339,7 @@ def distribution_check(
         result[name] = {k: v for k, v in cmp.items() if k != "positions"}
         result[name]["positions"] = [{k: round(v, 5) for k, v in q.items()} for q in cmp["positions"]]
         result[name]["first_token_entropy_nats"] = entropy
-        result[name] |= session_paths(sampler)
+        result[name]["paths"] = session_paths(sampler)
         result[name]["eos_rows"] = int((fast == tok.eos_token_id).any(1).sum())
         ok &= not cmp["reject"]
         if name == "T=1":  # power: the same test must tell temperature 1 from a hotter one

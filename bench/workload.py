@@ -153,6 +153,17 @@ def make_sampler(reasoning_vocab=None, compile: bool | None = None, attention: s
     return FastSampler(**kwargs)
 
 
+def session_paths(sampler) -> dict:
+    """What the sampler's last call ran (``last_paths``: attention, pick, projections, folded norms), or, for a
+    sampler without it, what its session holds; empty when neither says."""
+    paths = getattr(sampler, "last_paths", None)
+    if isinstance(paths, dict) and paths:
+        return dict(paths)
+    session = getattr(sampler, "session", None)
+    names = ("attention", "pick", "linear")
+    return {n: getattr(session, n) for n in names if hasattr(session, n)} if session is not None else {}
+
+
 def sampler_stats(sampler) -> dict:
     """The sampler's counters (captures, compiles, compactions, fallbacks), or what can be read without them."""
     if sampler is None:

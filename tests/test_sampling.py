@@ -661,6 +661,8 @@ def test_the_samplers_kernel_check_covers_the_raw_projection_form(triton_decode,
     real = triton_decode.decode_attention
     monkeypatch.setattr(triton_decode, "decode_attention", lambda *a, rope=None, **k: real(*a, **k))  # rope ignored
     assert "q/k norm and RoPE in the kernel" in check_triton(th.float32, 4, 2, 16, th.device(TRITON_DEVICE))
+    monkeypatch.setattr(triton_decode, "decode_attention", lambda *a, fold=None, **k: real(*a, **k))  # fold ignored
+    assert "the input norm unfolded in the kernel" in check_triton(th.float32, 4, 2, 16, th.device(TRITON_DEVICE))
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
@@ -924,6 +926,8 @@ def test_the_samplers_linear_check_names_a_wrong_kernel(triton_linear, monkeypat
     real = triton_linear.linear
     monkeypatch.setattr(triton_linear, "linear", lambda *a, residual=None, **k: real(*a, **k))  # residual ignored
     assert "(residual, 5 rows)" in triton_linear.check(th.float32, th.device(TRITON_DEVICE))
+    monkeypatch.setattr(triton_linear, "linear", lambda *a, ss=None, **k: real(*a, **k))  # no sums of squares
+    assert "sums of squares" in triton_linear.check(th.float32, th.device(TRITON_DEVICE))
     with pytest.raises(ValueError, match="64 rows"):
         real(th.zeros(65, 16, device=TRITON_DEVICE), th.zeros(8, 16, device=TRITON_DEVICE))
     with pytest.raises(ValueError, match="16 columns"):
@@ -1093,12 +1097,19 @@ def test_greedy_with_the_norms_folded_matches_transformers_generate(tok, triton_
         model.generate(**inputs, **kwargs, custom_generate=FastSampler(fold="on", fuse=False))
 
 
-def test_the_fold_is_off_unless_asked_on_the_cpu(tok):
-    model = tiny_arch(tok, "qwen3")
-    inputs = batch(tok, PROMPTS, "cpu")
-    sampler = FastSampler()
-    model.generate(**inputs, do_sample=False, max_new_tokens=3, pad_token_id=tok.pad_token_id, custom_generate=sampler)
-    assert not sampler.session.fused.fold and sampler.session.fold_impl is None
+def test_auto_folds_the_norms_only_in_few_row_sessions_on_cuda(tok, norm_fold):
+    """``fold="auto"``: on CUDA in sessions of at most ``triton_linear.MAX_ROWS`` rows (the kernel checked first);
+    not on the CPU, not in bigger sessions, never without the fused layers."""
+    model = tiny_arch(tok, "qwen3").to(TRITON_DEVICE)
+    kwargs = dict(do_sample=False, max_new_tokens=3, pad_token_id=tok.pad_token_id)
+    cuda = TRITON_DEVICE == "cuda"
+    for prompts, folds in ((PROMPTS, cuda), ([PROMPTS[0]] * 65, False)):
+        sampler = FastSampler()
+        model.generate(**batch(tok, prompts, TRITON_DEVICE), **kwargs, custom_generate=sampler)
+        assert sampler.session.fused.fold == folds and sampler.session.fold_impl == ("triton" if folds else None)
+    sampler = FastSampler(fuse=False)
+    model.generate(**batch(tok, PROMPTS, TRITON_DEVICE), **kwargs, custom_generate=sampler)
+    assert sampler.session.fused is None and sampler.session.fold_impl is None
 
 
 # ------------------------------------------------------------------------------------------ fused layers

@@ -288,8 +288,9 @@ def small_linear(
 def check(dtype: th.dtype, device: th.device) -> str | None:
     """Run the kernel against ``reference`` on random inputs: None if it agrees, else why not.
 
-    The form the fused layers use (the residual, with and without a bias), 5 and 33 rows, a K that is not a multiple of the block, one program per column block and K split in three;
-    the tolerance is the dtype's (fp32 1e-4, 16-bit 2e-2, relative to the largest output).
+    The form the fused layers use (the residual, with and without a bias, and the sums of squares of the output per
+    column block), 5 and 33 rows, a K that is not a multiple of the block, one program per column block and K split
+    in three; the tolerance is the dtype's (fp32 1e-4, 16-bit 2e-2, relative to the largest output).
     """
     if triton is None:
         return "Triton is not installed"
@@ -309,12 +310,16 @@ def check(dtype: th.dtype, device: th.device) -> str | None:
         }
         config = None if m == 5 else (16, 64, 4, 3, 3)  # 33 rows: K split in three (the last program sums)
         for what, (args, kwargs) in cases.items():
+            ss = th.full((m, ss_blocks(n, k)), float("nan"), device=device)  # 16-column blocks, as config's
             try:
-                got = linear(*args, **kwargs, config=config).float()
+                got = linear(*args, **kwargs, config=config, ss=ss).float()
             except Exception as err:  # noqa: BLE001 - a compile or launch failure is the answer
                 return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             want = reference(*args, **kwargs).float()
             error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
             if not error <= tolerance:  # also catches NaN
                 return f"relative error {error:.2e} against the PyTorch maths ({what}, {m} rows)"
+            sums = got.reshape(m, -1, 16).pow(2).sum(-1)
+            if not float((ss - sums).abs().max() / sums.abs().max()) <= 1e-4:
+                return f"the sums of squares of the output are wrong ({what}, {m} rows)"
     return None
