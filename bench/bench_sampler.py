@@ -101,6 +101,8 @@ def plan_rows(names: list[str], attentions: list[str]) -> list[tuple[Row, str]]:
     return plan
 
 
+PROFILE_TOP = 80  # kernels listed per profiled row (a 32-row step runs ~20 small kernels outside its layers)
+
 PATH_SUFFIXES = {  # suffix -> FastSampler option
     "-unfused": ("fuse", False),
     "-torchpick": ("pick", "torch"),
@@ -245,6 +247,7 @@ class Bench:
                     self.sync,
                     self.cuda,
                     row.tokens,
+                    top=PROFILE_TOP,
                 )
         finally:
             if hook:

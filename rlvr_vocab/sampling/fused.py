@@ -193,7 +193,7 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     h = layer.input_layernorm(hidden_states)
     qkv = F.linear(h, qkv_w, qkv_b)  # [B, S, (Hq + 2 Hkv) D]
     query, key, value = _split_qkv(qkv, hq, hkv, d)  # raw: the op norms and rotates
-    cos, sin = position_embeddings  # [B, 1, D]
+    cos, sin = _rope_tables(position_embeddings, rlvr_decode)
     eps = a.q_norm.variance_epsilon if qk_norm is not None else 0.0
     out, _ = attn.decode_attention(
         a, query, key, value, attention_mask, scaling=a.scaling, rlvr_decode=rlvr_decode,
@@ -215,6 +215,12 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
         out = tlin.small_linear(act.reshape(b * s, -1), down.weight, down.bias, residual.reshape(b * s, hidden), work)
         return out.view(b, s, hidden)
     return residual + m.down_proj(act)
+
+
+def _rope_tables(position_embeddings, rlvr_decode: dict) -> tuple[th.Tensor, th.Tensor]:
+    """The step's (cos, sin) [B, 1, D], made contiguous by the first layer and shared by the others: handed to
+    every layer's attention op as they are, Inductor wrote a copy per layer (7 kernels per 28-layer step)."""
+    return rlvr_decode.setdefault("rope_tables", tuple(t.contiguous() for t in position_embeddings))
 
 
 def _split_qkv(qkv: th.Tensor, hq: int, hkv: int, d: int) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
@@ -250,7 +256,7 @@ def _folded_forward(layer, hidden_states, attention_mask, position_embeddings, r
         ss = norm_fold.sums_of_squares(x)
     qkv = F.linear(hidden_states, qkv_w)  # [B, S, (Hq + 2 Hkv) D]; the bias is added after the scale, in the op
     query, key, value = _split_qkv(qkv, hq, hkv, d)
-    cos, sin = position_embeddings
+    cos, sin = _rope_tables(position_embeddings, rlvr_decode)
     eps = a.q_norm.variance_epsilon if qk_norm is not None else 0.0
     norm = layer.input_layernorm
     out, _ = attn.decode_attention(
