@@ -20,7 +20,8 @@ with ``FastSampler(fuse=False)``: transformers' decoder layers, for the fused la
 ``-torchpick``: ``FastSampler(pick="torch")``, the token pick in PyTorch ops instead of the Triton kernel;
 ``-torchlinear`` / ``-lino`` / ``-linod``: ``FastSampler(linear="torch" / "o" / "o+down")``, which of the fused
 layers' projections ``triton_linear`` runs (none: all cuBLAS); ``-fold`` / ``-nofold``: ``FastSampler(fold="on" /
-"off")``, the decoder layers' RMSNorms folded into the projections after them (``norm_fold``) or not. A
+"off")``, the decoder layers' RMSNorms folded into the projections after them (``norm_fold``) or not; ``-pdl`` /
+``-nopdl``: ``FastSampler(pdl="on" / "off")``, the step's Triton kernels with programmatic dependent launch. A
 sampler without the ``attention=`` option has one path, today's eager one: its rows are labelled
 ``eager (only path)`` and other paths are skipped.
 
@@ -111,6 +112,8 @@ PATH_SUFFIXES = {  # suffix -> FastSampler option
     "-linod": ("linear", "o+down"),
     "-fold": ("fold", "on"),
     "-nofold": ("fold", "off"),
+    "-pdl": ("pdl", "on"),
+    "-nopdl": ("pdl", "off"),
 }
 
 

@@ -131,6 +131,7 @@ def sampler_options(sampler=None) -> dict[str, bool]:
         "pick": "pick" in params or hasattr(instance, "pick"),
         "linear": "linear" in params or hasattr(instance, "linear"),
         "fold": "fold" in params or hasattr(instance, "fold"),
+        "pdl": "pdl" in params or hasattr(instance, "pdl"),
         "force_eos_at": "force_eos_at" in params or hasattr(instance, "force_eos_at"),
         "logits_hook": "logits_hook" in params or hasattr(instance, "logits_hook"),
         "stats": isinstance(getattr(instance, "stats", None), dict),

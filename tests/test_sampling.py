@@ -1097,6 +1097,19 @@ def test_greedy_with_the_norms_folded_matches_transformers_generate(tok, triton_
         model.generate(**inputs, **kwargs, custom_generate=FastSampler(fold="on", fuse=False))
 
 
+@pytest.mark.skipif(th.cuda.is_available(), reason="the refusal is for devices without it")
+def test_programmatic_dependent_launch_is_refused_where_it_cannot_run(tok):
+    model = tiny_arch(tok, "qwen3")
+    kwargs = dict(do_sample=False, max_new_tokens=3, pad_token_id=tok.pad_token_id)
+    with pytest.raises(ValueError, match="pdl='on'.*compute capability 9"):
+        model.generate(**batch(tok, PROMPTS, "cpu"), **kwargs, custom_generate=FastSampler(pdl="on"))
+    with pytest.raises(ValueError, match="pdl='yes'"):
+        FastSampler(pdl="yes")
+    sampler = FastSampler()
+    model.generate(**batch(tok, PROMPTS, "cpu"), **kwargs, custom_generate=sampler)
+    assert sampler.last_paths["pdl"] is False
+
+
 def test_auto_folds_the_norms_only_in_few_row_sessions_on_cuda(tok, norm_fold):
     """``fold="auto"``: on CUDA in sessions of at most ``triton_linear.MAX_ROWS`` rows (the kernel checked first);
     not on the CPU, not in bigger sessions, never without the fused layers."""
@@ -1208,6 +1221,24 @@ def test_cuda_graphs_are_captured_and_reused(tok, compiled, attention):
     assert sampler.session.graphs == graphs, "the second call should replay the same graphs"
     assert th.equal(out, ref) and th.equal(again, ref)
     assert not sampler._compile_failed and (id(model) in sampler._compiled) == compiled
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not th.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fold", ["on", "off"])
+def test_cuda_programmatic_dependent_launch_decodes_as_generate(tok, fold):
+    """``pdl="on"``: the Triton kernels chained with programmatic dependent launch, compiled and captured in CUDA
+    graphs, greedy: the tokens of ``generate`` (fp32; every kernel waits for the one before)."""
+    if th.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9+")
+    model = tiny_arch(tok, "qwen3").to("cuda")
+    inputs = batch(tok, PROMPTS, "cuda")
+    kwargs = dict(do_sample=False, max_new_tokens=40, min_new_tokens=40, pad_token_id=tok.pad_token_id)
+    ref = model.generate(**inputs, **kwargs)
+    sampler = FastSampler(pdl="on", fold=fold, linear="o+down", attention="triton")
+    out = model.generate(**inputs, **kwargs, custom_generate=sampler)
+    assert sampler.last_paths["pdl"] and sampler.stats["replays"] > 30 and sampler.stats["failures"] == 0
+    assert th.equal(out, ref)
 
 
 @pytest.mark.gpu

@@ -141,6 +141,7 @@ def _decode_attention_op(
     qkv_bias: th.Tensor | None = None,
     hidden: int = 1,
     eps_in: float = 0.0,
+    pdl: bool = False,
 ) -> th.Tensor:
     """The op behind ``decode_attention``. ``mask``: triton: the bias [B, 1, 1, L] fp32; eager: ``decode_mask``.
 
@@ -148,7 +149,7 @@ def _decode_attention_op(
     eager maths read it, masked). ``cos``/``sin`` [B, 1, D] (None: ``query``/``key_new`` are final): the raw
     projections get ``norm_rope`` first (the Triton kernel applies it to what it loads: no kernel of its own).
     ``ss`` (None: not folded): the input RMSNorm is folded into the projection (``norm_fold``), and ``unfold`` comes
-    before everything else."""
+    before everything else. ``pdl``: the Triton kernel with programmatic dependent launch."""
     fold = None if ss is None else (ss, hidden, eps_in, qkv_bias)
     if impl == "triton":
         from rlvr_vocab.sampling import triton_decode
@@ -158,7 +159,18 @@ def _decode_attention_op(
             None if cos is None else (cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), norm_weight, eps)
         )
         return triton_decode.decode_attention(
-            query, key_new, value_new, key_cache, value_cache, length, bias, scaling, start=start, rope=rope, fold=fold
+            query,
+            key_new,
+            value_new,
+            key_cache,
+            value_cache,
+            length,
+            bias,
+            scaling,
+            start=start,
+            rope=rope,
+            fold=fold,
+            pdl=pdl,
         )
     if fold is not None:
         query, key_new, value_new = unfold(query, key_new, value_new, *fold)
@@ -192,7 +204,8 @@ def decode_attention(
     object, so the layer hands them over unchanged); ``attention_mask``: for ``triton`` the per-row additive
     bias [B, 1, 1, L] fp32, for ``eager`` the step's ``decode_mask``; ``rlvr_decode``: ``keys``/``values``
     (the cache buffers per layer, [B, Hkv, L, D]), ``length`` (int64 [1], device), ``start`` (int32 [B]: each
-    row's first slot after its left padding) and ``impl``; ``rope``: None (``query`` and ``key`` are final: how
+    row's first slot after its left padding), ``impl`` and ``pdl`` (the Triton kernel with programmatic dependent
+    launch); ``rope``: None (``query`` and ``key`` are final: how
     transformers' layers call it), or ``(cos, sin, norm_weight, eps)`` from ``fused``'s layer: the raw projections,
     to which the op applies ``norm_rope``; ``fold``: None, or ``(ss, hidden, eps, qkv_bias)`` from ``fused``'s
     layer with its input RMSNorm folded into the projection (``unfold``). Query head ``h`` uses KV head ``h // (H / Hkv)``, as transformers'
@@ -213,8 +226,9 @@ def decode_attention(
         rlvr_decode["start"],
         scaling,
         rlvr_decode["impl"],
-        *(rope or ()),
+        *(rope or (None, None, None, 0.0)),
         **({} if fold is None else dict(zip(("ss", "hidden", "eps_in", "qkv_bias"), fold, strict=True))),
+        pdl=bool(rlvr_decode.get("pdl")),
     )
     return out, None
 

@@ -187,7 +187,7 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     qkv_w, qkv_b, gate_up_w, gate_up_b, qk_norm = rlvr_decode["fused"][a.layer_idx]
     d = a.head_dim
     hq, hkv = a.q_proj.out_features // d, a.k_proj.out_features // d
-    work = rlvr_decode.get("linear_work")
+    work, pdl = rlvr_decode.get("linear_work"), bool(rlvr_decode.get("pdl"))
 
     residual = hidden_states
     h = layer.input_layernorm(hidden_states)
@@ -201,7 +201,7 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     )  # fmt: skip
     if "o" in small:
         o = a.o_proj
-        x = tlin.small_linear(out.reshape(b * s, -1), o.weight, o.bias, residual.reshape(b * s, hidden), work)
+        x = tlin.small_linear(out.reshape(b * s, -1), o.weight, o.bias, residual.reshape(b * s, hidden), work, pdl=pdl)
         h = x.view(b, s, hidden)
     else:
         h = residual + a.o_proj(out.reshape(b, s, -1).contiguous())
@@ -212,7 +212,8 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     act = m.act_fn(gate) * up
     if "down" in small:
         down = m.down_proj
-        out = tlin.small_linear(act.reshape(b * s, -1), down.weight, down.bias, residual.reshape(b * s, hidden), work)
+        res = residual.reshape(b * s, hidden)
+        out = tlin.small_linear(act.reshape(b * s, -1), down.weight, down.bias, res, work, pdl=pdl)
         return out.view(b, s, hidden)
     return residual + m.down_proj(act)
 
@@ -231,11 +232,11 @@ def _split_qkv(qkv: th.Tensor, hq: int, hkv: int, d: int) -> tuple[th.Tensor, th
     return qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2), value
 
 
-def _projected(x: th.Tensor, proj, residual: th.Tensor, small: bool, work) -> tuple[th.Tensor, th.Tensor]:
+def _projected(x: th.Tensor, proj, residual: th.Tensor, small: bool, work, pdl: bool) -> tuple[th.Tensor, th.Tensor]:
     """``residual + proj(x)`` [M, N] and its rows' sums of squares fp32 [M, S] (the next folded norm's input):
     ``triton_linear``'s kernel with the sums in its epilogue (``small``), else PyTorch ops."""
     if small:
-        return tlin.small_linear(x, proj.weight, proj.bias, residual, work, sums=True)
+        return tlin.small_linear(x, proj.weight, proj.bias, residual, work, sums=True, pdl=pdl)
     out = residual + proj(x)
     return out, norm_fold.sums_of_squares(out)
 
@@ -249,7 +250,7 @@ def _folded_forward(layer, hidden_states, attention_mask, position_embeddings, r
     d = a.head_dim
     hq, hkv = a.q_proj.out_features // d, a.k_proj.out_features // d
     b, s, hidden = hidden_states.shape
-    work = rlvr_decode.get("linear_work")
+    work, pdl = rlvr_decode.get("linear_work"), bool(rlvr_decode.get("pdl"))
     x = hidden_states.reshape(b * s, hidden)
     ss = rlvr_decode.get("ss")
     if a.layer_idx == 0 or ss is None:
@@ -263,13 +264,12 @@ def _folded_forward(layer, hidden_states, attention_mask, position_embeddings, r
         a, query, key, value, attention_mask, scaling=a.scaling, rlvr_decode=rlvr_decode,
         rope=(cos, sin, qk_norm, eps), fold=(ss, hidden, norm.variance_epsilon, qkv_b), **kwargs,
     )  # fmt: skip
-    h, ss = _projected(out.reshape(b * s, -1), a.o_proj, x, "o" in small, work)
+    h, ss = _projected(out.reshape(b * s, -1), a.o_proj, x, "o" in small, work, pdl)
     gate_up = F.linear(h, gate_up_w)  # [M, 2 I]; the bias too is added after the scale
     norm = layer.post_attention_layernorm
-    act = norm_fold.silu_mul(
-        gate_up, ss, hidden, norm.variance_epsilon, gate_up_b, rlvr_decode.get("fold_impl", "torch")
-    )
-    out, rlvr_decode["ss"] = _projected(act, m.down_proj, h, "down" in small, work)
+    impl = rlvr_decode.get("fold_impl", "torch")
+    act = norm_fold.silu_mul(gate_up, ss, hidden, norm.variance_epsilon, gate_up_b, impl, pdl)
+    out, rlvr_decode["ss"] = _projected(act, m.down_proj, h, "down" in small, work, pdl)
     return out.view(b, s, hidden)
 
 

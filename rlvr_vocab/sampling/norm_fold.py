@@ -74,7 +74,10 @@ if triton is not None:
         BLOCK: tl.constexpr,
         BLOCK_S: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        if PDL:  # launched before the GEMM that wrote gate_up finished: wait for it
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < inter
@@ -83,6 +86,8 @@ if triton is not None:
         r = tl.rsqrt(tl.sum(sums, 0) / hidden + eps)
         gate = tl.load(GU + row * stride_gm + offs, mask=ok, other=0.0)
         up = tl.load(GU + row * stride_gm + inter + offs, mask=ok, other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         gate = scaled_tile(gate, r, Bias + offs, ok, HAS_BIAS)
         up = scaled_tile(up, r, Bias + inter + offs, ok, HAS_BIAS)
         g = gate.to(tl.float32)
@@ -120,9 +125,10 @@ def silu_mul_reference(
 
 
 def silu_mul_triton(
-    gate_up: th.Tensor, ss: th.Tensor, hidden: int, eps: float, bias: th.Tensor | None = None
+    gate_up: th.Tensor, ss: th.Tensor, hidden: int, eps: float, bias: th.Tensor | None = None, pdl: bool = False
 ) -> th.Tensor:
-    """The kernel: ``gate_up`` [M, 2I] (the folded GEMM's output, last dim contiguous), ``ss`` fp32 [M, S] -> [M, I]."""
+    """The kernel: ``gate_up`` [M, 2I] (the folded GEMM's output, last dim contiguous), ``ss`` fp32 [M, S] -> [M, I];
+    ``pdl``: launched with programmatic dependent launch (waits for the kernel before, lets the next one launch)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     m, two_i = gate_up.shape
@@ -147,40 +153,48 @@ def silu_mul_triton(
         BLOCK=BLOCK,
         BLOCK_S=triton.next_power_of_2(ss.shape[1]),
         HAS_BIAS=bias is not None,
+        PDL=pdl,
         num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out
 
 
 @th.library.custom_op("rlvr_vocab::folded_silu_mul", mutates_args=())
 def _silu_mul_op(
-    gate_up: th.Tensor, ss: th.Tensor, bias: th.Tensor | None, hidden: int, eps: float, impl: str
+    gate_up: th.Tensor, ss: th.Tensor, bias: th.Tensor | None, hidden: int, eps: float, impl: str, pdl: bool = False
 ) -> th.Tensor:
     """The op behind ``silu_mul`` (opaque to ``torch.compile``: one kernel, as the attention and projection ops)."""
     if impl == "triton":
-        return silu_mul_triton(gate_up, ss, hidden, eps, bias)
+        return silu_mul_triton(gate_up, ss, hidden, eps, bias, pdl)
     return silu_mul_reference(gate_up, ss, hidden, eps, bias)
 
 
 @_silu_mul_op.register_fake
-def _(gate_up, ss, bias, hidden, eps, impl):
+def _(gate_up, ss, bias, hidden, eps, impl, pdl=False):
     return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 
 def silu_mul(
-    gate_up: th.Tensor, ss: th.Tensor, hidden: int, eps: float, bias: th.Tensor | None = None, impl: str = "torch"
+    gate_up: th.Tensor,
+    ss: th.Tensor,
+    hidden: int,
+    eps: float,
+    bias: th.Tensor | None = None,
+    impl: str = "torch",
+    pdl: bool = False,
 ) -> th.Tensor:
     """The folded post-attention norm and the MLP's activation: ``silu(r * gate) * (r * up)`` [M, I].
 
     ``gate_up`` [M, 2I]: the folded gate/up GEMM's output; ``ss`` fp32 [M, S]: the input rows' sums of squares in S
     parts; ``hidden``, ``eps``: the norm's size and eps; ``bias`` [2I] (or None); ``impl``: ``triton`` (one
-    kernel) or ``torch`` (``silu_mul_reference``: PyTorch ops).
+    kernel) or ``torch`` (``silu_mul_reference``: PyTorch ops); ``pdl``: the kernel with programmatic dependent launch.
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"norm_fold.silu_mul(impl={impl!r}): choose one of {IMPLEMENTATIONS}")
     if impl == "torch" and th.compiler.is_compiling():
         return silu_mul_reference(gate_up, ss, hidden, eps, bias)  # traced: Inductor fuses it into one kernel
-    return _silu_mul_op(gate_up, ss, bias, hidden, float(eps), impl)
+    return _silu_mul_op(gate_up, ss, bias, hidden, float(eps), impl, pdl)
 
 
 def check(dtype: th.dtype, device: th.device) -> str | None:

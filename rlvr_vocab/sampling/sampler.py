@@ -58,6 +58,8 @@ LINEAR_SETS = {  # FastSampler(linear=...) -> the fused layers' projections run 
 LINEAR_CHOICES = ("auto", *LINEAR_SETS)
 AUTO_LINEAR = "o+down"  # what auto runs where triton_linear passes its check on CUDA
 FOLD_CHOICES = ("auto", "on", "off")
+PDL_CHOICES = ("auto", "on", "off")
+AUTO_PDL = False  # whether auto launches the step's Triton kernels with programmatic dependent launch (Hopper+)
 # auto folds the RMSNorms (norm_fold) in sessions of at most triton_linear.MAX_ROWS rows on CUDA: 1.66 against 1.74 ms
 # per 32 x 512 step and 3.68 against 3.76 at 32 x 4,096 on an H100, side by side (BENCHMARKS.md, 12-06 E)
 AUTO_FOLD = True
@@ -121,6 +123,7 @@ class Session:
         pick: str,
         linear: tuple[str, ...] = (),
         fold_impl: str | None = None,
+        pdl: bool = False,
     ):
         self.key = key
         self.fused: fusion.FusedWeights | None = fused  # the decode layers' fused projections (None: HF's layers)
@@ -131,6 +134,7 @@ class Session:
         self.pick = pick  # the token pick in use: "triton" (triton_pick) or "torch" (state.pick's PyTorch ops)
         self.linear = linear  # the fused layers' projections run by triton_linear at <= MAX_ROWS rows (LINEAR_SETS)
         self.fold_impl = fold_impl  # with fused.fold: norm_fold.silu_mul's implementation ("triton" or "torch")
+        self.pdl = pdl  # the step's Triton kernels launched with programmatic dependent launch
         self.linear_work = None  # triton_linear's split-K workspace (counters, partials), with linear
         if linear and fused is not None:
             self.linear_work = triton_linear.workspace(device, fused.max_columns())
@@ -181,6 +185,9 @@ class FastSampler:
         fold: fold each decoder layer's two RMSNorms into the projections after them (``norm_fold``: two kernels
             per layer fewer, in other roundings than transformers'): ``on``, ``off``, or ``auto`` (``AUTO_FOLD``,
             in sessions of at most ``triton_linear.MAX_ROWS`` rows on CUDA). Needs the fused layers.
+        pdl: launch the decode step's Triton kernels (attention, projections, SiLU x up) with programmatic
+            dependent launch, each waiting for the kernel before it and letting the next launch once its loop is
+            done: ``on`` (CUDA, compute capability 9+), ``off``, or ``auto`` (``AUTO_PDL`` where it can run).
     """
 
     def __init__(
@@ -198,6 +205,7 @@ class FastSampler:
         pick: str = "auto",
         linear: str = "auto",
         fold: str = "auto",
+        pdl: str = "auto",
     ):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"FastSampler(attention={attention!r}): choose one of {ATTENTION_CHOICES}")
@@ -207,6 +215,8 @@ class FastSampler:
             raise ValueError(f"FastSampler(linear={linear!r}): choose one of {LINEAR_CHOICES}")
         if fold not in FOLD_CHOICES:
             raise ValueError(f"FastSampler(fold={fold!r}): choose one of {FOLD_CHOICES}")
+        if pdl not in PDL_CHOICES:
+            raise ValueError(f"FastSampler(pdl={pdl!r}): choose one of {PDL_CHOICES}")
         if min_rows < 1 or window < 1 or stop_check_every < 1:
             raise ValueError("FastSampler: min_rows, window and stop_check_every must be >= 1")
         self.reasoning_vocab = reasoning_vocab
@@ -222,6 +232,7 @@ class FastSampler:
         self.pick = pick
         self.linear = linear
         self.fold = fold
+        self.pdl = pdl
         self.session: Session | None = None
         self.last_logprobs: th.Tensor | None = None  # [B, n] processed log-probs of the last call's tokens
         self.last_used_fast_path = False
@@ -302,7 +313,9 @@ class FastSampler:
             self.last_logprobs = st.logp[:, :n].clone()
             return th.cat([input_ids, st.out[:, :n]], dim=1)
         finally:
-            self.last_paths = {"attention": s.attention, "pick": s.pick, "linear": s.linear, "fold": s.fold_impl}
+            self.last_paths = {
+                "attention": s.attention, "pick": s.pick, "linear": s.linear, "fold": s.fold_impl, "pdl": s.pdl
+            }  # fmt: skip
             if s.nbytes() > self.keep_bytes:
                 self.session = None  # leave the memory to the training step
 
@@ -331,10 +344,17 @@ class FastSampler:
         attention = self._resolve_attention(model, device)
         linear = self._resolve_linear(fused, model.dtype, device)
         fold_impl = self._resolve_fold_impl(model.dtype, device) if fused is not None and fused.fold else None
-        self.session = Session(
-            key, model, batch, cache_len, device, attention, fused, self._resolve_pick(plan, device), linear, fold_impl
-        )
+        pick = self._resolve_pick(plan, device)
+        pdl = self._resolve_pdl(device)
+        self.session = Session(key, model, batch, cache_len, device, attention, fused, pick, linear, fold_impl, pdl)
         return self.session
+
+    def _resolve_pdl(self, device: th.device) -> bool:
+        """Whether a new session launches its Triton kernels with programmatic dependent launch."""
+        runs = device.type == "cuda" and th.cuda.get_device_capability(device)[0] >= 9
+        if self.pdl == "on" and not runs:
+            raise ValueError("FastSampler(pdl='on') needs a CUDA device of compute capability 9 (Hopper) or newer")
+        return runs and (self.pdl == "on" or (self.pdl == "auto" and AUTO_PDL))
 
     def _resolve_fold_impl(self, dtype: th.dtype, device: th.device) -> str:
         """``norm_fold.silu_mul``'s implementation in a folded session: its Triton kernel where it runs and passes
@@ -531,7 +551,7 @@ class FastSampler:
             for x in keys + values:
                 _mark_dynamic(x, 0, 2)
         decode = {"keys": keys, "values": values, "length": st.length, "start": first, "impl": s.attention}
-        decode |= {"linear": s.linear, "linear_work": s.linear_work}
+        decode |= {"linear": s.linear, "linear_work": s.linear_work, "pdl": s.pdl}
         if s.fused is not None:
             decode |= {"fused": s.fused.inputs(), "fold": s.fused.fold, "fold_impl": s.fold_impl}
         out = forward(
@@ -558,6 +578,9 @@ class FastSampler:
                 what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 if isinstance(err, triton_pick.TritonPickError) and self._pick_failed(s, what):
                     pass
+                elif s.pdl and self.pdl == "auto":
+                    s.pdl = False
+                    self._log_once(f"generation_backend=fast: programmatic dependent launch failed ({what}); off")
                 elif s.fold_impl == "triton":
                     self._fold_failure = what
                     s.fold_impl = "torch"

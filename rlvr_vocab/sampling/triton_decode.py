@@ -149,6 +149,7 @@ if triton is not None:
         BLOCK_S: tl.constexpr,
         HAS_QKV_BIAS: tl.constexpr,
         PRECISION: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -169,6 +170,8 @@ if triton is not None:
         heads = kvh * G + offs_g
         q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh
         q_ok = g_ok[:, None] & d_ok[None, :]
+        if PDL:  # launched before the kernel that wrote q / k / v finished: wait for it here (what came
+            tl.extra.cuda.gdc_wait()  # before: the lengths, the tables; the cache and sums are older kernels')
         q = tl.load(q_ptrs + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
         k_ptrs = KNew + b * stride_knb + kvh * stride_knh
         k_new = tl.load(k_ptrs + offs_d * stride_knd, mask=d_ok, other=0.0)
@@ -230,6 +233,8 @@ if triton is not None:
             den = den * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
+        if PDL:  # the cache is read: the next kernel may launch (it waits for this one to finish)
+            tl.extra.cuda.gdc_launch_dependents()
         # the new token, in the program that owns its slot (the others add exp(-inf) = 0)
         owns = (slot >= start) & (slot < end)
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale  # [BLOCK_G]
@@ -318,6 +323,7 @@ def decode_attention(
     start: th.Tensor | None = None,
     rope: tuple | None = None,
     fold: tuple | None = None,
+    pdl: bool = False,
 ) -> th.Tensor:
     """Write the new K/V at slot ``length - 1`` and attend to slots ``[0, length)``: [B, 1, H, D].
 
@@ -332,7 +338,10 @@ def decode_attention(
     ``fold``: None, or ``(ss, hidden, eps, qkv_bias)`` when the layer's input RMSNorm is folded into its projection
     (``norm_fold``): ``query``/``key_new``/``value_new`` are the folded GEMM's output, and the kernel first scales
     each row by ``rsqrt(sum(ss[b]) / hidden + eps)`` (``ss`` fp32 [B, S]: the input's sums of squares in S parts)
-    and adds ``qkv_bias`` ([Hq + 2 Hkv, D] contiguous, q then k then v rows; or None).
+    and adds ``qkv_bias`` ([Hq + 2 Hkv, D] contiguous, q then k then v rows; or None); ``pdl``: launch the split
+    kernel with programmatic dependent launch (Hopper and newer; the reduce kernel, with splits, is launched
+    plainly): it waits for the kernel before it just
+    before loading the query, and lets the next kernel launch once its loop over the cache is done.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -423,8 +432,10 @@ def decode_attention(
         BLOCK_S=triton.next_power_of_2(ss.shape[1]) if ss is not None else 1,
         HAS_QKV_BIAS=qkv_bias is not None,
         PRECISION=precision,
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     if splits > 1:
         _reduce_kernel[(b * h,)](

@@ -94,7 +94,10 @@ if triton is not None:
         RESIDUAL: tl.constexpr,
         SS_OUT: tl.constexpr,
         PRECISION: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        if PDL:  # launched before the kernel that wrote x finished: wait for it
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         split = tl.program_id(1)
         n0 = pid * BLOCK_N
@@ -114,6 +117,8 @@ if triton is not None:
             x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=x_ok, other=0.0)
             w = tl.load(w_rows + (k0 + offs_k)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if PDL:  # the weights are read: the next kernel may launch (it waits for this one to finish)
+            tl.extra.cuda.gdc_launch_dependents()
         if SPLIT_K == 1:
             _finish(acc, Bias, Res, Out, SS, pid, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om, stride_ss,
                     HAS_BIAS, RESIDUAL, SS_OUT)  # fmt: skip
@@ -170,13 +175,15 @@ def linear(
     config: tuple[int, int, int, int, int] | None = None,
     work: tuple[th.Tensor, th.Tensor] | None = None,
     ss: th.Tensor | None = None,
+    pdl: bool = False,
 ) -> th.Tensor:
     """The kernel: ``x`` [M, K] (last dim contiguous), ``weight`` [N, K] contiguous -> [M, N].
 
     ``residual`` [M, N]: add it last; ``config``: ``block_config``'s tuple (None: that function's choice); ``work``:
     ``workspace``'s pair for split-K (None: made for this call); ``ss``: fp32 [M, column blocks] (``ss_blocks``),
     filled with each output row's sum of squares per block of ``BLOCK_N`` columns (of the rounded output: what
-    transformers' RMSNorm of it sums), for ``norm_fold``.
+    transformers' RMSNorm of it sums), for ``norm_fold``; ``pdl``: launch with programmatic dependent launch
+    (Hopper and newer): wait for the kernel before at the start, let the next launch after the loop over K.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -228,8 +235,10 @@ def linear(
         RESIDUAL=residual is not None,
         SS_OUT=ss is not None,
         PRECISION="ieee" if x.dtype == th.float32 else "tf32",
+        PDL=pdl,
         num_warps=warps,
         num_stages=stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out
 
@@ -254,16 +263,18 @@ def _small_linear_op(
     counters: th.Tensor,
     partials: th.Tensor,
     sums: bool,
+    pdl: bool = False,
 ) -> tuple[th.Tensor, th.Tensor]:
     """The op behind ``small_linear`` (opaque to ``torch.compile``, like the decode attention op): (out, ss), ss
     [M, 0] unless ``sums``."""
     n, k = weight.shape
     ss = x.new_empty((x.shape[0], ss_blocks(n, k) if sums else 0), dtype=th.float32)
-    return linear(x, weight, bias, residual=residual, work=(counters, partials), ss=ss if sums else None), ss
+    out = linear(x, weight, bias, residual=residual, work=(counters, partials), ss=ss if sums else None, pdl=pdl)
+    return out, ss
 
 
 @_small_linear_op.register_fake
-def _(x, weight, bias, residual, counters, partials, sums):
+def _(x, weight, bias, residual, counters, partials, sums, pdl=False):
     n, k = weight.shape
     return x.new_empty(x.shape[0], n), x.new_empty((x.shape[0], ss_blocks(n, k) if sums else 0), dtype=th.float32)
 
@@ -275,13 +286,14 @@ def small_linear(
     residual: th.Tensor | None = None,
     work: tuple[th.Tensor, th.Tensor] | None = None,
     sums: bool = False,
+    pdl: bool = False,
 ):
     """``linear`` as a custom op, for the compiled decode step (arguments as ``linear``; ``work`` required).
 
     Returns the output, or with ``sums`` (output, ss): ss fp32 [M, ``ss_blocks``], the output rows' sums of squares
-    per column block (``norm_fold``'s input)."""
+    per column block (``norm_fold``'s input); ``pdl``: as ``linear``'s."""
     counters, partials = work
-    out, ss = _small_linear_op(x, weight, bias, residual, counters, partials, sums)
+    out, ss = _small_linear_op(x, weight, bias, residual, counters, partials, sums, pdl)
     return (out, ss) if sums else out
 
 
