@@ -18,7 +18,8 @@ needs the sampler's ``force_eos_at`` or ``logits_hook``). ``ROW@triton`` runs th
 only; a bare name runs once per ``--attention``. A path with ``-unfused`` (``triton-unfused``) is that attention
 with ``FastSampler(fuse=False)``: transformers' decoder layers, for the fused layers' side-by-side ratio;
 ``-torchpick``: ``FastSampler(pick="torch")``, the token pick in PyTorch ops instead of the Triton kernel;
-``-torchlinear`` / ``-lino`` / ``-linod``: ``FastSampler(linear="torch" / "o" / "o+down")``, which of the fused
+``-torchlinear`` / ``-lino`` / ``-linod`` / ``-linqkv`` / ``-linall``: ``FastSampler(linear="torch" / "o" / "o+down"
+/ "o+down+qkv" / "all")``, which of the fused
 layers' projections ``triton_linear`` runs (none: all cuBLAS); ``-fold`` / ``-nofold``: ``FastSampler(fold="on" /
 "off")``, the decoder layers' RMSNorms folded into the projections after them (``norm_fold``) or not; ``-pdl`` /
 ``-nopdl``: ``FastSampler(pdl="on" / "off")``, the step's Triton kernels with programmatic dependent launch. A
@@ -110,6 +111,8 @@ PATH_SUFFIXES = {  # suffix -> FastSampler option
     "-torchlinear": ("linear", "torch"),
     "-lino": ("linear", "o"),
     "-linod": ("linear", "o+down"),
+    "-linqkv": ("linear", "o+down+qkv"),
+    "-linall": ("linear", "all"),
     "-fold": ("fold", "on"),
     "-nofold": ("fold", "off"),
     "-pdl": ("pdl", "on"),

@@ -10,11 +10,14 @@ zeros), rotated among enough copies that the bytes of one graph exceed the L2 ca
 
 * ``attention``: ``triton_decode.decode_attention`` on a batch x new-tokens row (``32x512``: 32 rows at the mean
   context of a 512-token completion, 68 + 256 slots, in a cache of the sampler's length) for every block size x
-  warps x pipeline stages x context splits of ``GRID``; the sampler's default is marked. Every row has 16 slots
+  warps x pipeline stages x context splits x peel (the first cache block loaded before the query's work) of
+  ``GRID``, in the sampler's form (raw q/k with Qwen3's q/k norm and RoPE in the kernel; at <= 64 rows the input
+  norm folded in, ``norm_fold``); the sampler's default is marked. Every row has 16 slots
   of left padding (prompts of 68 tokens padded to 84), which the kernel skips (``start``). Bytes = the K and V
   slots read (rows x KV heads x (context - padding) x head dim x 2 x 2 bytes) + the query, the new K/V and the
   output; GB/s = bytes / time, and the share of ``--bandwidth`` (the copy bandwidth, measured when not given).
-  The eager maths (``attention.eager_decode_attention``) are timed alongside.
+  The eager maths (``attention.eager_decode_attention``, the plain form) are timed alongside; each configuration's
+  error is against the grid's first.
 * ``gemm``: the decoder layer's linear maps at M = the batch, apart (q, k, v, o, gate, up, down) and fused
   (qkv, gate_up), and the output head; time, GB/s of the weight read, and the per-layer sums of both ways.
 * ``pick``: the token pick of one step (temperature 1, EOS stop, sampled) on [batch, V] bf16 logits, for
@@ -37,7 +40,8 @@ from bench.workload import QWEN3_06B, TINY
 
 PROMPT_MEAN = 68  # the benchmark prompts' mean length (52-84 tokens)
 PROMPT_MAX = 84
-GRID = dict(block=(32, 64, 128), warps=(4, 8), stages=(2, 3, 4), splits=(1, 2, 4, 8, 16, 32))
+GRID = dict(block=(32, 64, 128), warps=(4, 8), stages=(2, 3, 4), splits=(1, 2, 4, 8, 16, 32), peel=(0, 1))
+GRID_KEYS = ("block", "warps", "stages", "splits", "peel")
 
 
 def parse_grid(entries: list[str]) -> dict:
@@ -171,11 +175,16 @@ def attention_row(name: str, args, shape: dict, cuda: bool, bandwidth: float | N
     n = th.tensor([length], device=device)
     scale = d**-0.5
     default = (
-        triton_decode.num_splits(b * hkv, cache_len, th.device(device)),
         triton_decode.BLOCK_N,
         triton_decode.NUM_WARPS,
         triton_decode.NUM_STAGES,
+        triton_decode.num_splits(b * hkv, cache_len, th.device(device)),
+        int(triton_decode.PEEL),
     )
+    angle = th.rand(b, d // 2, generator=gen, device=device) * 100
+    cos, sin = (f(th.cat([angle, angle], -1)).to(dtype) for f in (th.cos, th.sin))
+    rope = (cos, sin, (1 + rand(h + hkv, d) * 0.3).contiguous(), 1e-6)
+    fold = (th.rand(b, 64, generator=gen, device=device) * 20, 1024, 1e-6, None) if b <= 64 else None
     base = dict(row=name, batch=b, cache_len=cache_len, length=length, kv_bytes=kv_bytes, copies=copies)
     mask = decode_mask(bias, n, -(-length // 128) * 128, hkv, dtype)
 
@@ -183,27 +192,29 @@ def attention_row(name: str, args, shape: dict, cuda: bool, bandwidth: float | N
         x = sets[i % copies]
         return eager_decode_attention(x["q"], x["kn"], x["vn"], x["k"], x["v"], n, mask, scale)
 
-    want = eager(0).float()
     t = time_op(eager, cuda, args.launches, args.repeats)
     results = [_attention_result(base, "eager", None, t, kv_bytes + io_bytes, bandwidth)]
     if triton_decode.triton is None or not cuda:  # Triton's CPU interpreter: too slow to time
         return results
     grid = parse_grid(args.grid)
-    for block, warps, stages, splits in itertools.product(*(grid[k] for k in ("block", "warps", "stages", "splits"))):
-        if splits > 1 and (splits - 1) * block >= length - pad:  # a split with nothing to read
+    want = None
+    for values in itertools.product(*(grid[k] for k in GRID_KEYS)):
+        config = dict(zip(GRID_KEYS, values, strict=True))
+        if config["splits"] > 1 and (config["splits"] - 1) * config["block"] >= length - pad:  # nothing to read
             continue
-        config = dict(block=block, warps=warps, stages=stages, splits=splits)
-        config["default"] = (splits, block, warps, stages) == default
+        config["default"] = values == default
 
         def run(i, config=config):
             x = sets[i % copies]
             return triton_decode.decode_attention(
                 x["q"], x["kn"], x["vn"], x["k"], x["v"], n, bias, scale, config["splits"], config["block"],
-                config["warps"], config["stages"], start=start,
+                config["warps"], config["stages"], start=start, rope=rope, fold=fold, peel=bool(config["peel"]),
             )  # fmt: skip
 
         try:
-            error = float((run(0).float() - want).abs().max() / want.abs().max())
+            got = run(0).float()
+            want = got if want is None else want  # the grid's first configuration is the reference
+            error = float((got - want).abs().max() / want.abs().max())
             t = time_op(run, cuda, args.launches, args.repeats)
         except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: record, go on
             results.append({**base, "impl": "triton", **config, "error": repr(err)[:200]})
@@ -227,7 +238,7 @@ def _attention_result(base: dict, impl: str, config: dict | None, t: float, nbyt
 
 def attention_table(results: list[dict], top: int = 8) -> str:
     """The eager row, the default config and the ``top`` fastest Triton configs of each row."""
-    lines = ["| row | impl | block | warps | stages | splits | us | GB/s | share | note |", "|" + "---|" * 10]
+    lines = ["| row | impl | block | warps | stages | splits | peel | us | GB/s | share | note |", "|" + "---|" * 11]
     for name in dict.fromkeys(r["row"] for r in results):
         rows = [r for r in results if r["row"] == name and "us" in r]
         triton_rows = sorted((r for r in rows if r["impl"] == "triton"), key=lambda r: r["us"])
@@ -236,7 +247,7 @@ def attention_table(results: list[dict], top: int = 8) -> str:
         for r in shown:
             share = "" if r["share_of_bandwidth"] is None else f"{r['share_of_bandwidth']:.0%}"
             note = "the default" if r in default else ""
-            cfg = [str(r.get(k, "")) for k in ("block", "warps", "stages", "splits")]
+            cfg = [str(r.get(k, "")) for k in GRID_KEYS]
             lines.append(
                 f"| {name} | {r['impl']} | {' | '.join(cfg)} | {r['us']:.1f} | {r['GBps']:.0f} | {share} | {note} |"
             )
@@ -393,14 +404,14 @@ def skinny_rows(m: int, name: str, x, ws, moved: int, args, bandwidth) -> list[d
     return out
 
 
-LINEAR_MAPS = ("o", "down")  # the maps the fused layers can run with triton_linear (with the residual add)
-LINEAR_GRID = dict(block_n=(16, 32, 64), block_k=(128, 256), warps=(4,), stages=(3,), split_k=(2, 4, 8))
+LINEAR_MAPS = {"o": True, "down": True, "qkv": False, "gate_up": False}  # map -> with the residual add (as run)
+LINEAR_GRID = dict(block_n=(16, 32, 64), block_k=(128, 256), warps=(4,), stages=(3,), split_k=(1, 2, 4, 8))
 
 
 def linear_rows(args, shape: dict, cuda: bool, bandwidth: float | None) -> list[dict]:
-    """``triton_linear`` on the o and down maps in the fused layers' form (the residual added), over ``LINEAR_GRID``,
-    against cuBLAS's GEMM alone and against the torch ops it replaces (the GEMM, with cuBLAS's split-K reduce where
-    it splits, and the residual add)."""
+    """``triton_linear`` on ``--maps`` (o and down in the fused layers' form, the residual added; qkv and gate_up
+    plain, as they would run with the norms folded), over ``LINEAR_GRID``, against cuBLAS's GEMM alone and against
+    the torch ops it replaces (the GEMM, with cuBLAS's split-K reduce where it splits, and the residual add)."""
     import torch as th
     import torch.nn.functional as F
 
@@ -410,12 +421,12 @@ def linear_rows(args, shape: dict, cuda: bool, bandwidth: float | None) -> list[
     dtype = th.bfloat16 if cuda else th.float32
     results = []
     for m in [b for b in args.batches if b <= triton_linear.MAX_ROWS]:
-        for name in LINEAR_MAPS:
+        for name in args.maps:
             k, n = gemm_maps(shape)[name]
             nbytes = k * n * dtype.itemsize
             ws = [th.randn(n, k, device=device, dtype=dtype) * k**-0.5 for _ in range(copies_for(nbytes))]
             x = th.randn(m, k, device=device, dtype=dtype)
-            kwargs = {"residual": th.randn(m, n, device=device, dtype=dtype)}
+            kwargs = {"residual": th.randn(m, n, device=device, dtype=dtype)} if LINEAR_MAPS[name] else {}
             moved = nbytes + (m * k + 2 * m * n) * dtype.itemsize
             t = time_op(lambda i, ws=ws, x=x: F.linear(x, ws[i % len(ws)]), cuda, args.launches, args.repeats)
             results.append(dict(batch=m, map=name, impl="cublas (GEMM alone)", us=t * 1e6))
@@ -484,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", nargs="*", default=[], help="attention grid entries, e.g. block=32,64 splits=1,2")
     parser.add_argument("--rows", nargs="*", default=["32x512", "256x1024", "32x4096"], help="attention rows, BxL")
     parser.add_argument("--batches", nargs="*", type=int, default=[32, 256], help="GEMM rows (M)")
+    parser.add_argument("--maps", nargs="*", default=list(LINEAR_MAPS), choices=list(LINEAR_MAPS), help="linear maps")
     parser.add_argument("--launches", type=int, default=20, help="launches per captured graph")
     parser.add_argument("--repeats", type=int, default=10, help="graph replays; the median counts")
     parser.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth, bytes/s (default: measure)")

@@ -665,6 +665,23 @@ def test_the_samplers_kernel_check_covers_the_raw_projection_form(triton_decode,
     assert "the input norm unfolded in the kernel" in check_triton(th.float32, 4, 2, 16, th.device(TRITON_DEVICE))
 
 
+@pytest.mark.parametrize("peel", [False, True])
+def test_the_kernel_with_its_first_block_peeled_computes_the_same(tok, triton_decode, monkeypatch, peel):
+    """``PEEL``: the first cache block loaded before the query's work, then the loop over the rest: the sampler's
+    check (splits, left padding, the raw-projection and folded forms) and greedy decoding against ``generate``."""
+    from rlvr_vocab.sampling.attention import check_triton
+
+    monkeypatch.setattr(triton_decode, "PEEL", peel)
+    assert check_triton(th.float32, 4, 2, 16, th.device(TRITON_DEVICE)) is None
+    model = tiny_arch(tok, "qwen3").to(TRITON_DEVICE)
+    inputs = batch(tok, PROMPTS, TRITON_DEVICE)
+    kwargs = dict(do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id)
+    ref = model.generate(**inputs, **kwargs)
+    assert th.equal(
+        model.generate(**inputs, **kwargs, custom_generate=FastSampler(attention="triton", fold="on")), ref
+    )
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
 def test_greedy_with_the_triton_kernel_matches_transformers_generate(tok, triton_decode, arch):
     """Through the fused layers (raw q/k into the kernel, which norms and rotates them) for each architecture."""
@@ -934,7 +951,10 @@ def test_the_samplers_linear_check_names_a_wrong_kernel(triton_linear, monkeypat
         real(th.zeros(4, 8, device=TRITON_DEVICE), th.zeros(8, 16, device=TRITON_DEVICE))
 
 
-@pytest.mark.parametrize("arch, linear", [("qwen3", "o+down"), ("qwen2", "o"), ("llama", "o+down")])
+@pytest.mark.parametrize(
+    "arch, linear",
+    [("qwen3", "o+down"), ("qwen2", "o"), ("llama", "o+down"), ("qwen2", "all"), ("llama", "o+down+qkv")],
+)
 def test_greedy_with_the_triton_projections_matches_transformers_generate(tok, triton_decode, triton_linear, arch,
                                                                            linear, monkeypatch):  # fmt: skip
     """The named projections in Triton (the residual adds inside them), every decode step."""
@@ -955,7 +975,11 @@ def test_greedy_with_the_triton_projections_matches_transformers_generate(tok, t
         calls.count(layer.mlp.down_proj.weight.shape),
     )
     assert uncaptured >= 1 and o_calls >= 2 * uncaptured  # both layers, every such step
-    assert (down_calls >= 2 * uncaptured) if "down" in linear else down_calls == 0
+    assert (down_calls >= 2 * uncaptured) if "down" in sampler_module.LINEAR_SETS[linear] else down_calls == 0
+    fused = sampler.session.fused.layers[0]
+    for name in ("qkv", "gate_up"):  # the fused layers' own GEMMs
+        n = calls.count(getattr(fused, name).shape)
+        assert (n >= 2 * uncaptured) if name in sampler_module.LINEAR_SETS[linear] else n == 0
     assert th.equal(out, ref)
 
 
@@ -1069,7 +1093,8 @@ def test_the_attention_kernel_unfolds_the_input_norm_as_the_eager_maths(triton_d
 
 
 @pytest.mark.parametrize(
-    "arch, attention, linear", [("qwen3", "triton", "o+down"), ("qwen2", "triton", "o"), ("llama", "eager", "torch")]
+    "arch, attention, linear",
+    [("qwen3", "triton", "o+down"), ("qwen2", "triton", "o"), ("llama", "eager", "torch"), ("qwen2", "triton", "all")],
 )
 def test_greedy_with_the_norms_folded_matches_transformers_generate(tok, triton_decode, triton_linear, norm_fold,
                                                                      arch, attention, linear, monkeypatch):  # fmt: skip

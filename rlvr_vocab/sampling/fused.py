@@ -152,8 +152,9 @@ class FusedWeights:
             lw.refresh()
 
     def max_columns(self) -> int:
-        """The most output columns of the o and down projections (``triton_linear``'s split-K workspace)."""
-        return max(p.out_features for lw in self.layers for p in (lw.layer.self_attn.o_proj, lw.layer.mlp.down_proj))
+        """The most output columns of a projection ``triton_linear`` may run (its split-K workspace)."""
+        outs = [p.out_features for lw in self.layers for p in (lw.layer.self_attn.o_proj, lw.layer.mlp.down_proj)]
+        return max(outs + [t.shape[0] for lw in self.layers for t in (lw.qkv, lw.gate_up)])
 
     def small_unfit(self) -> str | None:
         """Why ``triton_linear``'s kernels cannot serve these layers' o and down projections (None: they can)."""
@@ -191,7 +192,7 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
 
     residual = hidden_states
     h = layer.input_layernorm(hidden_states)
-    qkv = F.linear(h, qkv_w, qkv_b)  # [B, S, (Hq + 2 Hkv) D]
+    qkv = _gemm(h, qkv_w, qkv_b, "qkv" in small, work, pdl)  # [B, S, (Hq + 2 Hkv) D]
     query, key, value = _split_qkv(qkv, hq, hkv, d)  # raw: the op norms and rotates
     cos, sin = _rope_tables(position_embeddings, rlvr_decode)
     eps = a.q_norm.variance_epsilon if qk_norm is not None else 0.0
@@ -208,7 +209,7 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
 
     residual = h
     h = layer.post_attention_layernorm(h)
-    gate, up = F.linear(h, gate_up_w, gate_up_b).chunk(2, dim=-1)
+    gate, up = _gemm(h, gate_up_w, gate_up_b, "gate_up" in small, work, pdl).chunk(2, dim=-1)
     act = m.act_fn(gate) * up
     if "down" in small:
         down = m.down_proj
@@ -216,6 +217,14 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
         out = tlin.small_linear(act.reshape(b * s, -1), down.weight, down.bias, res, work, pdl=pdl)
         return out.view(b, s, hidden)
     return residual + m.down_proj(act)
+
+
+def _gemm(x: th.Tensor, weight: th.Tensor, bias: th.Tensor | None, small: bool, work, pdl: bool) -> th.Tensor:
+    """``F.linear(x, weight, bias)`` (x [..., K]): ``triton_linear``'s kernel where ``small``, else cuBLAS's."""
+    if not small:
+        return F.linear(x, weight, bias)
+    out = tlin.small_linear(x.reshape(-1, x.shape[-1]), weight, bias, None, work, pdl=pdl)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _rope_tables(position_embeddings, rlvr_decode: dict) -> tuple[th.Tensor, th.Tensor]:
@@ -255,7 +264,8 @@ def _folded_forward(layer, hidden_states, attention_mask, position_embeddings, r
     ss = rlvr_decode.get("ss")
     if a.layer_idx == 0 or ss is None:
         ss = norm_fold.sums_of_squares(x)
-    qkv = F.linear(hidden_states, qkv_w)  # [B, S, (Hq + 2 Hkv) D]; the bias is added after the scale, in the op
+    # [B, S, (Hq + 2 Hkv) D]; the bias is added after the scale, in the op
+    qkv = _gemm(hidden_states, qkv_w, None, "qkv" in small, work, pdl)
     query, key, value = _split_qkv(qkv, hq, hkv, d)
     cos, sin = _rope_tables(position_embeddings, rlvr_decode)
     eps = a.q_norm.variance_epsilon if qk_norm is not None else 0.0
@@ -265,7 +275,7 @@ def _folded_forward(layer, hidden_states, attention_mask, position_embeddings, r
         rope=(cos, sin, qk_norm, eps), fold=(ss, hidden, norm.variance_epsilon, qkv_b), **kwargs,
     )  # fmt: skip
     h, ss = _projected(out.reshape(b * s, -1), a.o_proj, x, "o" in small, work, pdl)
-    gate_up = F.linear(h, gate_up_w)  # [M, 2 I]; the bias too is added after the scale
+    gate_up = _gemm(h, gate_up_w, None, "gate_up" in small, work, pdl)  # [M, 2 I]; the bias too comes after the scale
     norm = layer.post_attention_layernorm
     impl = rlvr_decode.get("fold_impl", "torch")
     act = norm_fold.silu_mul(gate_up, ss, hidden, norm.variance_epsilon, gate_up_b, impl, pdl)

@@ -54,6 +54,8 @@ LINEAR_SETS = {  # FastSampler(linear=...) -> the fused layers' projections run 
     "torch": (),
     "o": ("o",),
     "o+down": ("o", "down"),
+    "o+down+qkv": ("o", "down", "qkv"),
+    "all": ("qkv", "o", "gate_up", "down"),
 }
 LINEAR_CHOICES = ("auto", *LINEAR_SETS)
 AUTO_LINEAR = "o+down"  # what auto runs where triton_linear passes its check on CUDA

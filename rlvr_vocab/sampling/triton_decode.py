@@ -43,6 +43,7 @@ WAVES = 1  # programs per SM aimed at when choosing the number of context splits
 NUM_WARPS = 4  # warps per program of the split kernel
 NUM_STAGES = 3  # software-pipeline stages of its loop over the cache blocks
 MIN_DOT = 16  # tl.dot needs every dimension >= 16: query heads and head_dim are padded up to it
+PEEL = False  # load the first cache block before the query's work (decode_parts' grid measures both forms)
 
 
 def interpreted() -> bool:
@@ -84,6 +85,22 @@ if triton is not None:
         a = (x.to(tl.float32) * cos.to(tl.float32)).to(dtype).to(tl.float32)
         c = (x_p.to(tl.float32) * sin.to(tl.float32)).to(dtype).to(tl.float32)
         return (a + c).to(dtype)
+
+    @triton.jit
+    def _attend(q, k, v, offs_n, n_ok, m, den, acc, Bias, b, stride_bb, scale,
+                HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        """One block of cached slots into the online softmax: (m, den, acc) updated."""
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK] fp32
+        if HAS_BIAS:
+            s += tl.load(Bias + b * stride_bb + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN from -inf - -inf
+        alpha = tl.exp(m - m_ref)
+        p = tl.exp(s - m_ref[:, None])
+        den = den * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, den, acc
 
     @triton.jit(do_not_specialize=["SPLITS", "ss_blocks"])
     def _split_kernel(
@@ -150,6 +167,7 @@ if triton is not None:
         HAS_QKV_BIAS: tl.constexpr,
         PRECISION: tl.constexpr,
         PDL: tl.constexpr,
+        PEEL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -170,6 +188,17 @@ if triton is not None:
         heads = kvh * G + offs_g
         q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh
         q_ok = g_ok[:, None] & d_ok[None, :]
+        k_row = K + b * stride_kb + kvh * stride_kh
+        v_row = V + b * stride_vb + kvh * stride_vh
+        loop_end = tl.minimum(end, slot)  # the cached slots this program reads (the new one comes after the loop)
+        offs_p = start + tl.arange(0, BLOCK)
+        p_ok = offs_p < loop_end
+        if (
+            PEEL
+        ):  # the first block's K/V asked for before the query's loads, norm and RoPE, which then hide its latency
+            kv_ok = p_ok[:, None] & d_ok[None, :]
+            k_p0 = tl.load(k_row + offs_p[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+            v_p0 = tl.load(v_row + offs_p[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
         if PDL:  # launched before the kernel that wrote q / k / v finished: wait for it here (what came
             tl.extra.cuda.gdc_wait()  # before: the lengths, the tables; the cache and sums are older kernels')
         q = tl.load(q_ptrs + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
@@ -203,8 +232,6 @@ if triton is not None:
                 k_new, k_p = _rms_normed(k_new, k_p, w_k, offs_d, partner, d_ok, D, eps, 0)
             q = _rotated(q, q_p, cos, sin)
             k_new = _rotated(k_new, k_p, cos, sin)
-        k_row = K + b * stride_kb + kvh * stride_kh
-        v_row = V + b * stride_vb + kvh * stride_vh
         if (slot >= start) & (slot < end):  # this program owns the new slot: write it (nobody else reads it)
             tl.store(k_row + slot * stride_kn + offs_d * stride_kd, k_new, mask=d_ok)
             tl.store(v_row + slot * stride_vn + offs_d * stride_vd, v_new, mask=d_ok)
@@ -215,24 +242,18 @@ if triton is not None:
         # the loop reads only the cached slots (each loaded block feeds its dot directly, as Triton's pipeliner
         # wants) and the new token is folded in after it, from registers (12-03 H: 4-33% faster than swapping the
         # new rows into the loaded block)
-        loop_end = tl.minimum(end, slot)
-        for n0 in range(start, loop_end, BLOCK):
+        loop_start = start
+        if PEEL:
+            m, den, acc = _attend(q, k_p0, v_p0, offs_p, p_ok, m, den, acc, Bias, b, stride_bb, scale,
+                                  HAS_BIAS, PRECISION)  # fmt: skip
+            loop_start = start + BLOCK
+        for n0 in range(loop_start, loop_end, BLOCK):
             offs_n = n0 + tl.arange(0, BLOCK)
             n_ok = offs_n < loop_end
             kv_ok = n_ok[:, None] & d_ok[None, :]
             k = tl.load(k_row + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
             v = tl.load(v_row + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK] fp32
-            if HAS_BIAS:
-                s += tl.load(Bias + b * stride_bb + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN from -inf - -inf
-            alpha = tl.exp(m - m_ref)
-            p = tl.exp(s - m_ref[:, None])
-            den = den * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+            m, den, acc = _attend(q, k, v, offs_n, n_ok, m, den, acc, Bias, b, stride_bb, scale, HAS_BIAS, PRECISION)
         if PDL:  # the cache is read: the next kernel may launch (it waits for this one to finish)
             tl.extra.cuda.gdc_launch_dependents()
         # the new token, in the program that owns its slot (the others add exp(-inf) = 0)
@@ -324,6 +345,7 @@ def decode_attention(
     rope: tuple | None = None,
     fold: tuple | None = None,
     pdl: bool = False,
+    peel: bool | None = None,
 ) -> th.Tensor:
     """Write the new K/V at slot ``length - 1`` and attend to slots ``[0, length)``: [B, 1, H, D].
 
@@ -341,7 +363,8 @@ def decode_attention(
     and adds ``qkv_bias`` ([Hq + 2 Hkv, D] contiguous, q then k then v rows; or None); ``pdl``: launch the split
     kernel with programmatic dependent launch (Hopper and newer; the reduce kernel, with splits, is launched
     plainly): it waits for the kernel before it just
-    before loading the query, and lets the next kernel launch once its loop over the cache is done.
+    before loading the query, and lets the next kernel launch once its loop over the cache is done; ``peel``: load
+    the first cache block before the query's loads, norm and RoPE (None: ``PEEL``).
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -433,6 +456,7 @@ def decode_attention(
         HAS_QKV_BIAS=qkv_bias is not None,
         PRECISION=precision,
         PDL=pdl,
+        PEEL=PEEL if peel is None else peel,
         num_warps=num_warps,
         num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),
