@@ -6,8 +6,9 @@ gives four GEMMs per layer instead of seven (qkv, o, gate_up, down) (BENCHMARKS.
 GEMMs per layer at 32 rows). The query and key go to the decode attention op raw, with the layer's RoPE tables
 and Qwen3's q/k RMSNorm weights: the Triton kernel norms and rotates what it loads, so those cost no kernel of
 their own (they took ~4.4 µs per layer as one compiled kernel, 12-03 F). At up to ``triton_linear.MAX_ROWS``
-rows the projections named in ``rlvr_decode["linear"]`` (``o``, ``down``) are ``triton_linear``'s kernels, split
-over K in one kernel, with the residual add inside.
+rows the projections named in ``rlvr_decode["linear"]`` (``o``, ``down``; ``qkv``, ``gate_up``) are
+``triton_linear``'s kernels, split over K in one kernel, with the residual add inside; with ``fold`` the two
+RMSNorms are folded into the qkv and gate_up weights (``norm_fold``, ``_folded_forward``).
 
 * ``FusedWeights.build(model)``: buffers [Hq·D + 2·Hkv·D, hidden] and [2·intermediate, hidden] per layer (plus
   the biases, and Qwen3's per-head norm weights [Hq + Hkv, D]), or a reason why not (a layer that is not a

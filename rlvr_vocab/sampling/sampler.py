@@ -6,9 +6,11 @@ Where the time of a decode step goes, and what this does about it (BENCHMARKS.md
   the floor. The attention is the Triton flash-decoding kernel of ``triton_decode`` (split over the context,
   GQA fused, the K/V write fused, exit at the device-side length), or, on the CPU and as the fallback, two
   batched matmuls over the first ``window`` slots (``attention.eager_decode_attention``);
-* launching some 10 kernels per layer (~300 per step: BENCHMARKS.md's profile): the decode layers use
-  ``fused``'s concatenated projections (four GEMMs per layer instead of seven; the q/k norm and RoPE inside the
-  attention kernel) where they are plain ``nn.Linear``s; on CUDA the decode forward and the logits processing are
+* launching kernels (~190 per 28-layer step at 32 rows, ~280 before the folded norms: BENCHMARKS.md's profiles):
+  the decode layers use ``fused``'s concatenated projections (four GEMMs per layer instead of seven; the q/k norm
+  and RoPE inside the attention kernel) where they are plain ``nn.Linear``s; at up to 64 rows the o and down
+  projections are ``triton_linear``'s (residual add inside) and the two RMSNorms are folded into the projections
+  after them (``norm_fold``): six kernels per layer; on CUDA the decode forward and the logits processing are
   ``torch.compile``d (batch and cache length dynamic, so one compilation serves every batch size and length)
   and each step is one captured CUDA graph. With the Triton kernel one graph per live-batch size serves every
   length; the eager attention needs one per ``window`` (128 slots);
@@ -61,9 +63,12 @@ LINEAR_CHOICES = ("auto", *LINEAR_SETS)
 AUTO_LINEAR = "o+down"  # what auto runs where triton_linear passes its check on CUDA
 FOLD_CHOICES = ("auto", "on", "off")
 PDL_CHOICES = ("auto", "on", "off")
-AUTO_PDL = False  # whether auto launches the step's Triton kernels with programmatic dependent launch (Hopper+)
-# auto folds the RMSNorms (norm_fold) in sessions of at most triton_linear.MAX_ROWS rows on CUDA: 1.66 against 1.74 ms
-# per 32 x 512 step and 3.68 against 3.76 at 32 x 4,096 on an H100, side by side (BENCHMARKS.md, 12-06 E)
+# auto launches the step's Triton kernels with programmatic dependent launch (Hopper+)? Measured mixed on an H200 (12-06
+# F): 1.47 against 1.45 ms per 32 x 512 step, 2.89 against 2.91 at 32 x 4,096; so no
+AUTO_PDL = False
+# auto folds the RMSNorms (norm_fold) in sessions of at most triton_linear.MAX_ROWS rows on CUDA: 1.45 against 1.57 ms
+# per 32 x 512 step and 2.91 against 2.96 at 32 x 4,096 on an H200 (12-06 F), 1.66 against 1.74 and 3.68 against
+# 3.76 on an H100 (12-06 E), side by side (BENCHMARKS.md)
 AUTO_FOLD = True
 
 

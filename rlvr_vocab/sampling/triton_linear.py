@@ -11,7 +11,9 @@ RMSNorm's kernel. Here one kernel computes ``out = residual + x @ W.T (+ bias)``
 
 The sampler runs o and down this way at up to ``MAX_ROWS`` rows (``FastSampler(linear=...)``): 1.70 against
 1.73-1.74 ms per 32 x 512 decode step on an H100, twice side by side (12-06 D); o alone gained nothing (1.75
-against 1.74). The qkv and gate_up projections stay cuBLAS's, and so does SiLU x up: a Triton GEMM over every map with the
+against 1.74). With ``sums=True`` the epilogue also stores each output row's sum of squares per column block, the
+input of the folded RMSNorm after it (``norm_fold``). The fused qkv and gate_up GEMMs can run here too
+(``linear="o+down+qkv"`` / ``"all"``: plain, no residual; not measured yet against cuBLAS in the sampler). The qkv and gate_up projections stay cuBLAS's, and so does SiLU x up: a Triton GEMM over every map with the
 RMSNorms fused in (12-03 P/Q) and SiLU x up as the down kernel's prologue (12-06 A) were slower (BENCHMARKS.md).
 
 Launched with programmatic dependent launch (the weights prefetched before waiting for the kernel before, and
