@@ -63,8 +63,8 @@ LINEAR_CHOICES = ("auto", *LINEAR_SETS)
 AUTO_LINEAR = "o+down"  # what auto runs where triton_linear passes its check on CUDA
 FOLD_CHOICES = ("auto", "on", "off")
 PDL_CHOICES = ("auto", "on", "off")
-# auto launches the step's Triton kernels with programmatic dependent launch (Hopper+)? Measured mixed on an H200 (12-06
-# F): 1.47 against 1.45 ms per 32 x 512 step, 2.89 against 2.91 at 32 x 4,096; so no
+# auto launches the step's Triton kernels with programmatic dependent launch (Hopper+)? Mixed on an H200 (12-06 F):
+# 1.47 against 1.45 ms per 32 x 512 step, 2.89 against 2.91 at 32 x 4,096; so not
 AUTO_PDL = False
 # auto folds the RMSNorms (norm_fold) in sessions of at most triton_linear.MAX_ROWS rows on CUDA: 1.45 against 1.57 ms
 # per 32 x 512 step and 2.91 against 2.96 at 32 x 4,096 on an H200 (12-06 F), 1.66 against 1.74 and 3.68 against

@@ -43,7 +43,7 @@ WAVES = 1  # programs per SM aimed at when choosing the number of context splits
 NUM_WARPS = 4  # warps per program of the split kernel
 NUM_STAGES = 3  # software-pipeline stages of its loop over the cache blocks
 MIN_DOT = 16  # tl.dot needs every dimension >= 16: query heads and head_dim are padded up to it
-PEEL = False  # the first cache block loaded before the query's work; not measured on a GPU yet (decode_parts peel=0,1)
+PEEL = False  # the first cache block loaded before the query's work (not measured on a GPU yet)
 
 
 def interpreted() -> bool:
