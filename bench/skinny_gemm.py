@@ -25,12 +25,8 @@ from __future__ import annotations
 
 import torch as th
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU installs and CI: torch's matmuls are used
-    triton = None
-    tl = None
+from rlvr_vocab.sampling import triton_env
+from rlvr_vocab.sampling.triton_env import tl, triton  # None without Triton
 
 MAX_ROWS = 64  # the kernels serve batches up to this many rows (above it cuBLAS's tiles fill the GPU)
 BLOCK_N = 32
@@ -40,12 +36,8 @@ NUM_STAGES = 4
 
 
 def interpreted() -> bool:
-    """Were the kernels built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_gemm_kernel, InterpretedFunction)
+    """Were this module's kernels built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
+    return triton is not None and triton_env.interpreted(_gemm_kernel)
 
 
 if triton is not None:

@@ -28,24 +28,16 @@ from __future__ import annotations
 import torch as th
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU installs and CI: PyTorch ops are used
-    triton = None
-    tl = None
+from rlvr_vocab.sampling import triton_env
+from rlvr_vocab.sampling.triton_env import tl, triton  # None without Triton
 
 BLOCK = 512  # activation columns per program of the SiLU x up kernel
 IMPLEMENTATIONS = ("triton", "torch")
 
 
 def interpreted() -> bool:
-    """Was the kernel built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_silu_mul_kernel, InterpretedFunction)
+    """Were this module's kernels built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
+    return triton is not None and triton_env.interpreted(_silu_mul_kernel)
 
 
 if triton is not None:

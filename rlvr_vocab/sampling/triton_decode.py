@@ -25,14 +25,8 @@ from __future__ import annotations
 
 import torch as th
 
-from rlvr_vocab.sampling import norm_fold
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU installs and CI: the eager attention is used
-    triton = None
-    tl = None
+from rlvr_vocab.sampling import norm_fold, triton_env
+from rlvr_vocab.sampling.triton_env import tl, triton  # None without Triton
 
 # The launch configuration, chosen from ``bench.decode_parts`` on one H200 (BENCHMARKS.md): with the new token
 # folded in after the loop (12-03 H), 64 slots x 4 warps x 3 stages and one split where the (row, KV head)
@@ -47,12 +41,8 @@ PEEL = False  # the first cache block loaded before the query's work (not measur
 
 
 def interpreted() -> bool:
-    """Were the kernels built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_split_kernel, InterpretedFunction)
+    """Were this module's kernels built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
+    return triton is not None and triton_env.interpreted(_split_kernel)
 
 
 if triton is not None:

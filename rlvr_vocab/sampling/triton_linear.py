@@ -30,24 +30,16 @@ from __future__ import annotations
 import torch as th
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU installs and CI: torch's ops are used
-    triton = None
-    tl = None
+from rlvr_vocab.sampling import triton_env
+from rlvr_vocab.sampling.triton_env import tl, triton  # None without Triton
 
 MAX_ROWS = 64  # above this many rows cuBLAS's tiles fill the GPU and the layers keep torch's ops
 MAX_SPLIT = 8  # the most K splits a launch may use (the workspace is sized for it)
 
 
 def interpreted() -> bool:
-    """Was the kernel built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_linear_kernel, InterpretedFunction)
+    """Were this module's kernels built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
+    return triton is not None and triton_env.interpreted(_linear_kernel)
 
 
 if triton is not None:

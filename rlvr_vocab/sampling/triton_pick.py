@@ -26,14 +26,9 @@ from __future__ import annotations
 
 import torch as th
 
+from rlvr_vocab.sampling import triton_env
 from rlvr_vocab.sampling.plan import BlockAt, BlockBefore, Plan, ReasoningSpan, RepetitionPenalty, Warper
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU installs and CI: the PyTorch pick is used
-    triton = None
-    tl = None
+from rlvr_vocab.sampling.triton_env import tl, triton  # None without Triton
 
 SUB = 512  # columns per Philox draw group (a chunk is four of them: one counter, four words)
 CHUNK = 4 * SUB  # columns per program of the partial kernel
@@ -77,12 +72,8 @@ def penalty_of(plan: Plan) -> float:
 
 
 def interpreted() -> bool:
-    """Were the kernels built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_partial_kernel, InterpretedFunction)
+    """Were this module's kernels built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
+    return triton is not None and triton_env.interpreted(_partial_kernel)
 
 
 if triton is not None:
