@@ -212,12 +212,10 @@ class StackSampler:
         import sys
 
         while not self._stop.wait(self.INTERVAL):
-            frame = sys._current_frames().get(self._target)
-            if frame is None:
-                continue
-            key = self.stack_key(frame)
-            with self._lock:
-                self._counts[key] += 1
+            with self._lock:  # a sample counts in the window it was taken in: take() waits for it
+                frame = sys._current_frames().get(self._target)
+                if frame is not None:
+                    self._counts[self.stack_key(frame)] += 1
 
     def take(self) -> dict:
         now = time.perf_counter()

@@ -129,6 +129,34 @@ def _spin_in_a_named_function(seconds: float) -> int:
     return n
 
 
+def test_stack_sampler_counts_a_sample_in_the_window_it_was_taken(monkeypatch):
+    """A sample whose stack is being read when ``take()`` is called belongs to the window ``take()`` closes (the
+    sampler thread once added it after, to the next window: a step's stack showed up in the quiet one after it)."""
+    import threading
+
+    reading, proceed = threading.Event(), threading.Event()
+
+    def slow_key(cls, frame):
+        reading.set()
+        proceed.wait(5)
+        return "the stack"
+
+    monkeypatch.setattr(diagnostics.StackSampler, "stack_key", classmethod(slow_key))
+    sampler = diagnostics.StackSampler()
+    try:
+        assert reading.wait(5)
+        taken = []
+        taker = threading.Thread(target=lambda: taken.append(sampler.take()))
+        taker.start()
+        time.sleep(0.05)  # take() is called while the stack is read
+        proceed.set()
+        taker.join(5)
+        assert taken and taken[0]["samples"] >= 1 and taken[0]["top"][0]["stack"] == "the stack"
+    finally:
+        proceed.set()
+        sampler.close()
+
+
 def test_step_probe_records_page_faults_and_where_the_host_thread_was():
     probe = diagnostics.StepProbe(log_recompiles=False)
     try:
