@@ -1135,6 +1135,23 @@ def test_programmatic_dependent_launch_is_refused_where_it_cannot_run(tok):
     assert sampler.last_paths["pdl"] is False
 
 
+def test_auto_runs_each_kernels_check_once_per_key_and_never_uses_a_kernel_after_it_failed():
+    sampler = FastSampler()
+    calls = []
+
+    def check(answer):
+        return lambda: calls.append(answer) or answer
+
+    assert sampler._usable("pick", "cuda:0", check(None)) and sampler._usable("pick", "cuda:0", check("unreached"))
+    assert calls == [None], "one check per key"
+    assert not sampler._usable("linear", "bf16", check("relative error 1e+00"))
+    assert not sampler._usable("linear", "fp32", check(None)), "a failed kernel is not checked again"
+    assert calls == [None, "relative error 1e+00"] and sampler.stats["failures"] == 1
+    sampler._failed("pick", "RuntimeError: boom")  # a run failed: the PyTorch pick from now on
+    assert not sampler._usable("pick", "cuda:1", check(None)) and len(calls) == 2
+    assert sampler._usable("fold", "cuda:0", check(None)) and sampler._usable("attention", "x", check(None))
+
+
 def test_auto_folds_the_norms_only_in_few_row_sessions_on_cuda(tok, norm_fold):
     """``fold="auto"``: on CUDA in sessions of at most ``triton_linear.MAX_ROWS`` rows (the kernel checked first);
     not on the CPU, not in bigger sessions, never without the fused layers."""

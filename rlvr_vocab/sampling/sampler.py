@@ -62,6 +62,12 @@ LINEAR_SETS = {  # FastSampler(linear=...) -> the fused layers' projections run 
 LINEAR_CHOICES = ("auto", *LINEAR_SETS)
 AUTO_LINEAR = "o+down"  # what auto runs where triton_linear passes its check on CUDA
 FOLD_CHOICES = ("auto", "on", "off")
+KERNELS = {  # the Triton kernels that auto checks before use: what the log calls each, and the fallback
+    "attention": ("Triton decode attention", "eager"),
+    "pick": ("Triton token pick", "PyTorch"),
+    "linear": ("Triton projections", "torch"),
+    "fold": ("folded SiLU x up kernel", "torch"),
+}
 PDL_CHOICES = ("auto", "on", "off")
 # auto launches the step's Triton kernels with programmatic dependent launch (Hopper+)? Mixed on an H200 (12-06 F):
 # 1.47 against 1.45 ms per 32 x 512 step, 2.89 against 2.91 at 32 x 4,096; so not
@@ -250,14 +256,10 @@ class FastSampler:
         self._compiled: dict[int, object] = {}  # id(model) -> compiled forward
         self._pickers: dict[tuple, object] = {}  # plan signature -> compiled pick
         self._compile_failed = False
-        self._triton_checked: set[tuple] = set()  # (dtype, heads, kv heads, head dim) checked against eager
-        self._triton_failure: str | None = None  # why the Triton kernel is not used (auto), once it failed
-        self._pick_checked: set[str] = set()  # devices on which the Triton pick was checked against PyTorch's
-        self._pick_failure: str | None = None  # why the Triton pick is not used (auto), once it failed
-        self._linear_checked: set[tuple] = set()  # (dtype, device) checked against the PyTorch maths
-        self._linear_failure: str | None = None  # why the Triton projections are not used (auto), once they failed
-        self._fold_checked: set[tuple] = set()  # (dtype, device) on which norm_fold's kernel was checked
-        self._fold_failure: str | None = None  # why norm_fold's kernel is not used, once it failed
+        # per Triton kernel ("attention", "pick", "linear", "fold"): the keys (dtype, shapes, device) its check ran
+        # for, and why it is not used (auto), once its check or a run failed
+        self._checked: dict[str, set] = {kind: set() for kind in KERNELS}
+        self._failure: dict[str, str | None] = dict.fromkeys(KERNELS)
         self._logged: set[str] = set()
         attn.register()
 
@@ -356,6 +358,25 @@ class FastSampler:
         self.session = Session(key, model, batch, cache_len, device, attention, fused, pick, linear, fold_impl, pdl)
         return self.session
 
+    def _usable(self, kind: str, key, check) -> bool:
+        """Whether the Triton kernel ``kind`` (``KERNELS``) may run: ``check()`` (None or why not) runs once per
+        ``key``; after a failure of its check or of a run, never again (said once)."""
+        if self._failure[kind] is None and key not in self._checked[kind]:
+            self._checked[kind].add(key)
+            self._failure[kind] = check()
+            self.stats["failures"] += self._failure[kind] is not None
+        if self._failure[kind] is not None:
+            name, fallback = KERNELS[kind]
+            self._log_once(f"generation_backend=fast: {name} unusable ({self._failure[kind]}); {fallback}")
+            return False
+        return True
+
+    def _failed(self, kind: str, what: str) -> None:
+        """A run of the Triton kernel ``kind`` failed with ``what``: its fallback from now on, said once."""
+        self._failure[kind] = what
+        name, fallback = KERNELS[kind]
+        self._log_once(f"generation_backend=fast: {name} failed ({what}); {fallback}")
+
     def _resolve_pdl(self, device: th.device) -> bool:
         """Whether a new session launches its Triton kernels with programmatic dependent launch."""
         runs = device.type == "cuda" and th.cuda.get_device_capability(device)[0] >= 9
@@ -367,16 +388,8 @@ class FastSampler:
         """``norm_fold.silu_mul``'s implementation in a folded session: its Triton kernel where it runs and passes
         its check (CUDA, or CPU tensors under Triton's interpreter), else PyTorch ops."""
         runs = norm_fold.triton is not None and (device.type == "cuda" or norm_fold.interpreted())
-        if not runs or self._fold_failure is not None:
-            return "torch"
-        if (dtype, str(device)) not in self._fold_checked:
-            self._fold_checked.add((dtype, str(device)))
-            self._fold_failure = norm_fold.check(dtype, device)
-            self.stats["failures"] += self._fold_failure is not None
-        if self._fold_failure is not None:
-            self._log_once(f"generation_backend=fast: folded SiLU x up kernel unusable ({self._fold_failure}); torch")
-            return "torch"
-        return "triton"
+        usable = runs and self._usable("fold", (dtype, str(device)), lambda: norm_fold.check(dtype, device))
+        return "triton" if usable else "torch"
 
     def _prefill(self, model, s: Session, input_ids, attention_mask, position_ids) -> th.Tensor:
         p = input_ids.shape[1]
@@ -410,22 +423,13 @@ class FastSampler:
             return "triton"
         if device.type != "cuda" or not attn.triton_importable():
             return "eager"
-        if self._triton_failure is None:
-            config = model.config
-            heads = config.num_attention_heads
-            kv_heads = getattr(config, "num_key_value_heads", None) or heads
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-            shape = (model.dtype, heads, kv_heads, head_dim)
-            if shape not in self._triton_checked:
-                self._triton_checked.add(shape)
-                self._triton_failure = attn.check_triton(model.dtype, heads, kv_heads, head_dim, device)
-                self.stats["failures"] += self._triton_failure is not None
-        if self._triton_failure is not None:
-            self._log_once(
-                f"generation_backend=fast: Triton decode attention unusable ({self._triton_failure}); eager"
-            )
-            return "eager"
-        return "triton"
+        config = model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        shape = (model.dtype, heads, kv_heads, head_dim, str(device))
+        check = lambda: attn.check_triton(model.dtype, heads, kv_heads, head_dim, device)  # noqa: E731
+        return "triton" if self._usable("attention", shape, check) else "eager"
 
     # ------------------------------------------------------------------------------------ projections choice
     def _resolve_linear(self, fused, dtype: th.dtype, device: th.device) -> tuple[str, ...]:
@@ -440,14 +444,8 @@ class FastSampler:
             return LINEAR_SETS[self.linear]
         if reason is not None or device.type != "cuda" or triton_linear.triton is None:
             return ()
-        if self._linear_failure is None and (dtype, str(device)) not in self._linear_checked:
-            self._linear_checked.add((dtype, str(device)))
-            self._linear_failure = triton_linear.check(dtype, device)
-            self.stats["failures"] += self._linear_failure is not None
-        if self._linear_failure is not None:
-            self._log_once(f"generation_backend=fast: Triton projections unusable ({self._linear_failure}); torch")
-            return ()
-        return LINEAR_SETS[AUTO_LINEAR]
+        usable = self._usable("linear", (dtype, str(device)), lambda: triton_linear.check(dtype, device))
+        return LINEAR_SETS[AUTO_LINEAR] if usable else ()
 
     # ------------------------------------------------------------------------------------ pick choice
     def _resolve_pick(self, plan: Plan, device: th.device) -> str:
@@ -465,23 +463,15 @@ class FastSampler:
         if reason is not None:
             self._log_once(f"generation_backend=fast: token pick in PyTorch ops ({reason})")
             return "torch"
-        if self._pick_failure is None and str(device) not in self._pick_checked:
-            self._pick_checked.add(str(device))
-            self._pick_failure = triton_pick.check(device)
-            self.stats["failures"] += self._pick_failure is not None
-        if self._pick_failure is not None:
-            self._log_once(f"generation_backend=fast: Triton token pick unusable ({self._pick_failure}); PyTorch")
-            return "torch"
-        return "triton"
+        return "triton" if self._usable("pick", str(device), lambda: triton_pick.check(device)) else "torch"
 
     def _pick_failed(self, s: Session, what: str) -> bool:
         """After a failure of the Triton pick under ``auto``: the PyTorch pick from now on (True), or False."""
         if s.pick != "triton" or self.pick != "auto":
             return False
-        self._pick_failure = what
+        self._failed("pick", what)
         s.pick = "torch"
         s.state.use_torch_pick()
-        self._log_once(f"generation_backend=fast: Triton token pick failed ({what}); PyTorch")
         return True
 
     def _pick_first(self, plan: Plan, logits: th.Tensor, s: Session) -> None:
@@ -589,17 +579,14 @@ class FastSampler:
                     s.pdl = False
                     self._log_once(f"generation_backend=fast: programmatic dependent launch failed ({what}); off")
                 elif s.fold_impl == "triton":
-                    self._fold_failure = what
+                    self._failed("fold", what)
                     s.fold_impl = "torch"
-                    self._log_once(f"generation_backend=fast: folded SiLU x up kernel failed ({what}); torch")
                 elif s.linear and self.linear == "auto":
-                    self._linear_failure = what
+                    self._failed("linear", what)
                     s.linear = ()
-                    self._log_once(f"generation_backend=fast: Triton projections failed ({what}); torch")
                 elif s.attention == "triton" and self.attention == "auto":
-                    self._triton_failure = what
+                    self._failed("attention", what)
                     s.attention = "eager"
-                    self._log_once(f"generation_backend=fast: Triton decode attention failed ({what}); eager")
                 elif self._use_compile(model):
                     self._compile_failed = True
                     self._log_once(f"generation_backend=fast: torch.compile failed ({what}); eager")
