@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch as th
 
-from rlvr_vocab.sampling import norm_fold
+from rlvr_vocab.sampling import norm_fold, triton_env
 
 DECODE_ATTENTION = "rlvr_static_decode"  # name registered with transformers' AttentionInterface
 IMPLEMENTATIONS = ("eager", "triton")
@@ -284,16 +284,16 @@ def check_triton(dtype: th.dtype, heads: int, kv_heads: int, head_dim: int, devi
                 query, key_new, value_new, k, v, n, bias, scaling, splits, rope=rope, fold=folded
             ).float()
         except Exception as err:  # noqa: BLE001 - a compile or launch failure is the answer
-            return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            return triton_env.error_line(err)
         what = f"{splits} splits" + (", q/k norm and RoPE in the kernel" if rope else "")
         what += ", the input norm unfolded in the kernel" if folded else ""
-        error = float((got - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
+        error = triton_env.relative_error(got, expected)
         if not error <= tolerance:  # also catches NaN
             return f"relative error {error:.2e} against the eager maths with {what}"
         new_value = fv if folded else value_new
         written = max(
-            float((k[:, :, length - 1] - new_key[:, :, 0]).abs().max() / new_key.abs().max()),
-            float((v[:, :, length - 1] - new_value[:, :, 0]).abs().max() / new_value.abs().max()),
+            triton_env.relative_error(k[:, :, length - 1], new_key[:, :, 0]),
+            triton_env.relative_error(v[:, :, length - 1], new_value[:, :, 0]),
         )
         if not written <= tolerance:
             return f"the new K/V were not written to the cache ({what})"

@@ -208,9 +208,9 @@ def check(dtype: th.dtype, device: th.device) -> str | None:
         try:
             got = silu_mul_triton(gate_up, ss, hidden, 1e-6, bias).float()
         except Exception as err:  # noqa: BLE001 - a compile or launch failure is the answer
-            return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            return triton_env.error_line(err)
         want = silu_mul_reference(gate_up, ss, hidden, 1e-6, bias).float()
-        error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+        error = triton_env.relative_error(got, want)
         if not error <= tolerance:  # also catches NaN
             return f"relative error {error:.2e} against the PyTorch maths ({m} rows, sums in {parts} parts)"
     return None

@@ -37,7 +37,7 @@ from loguru import logger
 
 from rlvr_vocab.sampling import attention as attn
 from rlvr_vocab.sampling import fused as fusion
-from rlvr_vocab.sampling import norm_fold, triton_linear, triton_pick
+from rlvr_vocab.sampling import norm_fold, triton_env, triton_linear, triton_pick
 from rlvr_vocab.sampling.cache import StaticKVCache
 from rlvr_vocab.sampling.plan import Plan, build_plan
 from rlvr_vocab.sampling.state import DecodeState, pick
@@ -572,7 +572,7 @@ class FastSampler:
                 self._run_step(model, s, plan)
                 return
             except Exception as err:  # noqa: BLE001 - any failure of the fast parts: the eager way, said once
-                what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                what = triton_env.error_line(err)
                 if isinstance(err, triton_pick.TritonPickError) and self._pick_failed(s, what):
                     pass
                 elif s.pdl and self.pdl == "auto":

@@ -22,3 +22,26 @@ def interpreted(kernel) -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(kernel, InterpretedFunction)
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message``: how a kernel's compile / launch / check failure is reported.
+
+    Example:
+        >>> error_line(RuntimeError("out of resources\\nthe rest")), error_line(KeyError())
+        ('RuntimeError: out of resources', 'KeyError: ')
+    """
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def relative_error(got, want) -> float:
+    """max |got - want| / max |want| (``want``'s scale floored at 1e-6): what the kernels' checks compare with
+    their dtype's tolerance; NaN anywhere gives NaN, which no ``<=`` passes.
+
+    Example:
+        >>> import torch
+        >>> relative_error(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0])), relative_error(torch.zeros(2), torch.zeros(2))
+        (0.25, 0.0)
+    """
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-6))

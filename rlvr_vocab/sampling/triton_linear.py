@@ -320,12 +320,12 @@ def check(dtype: th.dtype, device: th.device) -> str | None:
             try:
                 got = linear(*args, **kwargs, config=config, ss=ss).float()
             except Exception as err:  # noqa: BLE001 - a compile or launch failure is the answer
-                return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                return triton_env.error_line(err)
             want = reference(*args, **kwargs).float()
-            error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+            error = triton_env.relative_error(got, want)
             if not error <= tolerance:  # also catches NaN
                 return f"relative error {error:.2e} against the PyTorch maths ({what}, {m} rows)"
             sums = got.reshape(m, -1, 16).pow(2).sum(-1)
-            if not float((ss - sums).abs().max() / sums.abs().max()) <= 1e-4:
+            if not triton_env.relative_error(ss, sums) <= 1e-4:
                 return f"the sums of squares of the output are wrong ({what}, {m} rows)"
     return None

@@ -329,7 +329,7 @@ def pick_tokens(
             BLOCK_C=triton.next_power_of_2(chunks),
         )
     except Exception as err:  # noqa: BLE001 - any compile or launch failure: the caller falls back
-        raise TritonPickError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise TritonPickError(triton_env.error_line(err)) from err
     return nxt, logp
 
 
