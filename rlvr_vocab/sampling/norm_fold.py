@@ -1,7 +1,7 @@
 """A decoder layer's two RMSNorms folded into the projections after them (``FastSampler(fold=...)``).
 
 At a few dozen rows a decode step costs per kernel more than per byte, and each RMSNorm is a kernel of its own
-(2 of the ~10 per layer; ~1.6 us each plus its launch gap on an H200, BENCHMARKS.md's profiles). The norm is a
+(2 of the 8 per layer there were; ~1.6 us each plus its launch gap on an H200, BENCHMARKS.md's profiles). The norm is a
 per-row scale and a per-column weight, and both commute with the projection after it:
 
     RMSNorm(x) @ W.T = r * (x @ (W * w).T),   r = rsqrt(sum(x^2) / hidden + eps) per row, w the norm's weight
