@@ -22,7 +22,9 @@ with ``FastSampler(fuse=False)``: transformers' decoder layers, for the fused la
 / "o+down+qkv" / "all")``, which of the fused
 layers' projections ``triton_linear`` runs (none: all cuBLAS); ``-fold`` / ``-nofold``: ``FastSampler(fold="on" /
 "off")``, the decoder layers' RMSNorms folded into the projections after them (``norm_fold``) or not; ``-pdl`` /
-``-nopdl``: ``FastSampler(pdl="on" / "off")``, the step's Triton kernels with programmatic dependent launch. A
+``-nopdl``: ``FastSampler(pdl="on" / "off")``, the step's Triton kernels with programmatic dependent launch;
+``-peel``: ``triton_decode.PEEL`` on around that path's runs (``PATH_CONSTANTS``: kernel variants with no sampler
+option), the attention kernel's first cache block loaded before the query's work. A
 sampler without the ``attention=`` option has one path, today's eager one: its rows are labelled
 ``eager (only path)`` and other paths are skipped.
 
@@ -34,6 +36,8 @@ captures when its shape is new) is recorded as skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import importlib.util
 import json
 import re
@@ -118,6 +122,9 @@ PATH_SUFFIXES = {  # suffix -> FastSampler option
     "-pdl": ("pdl", "on"),
     "-nopdl": ("pdl", "off"),
 }
+# suffix -> a module constant set while that path's sampler captures its CUDA graphs and runs (a kernel variant with
+# no FastSampler option; the constant is read when the kernels are launched, so each path's graphs keep its value)
+PATH_CONSTANTS = {"-peel": ("rlvr_vocab.sampling.triton_decode", "PEEL", True)}
 
 
 def split_path(path: str | None) -> tuple[str | None, dict]:
@@ -127,13 +134,34 @@ def split_path(path: str | None) -> tuple[str | None, dict]:
     Example:
         >>> split_path("triton-unfused"), split_path("triton-torchpick-unfused"), split_path(None)
         (('triton', {'fuse': False}), ('triton', {'pick': 'torch', 'fuse': False}), (None, {}))
+        >>> split_path("triton-peel-nopdl")
+        ('triton', {'pdl': 'off', 'constants': (('rlvr_vocab.sampling.triton_decode', 'PEEL', True),)})
     """
     options: dict = {}
-    while path is not None and (suffix := next((x for x in PATH_SUFFIXES if path.endswith(x)), None)):
-        key, value = PATH_SUFFIXES[suffix]
-        options = {key: value, **options}
+    suffixes = [*PATH_SUFFIXES, *PATH_CONSTANTS]
+    while path is not None and (suffix := next((x for x in suffixes if path.endswith(x)), None)):
+        if suffix in PATH_CONSTANTS:
+            options["constants"] = (PATH_CONSTANTS[suffix], *options.get("constants", ()))
+        else:
+            key, value = PATH_SUFFIXES[suffix]
+            options = {key: value, **options}
         path = path.removesuffix(suffix)
     return path, options
+
+
+@contextlib.contextmanager
+def module_constants(constants=()):
+    """``(module, name, value)`` triples set inside the block (``PATH_CONSTANTS``) and restored after it."""
+    saved = []
+    try:
+        for module, name, value in constants:
+            target = importlib.import_module(module)
+            saved.append((target, name, getattr(target, name)))
+            setattr(target, name, value)
+        yield
+    finally:
+        for target, name, old in reversed(saved):
+            setattr(target, name, old)
 
 
 def estimate_s(row: Row, floor_ms: float, repeats: int, new_compile: bool, new_shape: bool = True) -> float:
@@ -207,6 +235,7 @@ class Bench:
         if key not in self.samplers:
             _, vocab, _, _ = self.model(reasoning)
             base, options = split_path(attention)
+            options.pop("constants", None)  # set around the runs (run)
             self.samplers[key] = make_sampler(vocab, compile=self.compile, attention=base, **options)
         return self.samplers[key]
 
@@ -237,24 +266,26 @@ class Bench:
         else:
             hook = force_eos(sampler, eos_lengths, self.tok.eos_token_id)
         times, runs, profile = [], [], None
+        constants = split_path(attention)[1].get("constants", ())
         try:
-            for _ in range(self.repeats):
-                before = sampler_stats(sampler)
-                if self.cuda:
-                    th.cuda.reset_peak_memory_stats()
-                out, t = timed(self.sync, model.generate, **inputs, **common, custom_generate=sampler)
-                times.append(round(t, 4))
-                runs.append(stats_delta(before, sampler_stats(sampler)))
-            if self.profile:
-                from bench.diagnostics import profile_call
+            with module_constants(constants):  # the path's kernel variant: baked into its graphs at capture
+                for _ in range(self.repeats):
+                    before = sampler_stats(sampler)
+                    if self.cuda:
+                        th.cuda.reset_peak_memory_stats()
+                    out, t = timed(self.sync, model.generate, **inputs, **common, custom_generate=sampler)
+                    times.append(round(t, 4))
+                    runs.append(stats_delta(before, sampler_stats(sampler)))
+                if self.profile:
+                    from bench.diagnostics import profile_call
 
-                profile = profile_call(
-                    lambda: model.generate(**inputs, **common, custom_generate=sampler),
-                    self.sync,
-                    self.cuda,
-                    row.tokens,
-                    top=PROFILE_TOP,
-                )
+                    profile = profile_call(
+                        lambda: model.generate(**inputs, **common, custom_generate=sampler),
+                        self.sync,
+                        self.cuda,
+                        row.tokens,
+                        top=PROFILE_TOP,
+                    )
         finally:
             if hook:
                 force_eos(sampler, None, self.tok.eos_token_id)
@@ -379,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         attention = wanted if has_option else None
         label = wanted if has_option else "eager (only path)"
         base, options = split_path(wanted)
-        missing = [k for k in options if not sampler_options()[k]]
+        missing = [k for k in options if k != "constants" and not sampler_options()[k]]
         if not has_option and wanted != "eager":
             result = {"row": row.name, "attention": wanted, "skipped": "this sampler has no attention= option"}
         elif missing:

@@ -251,6 +251,23 @@ def test_a_sampler_compiles_once_and_a_new_shape_costs_only_captures():
     assert compiled < bench_sampler.estimate_s(other, 1.0, 2, True, True) - 0.5 * bench_sampler.COMPILE_S
 
 
+def test_a_path_constant_holds_while_its_rows_run_and_is_restored_after(monkeypatch):
+    """``-peel`` (``PATH_CONSTANTS``): the kernel variant without a sampler option is set around that path's runs
+    (when its graphs are captured) and not around another path's, and the module's value is back after each."""
+    from rlvr_vocab.sampling import triton_decode
+
+    seen = []
+    real = bench_sampler.timed
+    monkeypatch.setattr(bench_sampler, "timed", lambda *a, **k: seen.append(triton_decode.PEEL) or real(*a, **k))
+    bench = bench_sampler.Bench(tiny=True, bandwidth=1e10, repeats=1, compile=False)
+    row = bench_sampler.parse_row("4x8")
+    before = triton_decode.PEEL
+    bench.run(row, "eager-peel", row.batch)
+    assert seen == [True] and triton_decode.PEEL == before is False
+    bench.run(row, "eager", row.batch)
+    assert seen == [True, False] and triton_decode.PEEL is False
+
+
 def test_sampler_rows_on_the_cpu(tmp_path):
     out = tmp_path / "rows.jsonl"
     argv = ["--tiny", "--rows", "4x8", "4x8-rv@eager", "4x8@eager-unfused", "--bandwidth", "1e10", "--out", str(out)]
