@@ -37,7 +37,9 @@ WAVES = 1  # programs per SM aimed at when choosing the number of context splits
 NUM_WARPS = 4  # warps per program of the split kernel
 NUM_STAGES = 3  # software-pipeline stages of its loop over the cache blocks
 MIN_DOT = 16  # tl.dot needs every dimension >= 16: query heads and head_dim are padded up to it
-PEEL = False  # the first cache block loaded before the query's work (not measured on a GPU yet)
+# the first cache block loaded before the query's work: slower on an H100 (12-06 H, BENCHMARKS.md): 23.8 against 22.3 us
+# at 32 x 512, 1.70 against 1.67 ms per 32 x 512 decode step; kept off, and in the code to reproduce that (-peel)
+PEEL = False
 
 
 def interpreted() -> bool:

@@ -13,8 +13,11 @@ The sampler runs o and down this way at up to ``MAX_ROWS`` rows (``FastSampler(l
 1.73-1.74 ms per 32 x 512 decode step on an H100, twice side by side (12-06 D); o alone gained nothing (1.75
 against 1.74). With ``sums=True`` the epilogue also stores each output row's sum of squares per column block, the
 input of the folded RMSNorm after it (``norm_fold``). The fused qkv and gate_up GEMMs can run here too
-(``linear="o+down+qkv"`` / ``"all"``: plain, no residual; not measured yet against cuBLAS in the sampler). The qkv and gate_up projections stay cuBLAS's, and so does SiLU x up: a Triton GEMM over every map with the
-RMSNorms fused in (12-03 P/Q) and SiLU x up as the down kernel's prologue (12-06 A) were slower (BENCHMARKS.md).
+(``linear="o+down+qkv"`` / ``"all"``: plain, no residual), but are no faster than cuBLAS: on an H100 (12-06 H) qkv
+took 6.2 us at its best configuration against cuBLAS's 6.0, gate_up 7.8 against 7.5, and the 32 x 512 step 1.66 ms
+with qkv here against 1.67. So qkv, gate_up and SiLU x up stay cuBLAS's and PyTorch's: a Triton GEMM over every map
+with the RMSNorms fused in (12-03 P/Q) and SiLU x up as the down kernel's prologue (12-06 A) were slower too
+(BENCHMARKS.md).
 
 Launched with programmatic dependent launch (the weights prefetched before waiting for the kernel before, and
 the attention kernel in the chain) it was slower: 1.80 against 1.75 ms per 32 x 512 step with the o projection

@@ -173,27 +173,61 @@ if triton is not None:
             seed = tl.load(Seed)
             counter = (step * batch + row) * V + base + offs  # int64
             w0, w1, w2, w3 = tl.randint4x(seed, counter)
-        # the chunk as one [4, BLOCK] tile (row k: draw group k, columns base + k * BLOCK + offs), so each quantity
-        # is one reduction (five per program; reducing each group apart took twenty, each a barrier)
-        groups = tl.arange(0, 4)[:, None]
-        col = groups * BLOCK + offs[None, :]  # the column within the chunk
-        x = _scores(Logits, Seen, Blocked, EosCols, i, base + col, stride_lb, stride_sb, V, inside, forced,
-                    temperature, penalty, standard_size, HAS_SEEN, HAS_BLOCKED, HAS_FORCE, HAS_SPAN, HAS_TEMPERATURE)  # fmt: skip
-        m = tl.max(x)
-        m_ref = tl.where(m == float("-inf"), 0.0, m)  # all masked: no NaN from -inf - -inf
-        s = tl.sum(tl.exp(x - m_ref))
-        noisy = x
-        if NOISE:  # group k gets word k of its column's counter
-            word = tl.where(groups == 0, w0[None, :], tl.where(groups == 1, w1[None, :], w2[None, :]))
-            noisy = x - _exp1_log(tl.where(groups == 3, w3[None, :], word))
-        best = tl.max(noisy)
-        win = tl.min(tl.where(noisy == best, col, 4 * BLOCK))  # the first column of the best, as torch.argmax
-        at = i * chunks + c
+        m = tl.full([1], float("-inf"), tl.float32)
+        s = tl.zeros([1], tl.float32)
+        best = tl.full([1], float("-inf"), tl.float32)
+        idx = tl.zeros([1], tl.int64) + base
+        score = tl.full([1], float("-inf"), tl.float32)
+        for k in tl.static_range(4):
+            cols = base + k * BLOCK + offs
+            x = _scores(
+                Logits,
+                Seen,
+                Blocked,
+                EosCols,
+                i,
+                cols,
+                stride_lb,
+                stride_sb,
+                V,
+                inside,
+                forced,
+                temperature,
+                penalty,
+                standard_size,
+                HAS_SEEN,
+                HAS_BLOCKED,
+                HAS_FORCE,
+                HAS_SPAN,
+                HAS_TEMPERATURE,
+            )
+            noisy = x
+            if NOISE:
+                if k == 0:
+                    noisy = x - _exp1_log(w0)
+                elif k == 1:
+                    noisy = x - _exp1_log(w1)
+                elif k == 2:
+                    noisy = x - _exp1_log(w2)
+                else:
+                    noisy = x - _exp1_log(w3)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
+            m = m_new
+            k_best = tl.max(noisy, 0)
+            k_arg = tl.argmax(noisy, 0)
+            k_score = tl.sum(tl.where(offs == k_arg, x, 0.0), 0)
+            better = k_best > best  # strict: the first of equal maxima wins, as torch.argmax
+            idx = tl.where(better, base + k * BLOCK + k_arg, idx)
+            score = tl.where(better, k_score, score)
+            best = tl.where(better, k_best, best)
+        at = i * chunks + c + tl.arange(0, 1)
         tl.store(PartMax + at, m)
         tl.store(PartSum + at, s)
         tl.store(PartBest + at, best)
-        tl.store(PartIdx + at, (base + win).to(tl.int64))
-        tl.store(PartScore + at, tl.sum(tl.where(col == win, x, 0.0)))
+        tl.store(PartIdx + at, idx)
+        tl.store(PartScore + at, score)
 
     @triton.jit
     def _combine_kernel(PartMax, PartSum, PartBest, PartIdx, PartScore, Next, Logp, chunks, BLOCK_C: tl.constexpr):
