@@ -193,8 +193,9 @@ class FastSampler:
         keep_bytes: keep the cache, fused weights and graphs between calls when together they are at most this
             large.
         linear: the fused layers' projections run by ``triton_linear`` (split over K in one kernel, the residual
-            add inside) at up to ``triton_linear.MAX_ROWS`` live rows: ``o``, ``o+down``, ``torch`` (none), or
-            ``auto`` (``AUTO_LINEAR`` on CUDA when the kernel passes a check against the PyTorch maths, else none).
+            add inside) at up to ``triton_linear.MAX_ROWS`` live rows: a ``LINEAR_SETS`` name (``o``, ``o+down``,
+            ``o+down+qkv``, ``all``; ``torch``: none), or ``auto`` (``AUTO_LINEAR`` on CUDA when the kernel passes a
+            check against the PyTorch maths, else none).
         fold: fold each decoder layer's two RMSNorms into the projections after them (``norm_fold``: two kernels
             per layer fewer, in other roundings than transformers'): ``on``, ``off``, or ``auto`` (``AUTO_FOLD``,
             in sessions of at most ``triton_linear.MAX_ROWS`` rows on CUDA). Needs the fused layers.
