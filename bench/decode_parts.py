@@ -20,6 +20,8 @@ zeros), rotated among enough copies that the bytes of one graph exceed the L2 ca
   error is against the grid's first.
 * ``gemm``: the decoder layer's linear maps at M = the batch, apart (q, k, v, o, gate, up, down) and fused
   (qkv, gate_up), and the output head; time, GB/s of the weight read, and the per-layer sums of both ways.
+* ``linear`` / ``gated``: ``triton_linear``'s kernels over a grid against cuBLAS (``gated``: the MLP's gate/up GEMM
+  and SiLU x up in one kernel, the post-attention norm folded in, against the GEMM and ``norm_fold.silu_mul``).
 * ``pick``: the token pick of one step (temperature 1, EOS stop, sampled) on [batch, V] bf16 logits, for
   ``--batches`` and the vocabulary as it is and doubled: ``state.pick`` with the PyTorch ops (compiled, with the
   [B, V] Exp(1) draw it needs) against the Triton kernels of ``triton_pick``; GB/s of the logits read.
@@ -460,8 +462,61 @@ def linear_rows(args, shape: dict, cuda: bool, bandwidth: float | None) -> list[
     return results
 
 
-def linear_table(results: list[dict]) -> str:
-    lines = ["| batch | map | impl | config (block_n, block_k, warps, stages, split_k) | us | max rel error |"]
+GATED_GRID = dict(block_n=(16, 32), block_k=(64, 128, 256), warps=(2, 4, 8), stages=(2, 3, 4))
+
+
+def gated_rows(args, shape: dict, cuda: bool, bandwidth: float | None) -> list[dict]:
+    """The MLP's gate/up and SiLU x up with the post-attention norm folded in (the sampler's form at <= 64 rows):
+    the cuBLAS GEMM then ``norm_fold.silu_mul``'s kernel (two kernels, as the sampler runs them), against
+    ``triton_linear.gated`` (one kernel) over ``GATED_GRID``; the cuBLAS GEMM alone for reference."""
+    import torch as th
+    import torch.nn.functional as F
+
+    from rlvr_vocab.sampling import norm_fold, triton_linear
+
+    device = "cuda" if cuda else "cpu"
+    dtype = th.bfloat16 if cuda else th.float32
+    impl = "triton" if cuda else "torch"
+    k, n = gemm_maps(shape)["gate_up"]
+    results = []
+    for m in [b for b in args.batches if b <= triton_linear.MAX_ROWS]:
+        nbytes = k * n * dtype.itemsize
+        ws = [th.randn(n, k, device=device, dtype=dtype) * k**-0.5 for _ in range(copies_for(nbytes))]
+        x = th.randn(m, k, device=device, dtype=dtype) * 3
+        ss = x.float().pow(2).reshape(m, triton_linear.ss_blocks(k, k), -1).sum(-1).contiguous()  # as o leaves them
+        fold = dict(ss=ss, hidden=k, eps=1e-6)
+        label = dict(batch=m, map="gated")
+
+        def two(i, ws=ws, x=x, ss=ss):
+            return norm_fold.silu_mul(F.linear(x, ws[i % len(ws)]), ss, k, 1e-6, impl=impl)
+
+        for name, fn in {"cublas (GEMM alone)": lambda i, ws=ws, x=x: F.linear(x, ws[i % len(ws)]),
+                         "cublas + silu_mul (as run)": two}.items():  # fmt: skip
+            results.append(dict(label, impl=name, us=time_op(fn, cuda, args.launches, args.repeats) * 1e6))
+        want = two(0).float()
+        configs = list(itertools.product(*GATED_GRID.values()))
+        configs += [triton_linear.GATED_CONFIG] * (triton_linear.GATED_CONFIG not in configs)
+        for config in configs if cuda else [triton_linear.GATED_CONFIG]:
+
+            def run(i, config=config, ws=ws, x=x, fold=fold):
+                return triton_linear.gated(x, ws[i % len(ws)], **fold, config=config)
+
+            row = dict(label, impl="triton gated", config=list(config))
+            try:
+                error = float((run(0).float() - want).abs().max() / want.abs().max())
+                t = time_op(run, cuda, args.launches, args.repeats)
+            except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: record, go on
+                results.append(dict(row, error=repr(err)[:200]))
+                continue
+            share = (nbytes + m * (k + n // 2) * dtype.itemsize) / t / bandwidth if bandwidth else None
+            results.append(dict(row, us=t * 1e6, share_of_bandwidth=share, max_rel_error=error,
+                                default=config == triton_linear.GATED_CONFIG))  # fmt: skip
+    print(linear_table(results, "(block_n, block_k, warps, stages)"), flush=True)
+    return results
+
+
+def linear_table(results: list[dict], config: str = "(block_n, block_k, warps, stages, split_k)") -> str:
+    lines = [f"| batch | map | impl | config {config} | us | max rel error |"]
     lines.append("|---|---|---|---|---|---|")
     for r in results:
         us = f"{r['us']:.1f}" if "us" in r else r.get("error", "")
@@ -490,7 +545,10 @@ def gemm_table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--parts", nargs="*", default=["attention", "gemm", "pick"], choices=["attention", "gemm", "pick", "linear"]
+        "--parts",
+        nargs="*",
+        default=["attention", "gemm", "pick"],
+        choices=["attention", "gemm", "pick", "linear", "gated"],
     )
     parser.add_argument("--grid", nargs="*", default=[], help="attention grid entries, e.g. block=32,64 splits=1,2")
     parser.add_argument("--rows", nargs="*", default=["32x512", "256x1024", "32x4096"], help="attention rows, BxL")
@@ -530,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         record["pick"] = pick_rows(args, shape, cuda, bandwidth)
     if "linear" in args.parts:
         record["linear"] = linear_rows(args, shape, cuda, bandwidth)
+    if "gated" in args.parts:
+        record["gated"] = gated_rows(args, shape, cuda, bandwidth)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)

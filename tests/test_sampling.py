@@ -915,6 +915,27 @@ def test_triton_linear_matches_the_pytorch_maths(triton_linear, form, m, k, n, s
         assert not work[0].any()
 
 
+@pytest.mark.parametrize("fold, bias", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("m, k, inter", [(5, 200, 40), (33, 96, 48)])
+def test_the_gated_kernel_is_the_mlps_gate_up_and_silu_times_up(triton_linear, fold, bias, m, k, inter):
+    """``gated``: the gate/up GEMM and SiLU x up in one kernel, with the folded norm's row scale (sums of squares in
+    three parts) or plain; K and the intermediate size off the blocks, rows padded up to tl.dot's 16."""
+    x, w, kwargs = linear_case("bias" if bias else "plain", m, k, 2 * inter)
+    if fold:
+        kwargs |= dict(ss=th.stack([p.pow(2).sum(-1) for p in (2 * x).chunk(3, -1)], -1), hidden=k, eps=1e-6)
+    got = triton_linear.gated(x, w, **kwargs, config=(16, 64, 4, 2))
+    want = triton_linear.gated_reference(x, w, **kwargs)
+    assert got.shape == (m, inter)
+    th.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    gate, up = th.nn.functional.linear(x, w, kwargs.get("bias")).chunk(2, -1)
+    if not fold:  # the reference is transformers' MLP activation
+        th.testing.assert_close(got, th.nn.functional.silu(gate) * up, rtol=1e-4, atol=1e-4)
+    else:  # the row scale matters: the test can fail
+        assert not th.allclose(got, th.nn.functional.silu(gate) * up, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="ss must be fp32"):
+        triton_linear.gated(x, w, ss=th.ones(m + 1, 2, device=x.device))
+
+
 def test_triton_linear_in_16_bits(triton_linear):
     """fp16 (bf16 on CUDA only: the interpreter's bf16 dot is wrong), in the default block configuration."""
     dtype = th.bfloat16 if TRITON_DEVICE == "cuda" else th.float16
@@ -945,6 +966,10 @@ def test_the_samplers_linear_check_names_a_wrong_kernel(triton_linear, monkeypat
     assert "(residual, 5 rows)" in triton_linear.check(th.float32, th.device(TRITON_DEVICE))
     monkeypatch.setattr(triton_linear, "linear", lambda *a, ss=None, **k: real(*a, **k))  # no sums of squares
     assert "sums of squares" in triton_linear.check(th.float32, th.device(TRITON_DEVICE))
+    monkeypatch.setattr(triton_linear, "linear", real)
+    gated = triton_linear.gated
+    monkeypatch.setattr(triton_linear, "gated", lambda x, w, ss=None, **k: gated(x, w, **k))  # the row scale ignored
+    assert "(gated, folded, 5 rows)" in triton_linear.check(th.float32, th.device(TRITON_DEVICE))
     with pytest.raises(ValueError, match="64 rows"):
         real(th.zeros(65, 16, device=TRITON_DEVICE), th.zeros(8, 16, device=TRITON_DEVICE))
     with pytest.raises(ValueError, match="16 columns"):
@@ -953,7 +978,14 @@ def test_the_samplers_linear_check_names_a_wrong_kernel(triton_linear, monkeypat
 
 @pytest.mark.parametrize(
     "arch, linear",
-    [("qwen3", "o+down"), ("qwen2", "o"), ("llama", "o+down"), ("qwen2", "all"), ("llama", "o+down+qkv")],
+    [
+        ("qwen3", "o+down"),
+        ("qwen2", "o"),
+        ("llama", "o+down"),
+        ("qwen2", "all"),
+        ("llama", "o+down+qkv"),
+        ("llama", "o+down+gated"),
+    ],
 )
 def test_greedy_with_the_triton_projections_matches_transformers_generate(tok, triton_decode, triton_linear, arch,
                                                                            linear, monkeypatch):  # fmt: skip
@@ -961,6 +993,8 @@ def test_greedy_with_the_triton_projections_matches_transformers_generate(tok, t
     calls = []
     real = triton_linear.linear
     monkeypatch.setattr(triton_linear, "linear", lambda x, w, *a, **k: calls.append(w.shape) or real(x, w, *a, **k))
+    gated = triton_linear.gated
+    monkeypatch.setattr(triton_linear, "gated", lambda x, w, *a, **k: calls.append("gated") or gated(x, w, *a, **k))
     model = tiny_arch(tok, arch).to(TRITON_DEVICE)
     inputs = batch(tok, PROMPTS, TRITON_DEVICE)
     kwargs = dict(do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id, repetition_penalty=1.3)
@@ -980,7 +1014,28 @@ def test_greedy_with_the_triton_projections_matches_transformers_generate(tok, t
     for name in ("qkv", "gate_up"):  # the fused layers' own GEMMs
         n = calls.count(getattr(fused, name).shape)
         assert (n >= 2 * uncaptured) if name in sampler_module.LINEAR_SETS[linear] else n == 0
+    n = calls.count("gated")  # gate/up with SiLU x up in one kernel
+    assert (n >= 2 * uncaptured) if "gated" in sampler_module.LINEAR_SETS[linear] else n == 0
     assert th.equal(out, ref)
+
+
+def test_the_silu_kernels_are_refused_for_another_mlp_activation(tok, triton_linear):
+    """The folded norms and ``gated`` compute SiLU x up: a GELU MLP gets neither (by name where asked for), and
+    ``auto`` keeps it unfolded, with transformers' activation."""
+    model = tiny_arch(tok, "llama").to(TRITON_DEVICE)
+    model.config.hidden_act = "gelu"
+    for layer in model.model.layers:
+        layer.mlp.act_fn = th.nn.GELU()
+    inputs = batch(tok, PROMPTS, TRITON_DEVICE)
+    kwargs = dict(do_sample=False, max_new_tokens=3, pad_token_id=tok.pad_token_id)
+    with pytest.raises(ValueError, match="linear='o\\+down\\+gated'.*activation is GELU, not SiLU"):
+        model.generate(**inputs, **kwargs, custom_generate=FastSampler(linear="o+down+gated"))
+    with pytest.raises(ValueError, match="fold='on'.*SiLU"):
+        model.generate(**inputs, **kwargs, custom_generate=FastSampler(fold="on", linear="torch", attention="eager"))
+    ref = model.generate(**inputs, **kwargs)
+    auto = FastSampler(fold="auto", linear="torch", attention="eager")
+    assert th.equal(model.generate(**inputs, **kwargs, custom_generate=auto), ref)
+    assert auto.last_used_fast_path and not auto.session.fused.fold
 
 
 def test_triton_projections_are_refused_by_name_where_they_cannot_serve(tok, triton_linear):
@@ -1094,7 +1149,13 @@ def test_the_attention_kernel_unfolds_the_input_norm_as_the_eager_maths(triton_d
 
 @pytest.mark.parametrize(
     "arch, attention, linear",
-    [("qwen3", "triton", "o+down"), ("qwen2", "triton", "o"), ("llama", "eager", "torch"), ("qwen2", "triton", "all")],
+    [
+        ("qwen3", "triton", "o+down"),
+        ("qwen2", "triton", "o"),
+        ("llama", "eager", "torch"),
+        ("qwen2", "triton", "all"),
+        ("llama", "triton", "o+down+gated"),
+    ],
 )
 def test_greedy_with_the_norms_folded_matches_transformers_generate(tok, triton_decode, triton_linear, norm_fold,
                                                                      arch, attention, linear, monkeypatch):  # fmt: skip
@@ -1102,17 +1163,24 @@ def test_greedy_with_the_norms_folded_matches_transformers_generate(tok, triton_
     scale, the o / down kernels' sums of squares, the SiLU x up kernel; the eager attention and torch projections:
     the same maths in PyTorch ops), fp32, greedy: the tokens of ``generate``. Biases everywhere they can be."""
     calls = []
-    real = norm_fold.silu_mul_triton
-    monkeypatch.setattr(norm_fold, "silu_mul_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model = tiny_arch(tok, arch).to(TRITON_DEVICE)
+    real, gated = norm_fold.silu_mul_triton, triton_linear.gated
     inputs = batch(tok, PROMPTS, TRITON_DEVICE)
+    rows = inputs["input_ids"].shape[0]  # the decode steps' calls (the kernels' checks use other row counts)
+    monkeypatch.setattr(norm_fold, "silu_mul_triton",
+                        lambda x, *a, **k: calls.append(("silu_mul", x.shape[0])) or real(x, *a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        triton_linear, "gated", lambda x, *a, **k: calls.append(("gated", x.shape[0])) or gated(x, *a, **k)
+    )
+    model = tiny_arch(tok, arch).to(TRITON_DEVICE)
     kwargs = dict(do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id, repetition_penalty=1.3)
     ref = model.generate(**inputs, **kwargs)
     sampler = FastSampler(attention=attention, linear=linear, fold="on")
     out = model.generate(**inputs, **kwargs, custom_generate=sampler)
     s = sampler.session
     assert sampler.last_used_fast_path and s.fused.fold and s.fold_impl == "triton"
-    assert (sampler.stats["steps"] - sampler.stats["replays"]) * 2 <= len(calls)  # both layers, every such step
+    uncaptured = sampler.stats["steps"] - sampler.stats["replays"]
+    used, unused = ("gated", "silu_mul") if "gated" in s.linear else ("silu_mul", "gated")
+    assert uncaptured * 2 <= calls.count((used, rows)) and calls.count((unused, rows)) == 0  # both layers, every step
     assert th.equal(out, ref)
     layer = model.model.layers[0]
     assert th.equal(s.fused.layers[0].qkv[:1], layer.self_attn.q_proj.weight[:1] * layer.input_layernorm.weight)

@@ -7,7 +7,8 @@ GEMMs per layer at 32 rows). The query and key go to the decode attention op raw
 and Qwen3's q/k RMSNorm weights: the Triton kernel norms and rotates what it loads, so those cost no kernel of
 their own (they took ~4.4 µs per layer as one compiled kernel, 12-03 F). At up to ``triton_linear.MAX_ROWS``
 rows the projections named in ``rlvr_decode["linear"]`` (``o``, ``down``; ``qkv``, ``gate_up``) are
-``triton_linear``'s kernels, split over K in one kernel, with the residual add inside; with ``fold`` the two
+``triton_linear``'s kernels, split over K in one kernel, with the residual add inside (``gated``: the gate/up GEMM
+and SiLU x up in one kernel, ``triton_linear.gated``); with ``fold`` the two
 RMSNorms are folded into the qkv and gate_up weights (``norm_fold``, ``_folded_forward``).
 
 * ``FusedWeights.build(model)``: buffers [Hq·D + 2·Hkv·D, hidden] and [2·intermediate, hidden] per layer (plus
@@ -39,6 +40,11 @@ LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
 def _plain(linear) -> bool:
     return type(linear) is th.nn.Linear and type(linear.weight.data) is th.Tensor and linear.weight.numel() > 0
+
+
+def silu_mlp(layer) -> bool:
+    """Is the layer's MLP activation SiLU (what ``norm_fold`` and ``triton_linear.gated`` compute)?"""
+    return isinstance(layer.mlp.act_fn, th.nn.SiLU) or type(layer.mlp.act_fn).__name__ == "SiLUActivation"
 
 
 def _cat_into(out: th.Tensor | None, parts: list[th.Tensor | None]) -> None:
@@ -114,11 +120,13 @@ class FusedWeights:
     def build(cls, model, fold: bool = False) -> tuple[FusedWeights | None, str | None]:
         """(fused weights with the model's current values, None), or (None, why the layers cannot be fused).
 
-        ``fold``: the qkv and gate_up buffers hold the weights times the RMSNorm weight before them (``norm_fold``).
+        ``fold``: the qkv and gate_up buffers hold the weights times the RMSNorm weight before them (``norm_fold``),
+        where every layer's MLP activation is SiLU (``silu_mlp``: the folded SiLU x up assumes it; else not folded).
         """
         reason = unfusable(model)
         if reason is not None:
             return None, reason
+        fold = fold and all(silu_mlp(layer) for layer in _layers(model))
         out = []
         for layer in _layers(model):
             a, m = layer.self_attn, layer.mlp
@@ -157,12 +165,14 @@ class FusedWeights:
         outs = [p.out_features for lw in self.layers for p in (lw.layer.self_attn.o_proj, lw.layer.mlp.down_proj)]
         return max(outs + [t.shape[0] for lw in self.layers for t in (lw.qkv, lw.gate_up)])
 
-    def small_unfit(self) -> str | None:
-        """Why ``triton_linear``'s kernels cannot serve these layers' o and down projections (None: they can)."""
+    def small_unfit(self, names: tuple[str, ...] = ("o", "down")) -> str | None:
+        """Why ``triton_linear``'s kernels cannot serve these layers' projections ``names`` (None: they can)."""
         for lw in self.layers:
             a, m = lw.layer.self_attn, lw.layer.mlp
             if not (a.o_proj.weight.is_contiguous() and m.down_proj.weight.is_contiguous()):
                 return "the o / down projection weights are not contiguous"
+            if "gated" in names and not silu_mlp(lw.layer):
+                return f"the MLP activation is {type(m.act_fn).__name__}, not SiLU (gated computes SiLU x up)"
         return None
 
     def nbytes(self) -> int:
@@ -210,8 +220,11 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
 
     residual = h
     h = layer.post_attention_layernorm(h)
-    gate, up = _gemm(h, gate_up_w, gate_up_b, "gate_up" in small, work, pdl).chunk(2, dim=-1)
-    act = m.act_fn(gate) * up
+    if "gated" in small:  # the gate/up GEMM and SiLU x up in one kernel
+        act = tlin.small_gated(h.reshape(b * s, hidden), gate_up_w, gate_up_b).view(b, s, -1)
+    else:
+        gate, up = _gemm(h, gate_up_w, gate_up_b, "gate_up" in small, work, pdl).chunk(2, dim=-1)
+        act = m.act_fn(gate) * up
     if "down" in small:
         down = m.down_proj
         res = residual.reshape(b * s, hidden)
@@ -276,10 +289,13 @@ def _folded_forward(layer, hidden_states, attention_mask, position_embeddings, r
         rope=(cos, sin, qk_norm, eps), fold=(ss, hidden, norm.variance_epsilon, qkv_b), **kwargs,
     )  # fmt: skip
     h, ss = _projected(out.reshape(b * s, -1), a.o_proj, x, "o" in small, work, pdl)
-    gate_up = _gemm(h, gate_up_w, None, "gate_up" in small, work, pdl)  # [M, 2 I]; the bias too comes after the scale
     norm = layer.post_attention_layernorm
-    impl = rlvr_decode.get("fold_impl", "torch")
-    act = norm_fold.silu_mul(gate_up, ss, hidden, norm.variance_epsilon, gate_up_b, impl, pdl)
+    if "gated" in small:  # the gate/up GEMM, the row scale and SiLU x up in one kernel
+        act = tlin.small_gated(h, gate_up_w, gate_up_b, ss, hidden, norm.variance_epsilon)
+    else:
+        gate_up = _gemm(h, gate_up_w, None, "gate_up" in small, work, pdl)  # [M, 2 I]; the bias comes after the scale
+        impl = rlvr_decode.get("fold_impl", "torch")
+        act = norm_fold.silu_mul(gate_up, ss, hidden, norm.variance_epsilon, gate_up_b, impl, pdl)
     out, rlvr_decode["ss"] = _projected(act, m.down_proj, h, "down" in small, work, pdl)
     return out.view(b, s, hidden)
 

@@ -50,6 +50,21 @@ if triton is not None:
             y += tl.load(bias_ptrs, mask=ok, other=0.0).to(tl.float32)
         return y.to(x.dtype)
 
+    @triton.jit
+    def silu_times(gate, up):
+        """``silu(gate) * up`` in torch's roundings: the SiLU in fp32, rounded to the dtype, then the product, rounded."""
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+        return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+    @triton.jit
+    def row_scales(SS, rows, rows_ok, stride_sm, ss_blocks, hidden, eps, BLOCK_S: tl.constexpr):
+        """``rsqrt(sum(ss[row]) / hidden + eps)`` for the rows ``rows`` ([R]): the folded norm's scale, fp32 [R, 1]."""
+        offs_s = tl.arange(0, BLOCK_S)
+        ok = rows_ok[:, None] & (offs_s < ss_blocks)[None, :]
+        sums = tl.load(SS + rows[:, None] * stride_sm + offs_s[None, :], mask=ok, other=0.0)
+        return tl.rsqrt(tl.sum(sums, 1) / hidden + eps)[:, None]
+
     @triton.jit(do_not_specialize=["ss_blocks"])
     def _silu_mul_kernel(
         GU,
@@ -82,9 +97,7 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         gate = scaled_tile(gate, r, Bias + offs, ok, HAS_BIAS)
         up = scaled_tile(up, r, Bias + inter + offs, ok, HAS_BIAS)
-        g = gate.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # torch's SiLU: in fp32, rounded
-        tl.store(Out + row * stride_om + offs, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=ok)
+        tl.store(Out + row * stride_om + offs, silu_times(gate, up), mask=ok)
 
 
 def sums_of_squares(x: th.Tensor) -> th.Tensor:

@@ -57,6 +57,7 @@ LINEAR_SETS = {  # FastSampler(linear=...) -> the fused layers' projections run 
     "o": ("o",),
     "o+down": ("o", "down"),
     "o+down+qkv": ("o", "down", "qkv"),
+    "o+down+gated": ("o", "down", "gated"),  # gated: the gate/up GEMM with SiLU x up in one kernel
     "all": ("qkv", "o", "gate_up", "down"),
 }
 LINEAR_CHOICES = ("auto", *LINEAR_SETS)
@@ -194,7 +195,8 @@ class FastSampler:
             large.
         linear: the fused layers' projections run by ``triton_linear`` (split over K in one kernel, the residual
             add inside) at up to ``triton_linear.MAX_ROWS`` live rows: a ``LINEAR_SETS`` name (``o``, ``o+down``,
-            ``o+down+qkv``, ``all``; ``torch``: none), or ``auto`` (``AUTO_LINEAR`` on CUDA when the kernel passes a
+            ``o+down+qkv``, ``o+down+gated`` (gate/up and SiLU x up in one kernel: ``triton_linear.gated``), ``all``;
+            ``torch``: none), or ``auto`` (``AUTO_LINEAR`` on CUDA when the kernel passes a
             check against the PyTorch maths, else none).
         fold: fold each decoder layer's two RMSNorms into the projections after them (``norm_fold``: two kernels
             per layer fewer, in other roundings than transformers'): ``on``, ``off``, or ``auto`` (``AUTO_FOLD``,
@@ -351,6 +353,10 @@ class FastSampler:
                 "FastSampler(fold='on') folds the RMSNorms into the fused decode layers: "
                 + ("fuse=False" if not self.fuse else "the layers cannot be fused (see the log)")
             )
+        if self.fold == "on" and not fused.fold:
+            raise ValueError(
+                "FastSampler(fold='on'): the folded SiLU x up needs every decoder layer's MLP activation SiLU"
+            )
         attention = self._resolve_attention(model, device)
         linear = self._resolve_linear(fused, model.dtype, device)
         fold_impl = self._resolve_fold_impl(model.dtype, device) if fused is not None and fused.fold else None
@@ -437,7 +443,8 @@ class FastSampler:
         """The projections a new session runs with ``triton_linear`` (``LINEAR_SETS``'s names; () for none)."""
         if self.linear == "torch":
             return ()
-        reason = "the decode layers are not fused" if fused is None else fused.small_unfit()
+        names = LINEAR_SETS[AUTO_LINEAR if self.linear == "auto" else self.linear]
+        reason = "the decode layers are not fused" if fused is None else fused.small_unfit(names)
         if self.linear != "auto":
             _require_triton("linear", triton_linear, device, self.linear)
             if reason is not None:

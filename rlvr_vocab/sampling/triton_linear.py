@@ -33,11 +33,12 @@ from __future__ import annotations
 import torch as th
 import torch.nn.functional as F
 
-from rlvr_vocab.sampling import triton_env
+from rlvr_vocab.sampling import norm_fold, triton_env
 from rlvr_vocab.sampling.triton_env import tl, triton  # None without Triton
 
 MAX_ROWS = 64  # above this many rows cuBLAS's tiles fill the GPU and the layers keep torch's ops
 MAX_SPLIT = 8  # the most K splits a launch may use (the workspace is sized for it)
+GATED_CONFIG = (16, 256, 4, 3)  # gated's (BLOCK_N, BLOCK_K, num_warps, num_stages): not yet measured on a GPU
 
 
 def interpreted() -> bool:
@@ -131,6 +132,64 @@ if triton is not None:
                 tl.atomic_xchg(Counters + pid, 0)  # ready for the next launch
                 _finish(acc, Bias, Res, Out, SS, pid, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om, stride_ss,
                     HAS_BIAS, RESIDUAL, SS_OUT)  # fmt: skip
+
+    @triton.jit(do_not_specialize=["ss_blocks"])
+    def _gated_kernel(
+        X,
+        W,
+        Bias,
+        SS,
+        Out,
+        M,
+        inter,
+        K,
+        stride_xm,
+        stride_om,
+        stride_ss,
+        ss_blocks,
+        hidden,
+        eps,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        FOLD: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Program ``pid``: columns ``[pid * BLOCK_N, +BLOCK_N)`` of ``silu(x @ gate.T) * (x @ up.T)``, reading those
+        rows of the gate half of ``W`` and of its up half (``W``: [2 * inter, K], gate rows then up rows)."""
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < inter
+        x_rows = X + offs_m[:, None] * stride_xm
+        g_rows = W + offs_n[:, None] * K
+        u_rows = W + (inter + offs_n)[:, None] * K
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + offs_k) < K
+            x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w_ok = n_ok[:, None] & k_ok[None, :]
+            w_g = tl.load(g_rows + (k0 + offs_k)[None, :], mask=w_ok, other=0.0)
+            w_u = tl.load(u_rows + (k0 + offs_k)[None, :], mask=w_ok, other=0.0)
+            acc_g = tl.dot(x, tl.trans(w_g), acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(x, tl.trans(w_u), acc_u, input_precision=PRECISION)
+        dtype = Out.dtype.element_ty
+        if FOLD:  # the GEMM's output rounded, times the row's norm scale (+ the bias), rounded: norm_fold.scaled
+            r = norm_fold.row_scales(SS, offs_m, m_ok, stride_ss, ss_blocks, hidden, eps, BLOCK_S)
+            gate = norm_fold.scaled_tile(acc_g.to(dtype), r, Bias + offs_n[None, :], n_ok[None, :], HAS_BIAS)
+            up = norm_fold.scaled_tile(acc_u.to(dtype), r, Bias + inter + offs_n[None, :], n_ok[None, :], HAS_BIAS)
+        else:  # F.linear's output: the bias added in fp32, one rounding
+            if HAS_BIAS:
+                acc_g += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                acc_u += tl.load(Bias + inter + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            gate, up = acc_g.to(dtype), acc_u.to(dtype)
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], norm_fold.silu_times(gate, up), mask=out_ok)
 
 
 def block_config(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, int]:
@@ -240,6 +299,83 @@ def linear(
     return out
 
 
+def gated(
+    x: th.Tensor,
+    weight: th.Tensor,
+    bias: th.Tensor | None = None,
+    ss: th.Tensor | None = None,
+    hidden: int = 1,
+    eps: float = 0.0,
+    config: tuple[int, int, int, int] | None = None,
+) -> th.Tensor:
+    """The MLP's gate/up GEMM and SiLU x up in one kernel: ``x`` [M, K] (last dim contiguous), ``weight`` [2I, K]
+    contiguous (gate rows, then up rows) -> ``silu(gate) * up`` [M, I].
+
+    ``bias`` [2I] (or None); ``ss``: None (``x`` is normed: ``F.linear``'s roundings), or fp32 [M, S], the rows' sums
+    of squares in S parts, when the RMSNorm before is folded into ``weight`` (``norm_fold``): each half is rounded,
+    scaled by ``rsqrt(sum(ss) / hidden + eps)`` (the bias added after it) and rounded, as ``norm_fold.silu_mul``;
+    ``config``: (BLOCK_N, BLOCK_K, num_warps, num_stages) (None: ``GATED_CONFIG``).
+    """
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    m, k = x.shape
+    two_i = weight.shape[0]
+    if m > MAX_ROWS or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != k or two_i % 2:
+        raise ValueError(
+            f"triton_linear.gated: x [{m}, {k}] needs <= {MAX_ROWS} rows and a contiguous last dim, the weight a "
+            f"contiguous [2I, {k}]"
+        )
+    if ss is not None and not (ss.dtype == th.float32 and ss.shape[0] == m and ss.stride(-1) == 1):
+        raise ValueError(f"triton_linear.gated: ss must be fp32 [{m}, S] with a contiguous last dim")
+    if bias is not None and not (bias.is_contiguous() and bias.numel() == two_i):
+        raise ValueError(f"triton_linear.gated: bias must be a contiguous [{two_i}]")
+    inter = two_i // 2
+    block_n, block_k, warps, stages = config or GATED_CONFIG
+    out = x.new_empty(m, inter)
+    _gated_kernel[(triton.cdiv(inter, block_n),)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        ss if ss is not None else out,
+        out,
+        m,
+        inter,
+        k,
+        x.stride(0),
+        out.stride(0),
+        ss.stride(0) if ss is not None else 0,
+        ss.shape[1] if ss is not None else 1,
+        float(hidden),
+        float(eps),
+        BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_S=triton.next_power_of_2(ss.shape[1]) if ss is not None else 1,
+        HAS_BIAS=bias is not None,
+        FOLD=ss is not None,
+        PRECISION="ieee" if x.dtype == th.float32 else "tf32",
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
+def gated_reference(
+    x: th.Tensor,
+    weight: th.Tensor,
+    bias: th.Tensor | None = None,
+    ss: th.Tensor | None = None,
+    hidden: int = 1,
+    eps: float = 0.0,
+) -> th.Tensor:
+    """``gated``'s maths in PyTorch ops: transformers' ``act_fn(gate_proj(x)) * up_proj(x)``, or with ``ss`` the
+    folded form (``norm_fold.silu_mul_reference`` of the folded GEMM's output)."""
+    if ss is not None:
+        return norm_fold.silu_mul_reference(F.linear(x, weight), ss, hidden, eps, bias)
+    gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def reference(
     x: th.Tensor,
     weight: th.Tensor,
@@ -294,6 +430,31 @@ def small_linear(
     return (out, ss) if sums else out
 
 
+@th.library.custom_op("rlvr_vocab::small_gated", mutates_args=())
+def _small_gated_op(
+    x: th.Tensor, weight: th.Tensor, bias: th.Tensor | None, ss: th.Tensor | None, hidden: int, eps: float
+) -> th.Tensor:
+    """The op behind ``small_gated`` (opaque to ``torch.compile``: one kernel)."""
+    return gated(x, weight, bias, ss, hidden, eps)
+
+
+@_small_gated_op.register_fake
+def _(x, weight, bias, ss, hidden, eps):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2)
+
+
+def small_gated(
+    x: th.Tensor,
+    weight: th.Tensor,
+    bias: th.Tensor | None = None,
+    ss: th.Tensor | None = None,
+    hidden: int = 1,
+    eps: float = 0.0,
+) -> th.Tensor:
+    """``gated`` as a custom op, for the compiled decode step (arguments as ``gated``)."""
+    return _small_gated_op(x, weight, bias, ss, hidden, float(eps))
+
+
 def check(dtype: th.dtype, device: th.device) -> str | None:
     """Run the kernel against ``reference`` on random inputs: None if it agrees, else why not.
 
@@ -331,4 +492,15 @@ def check(dtype: th.dtype, device: th.device) -> str | None:
             sums = got.reshape(m, -1, 16).pow(2).sum(-1)
             if not triton_env.relative_error(ss, sums) <= 1e-4:
                 return f"the sums of squares of the output are wrong ({what}, {m} rows)"
+        # gated: the MLP's gate/up GEMM with SiLU x up, plain and with the norm folded (sums in three parts)
+        w2, bias2 = rand(2 * n, k, scale=k**-0.5), rand(2 * n)
+        ss = th.stack([p.float().pow(2).sum(-1) for p in x.float().chunk(3, dim=-1)], -1).contiguous()
+        for what, kwargs in {"gated": {"bias": bias2}, "gated, folded": {"ss": ss, "hidden": k, "eps": 1e-6}}.items():
+            try:
+                got = gated(x, w2, **kwargs).float()
+            except Exception as err:  # noqa: BLE001 - a compile or launch failure is the answer
+                return triton_env.error_line(err)
+            error = triton_env.relative_error(got, gated_reference(x, w2, **kwargs).float())
+            if not error <= tolerance:
+                return f"relative error {error:.2e} against the PyTorch maths ({what}, {m} rows)"
     return None
