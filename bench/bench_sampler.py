@@ -18,8 +18,8 @@ needs the sampler's ``force_eos_at`` or ``logits_hook``). ``ROW@triton`` runs th
 only; a bare name runs once per ``--attention``. A path with ``-unfused`` (``triton-unfused``) is that attention
 with ``FastSampler(fuse=False)``: transformers' decoder layers, for the fused layers' side-by-side ratio;
 ``-torchpick``: ``FastSampler(pick="torch")``, the token pick in PyTorch ops instead of the Triton kernel;
-``-torchlinear`` / ``-lino`` / ``-linod`` / ``-linqkv`` / ``-lingated`` / ``-linall``: ``FastSampler(linear="torch" /
-"o" / "o+down" / "o+down+qkv" / "o+down+gated" / "all")``, which of the fused layers' projections ``triton_linear``
+``-torchlinear`` / ``-lino`` / ``-linod`` / ``-linqkv`` / ``-lingated`` / ``-linqkvgated`` / ``-linall``:
+``FastSampler(linear="torch" / "o" / "o+down" / "o+down+qkv" / "o+down+gated" / "o+down+qkv+gated" / "all")``, which of the fused layers' projections ``triton_linear``
 runs (none: all cuBLAS; ``gated``: gate/up with SiLU x up in one kernel); ``-fold`` / ``-nofold``: ``FastSampler(fold="on" /
 "off")``, the decoder layers' RMSNorms folded into the projections after them (``norm_fold``) or not; ``-pdl`` /
 ``-nopdl``: ``FastSampler(pdl="on" / "off")``, the step's Triton kernels with programmatic dependent launch;
@@ -118,6 +118,7 @@ PATH_SUFFIXES = {  # suffix -> FastSampler option
     "-linqkv": ("linear", "o+down+qkv"),
     "-linall": ("linear", "all"),
     "-lingated": ("linear", "o+down+gated"),
+    "-linqkvgated": ("linear", "o+down+qkv+gated"),
     "-fold": ("fold", "on"),
     "-nofold": ("fold", "off"),
     "-pdl": ("pdl", "on"),

@@ -58,6 +58,7 @@ LINEAR_SETS = {  # FastSampler(linear=...) -> the fused layers' projections run 
     "o+down": ("o", "down"),
     "o+down+qkv": ("o", "down", "qkv"),
     "o+down+gated": ("o", "down", "gated"),  # gated: the gate/up GEMM with SiLU x up in one kernel
+    "o+down+qkv+gated": ("o", "down", "qkv", "gated"),
     "all": ("qkv", "o", "gate_up", "down"),
 }
 LINEAR_CHOICES = ("auto", *LINEAR_SETS)
@@ -195,7 +196,8 @@ class FastSampler:
             large.
         linear: the fused layers' projections run by ``triton_linear`` (split over K in one kernel, the residual
             add inside) at up to ``triton_linear.MAX_ROWS`` live rows: a ``LINEAR_SETS`` name (``o``, ``o+down``,
-            ``o+down+qkv``, ``o+down+gated`` (gate/up and SiLU x up in one kernel: ``triton_linear.gated``), ``all``;
+            ``o+down+qkv``, ``o+down+gated`` (gate/up and SiLU x up in one kernel: ``triton_linear.gated``),
+            ``o+down+qkv+gated``, ``all``;
             ``torch``: none), or ``auto`` (``AUTO_LINEAR`` on CUDA when the kernel passes a
             check against the PyTorch maths, else none).
         fold: fold each decoder layer's two RMSNorms into the projections after them (``norm_fold``: two kernels
