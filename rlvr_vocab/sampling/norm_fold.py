@@ -43,12 +43,20 @@ def interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def scaled_tile(x, r, bias_ptrs, ok, HAS_BIAS: tl.constexpr):
-        """The folded GEMM's output ``x`` times the row scale ``r`` (plus the bias), rounded to the dtype."""
+    def scaled_by(x, r, bias, HAS_BIAS: tl.constexpr):
+        """The folded GEMM's output ``x`` times the row scale ``r`` (plus ``bias``, loaded), rounded to the dtype."""
         y = x.to(tl.float32) * r
         if HAS_BIAS:
-            y += tl.load(bias_ptrs, mask=ok, other=0.0).to(tl.float32)
+            y += bias.to(tl.float32)
         return y.to(x.dtype)
+
+    @triton.jit
+    def scaled_tile(x, r, bias_ptrs, ok, HAS_BIAS: tl.constexpr):
+        """``scaled_by`` with the bias loaded from ``bias_ptrs`` (where ``ok``)."""
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptrs, mask=ok, other=0.0)
+        return scaled_by(x, r, bias, HAS_BIAS)
 
     @triton.jit
     def silu_times(gate, up):
