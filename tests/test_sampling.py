@@ -1092,6 +1092,14 @@ def test_the_silu_kernels_are_refused_for_another_mlp_activation(tok, triton_lin
     auto = FastSampler(fold="auto", linear="torch", attention="eager")
     assert th.equal(model.generate(**inputs, **kwargs, custom_generate=auto), ref)
     assert auto.last_used_fast_path and not auto.session.fused.fold
+    from rlvr_vocab.sampling import fused
+
+    # linear="auto" on CUDA (its kernel check passed): o and down in Triton, gate/up and GELU left to torch
+    chooser = FastSampler(linear="auto")
+    chooser._usable = lambda *a: True
+    assert chooser._resolve_linear(auto.session.fused, th.float32, th.device("cuda")) == ("o", "down")
+    silu = fused.FusedWeights.build(tiny_arch(tok, "llama"))[0]
+    assert chooser._resolve_linear(silu, th.float32, th.device("cuda")) == sampler_module.LINEAR_SETS["o+down+gated"]
 
 
 def test_triton_projections_are_refused_by_name_where_they_cannot_serve(tok, triton_linear):

@@ -16,7 +16,8 @@ One job per module:
   * ``fused``: the decode step's decoder layer with concatenated Q/K/V and gate/up projections;
   * ``triton_decode``: the flash-decoding Triton kernels (optional: Triton need not be installed);
   * ``triton_pick``: the token pick in one Triton pass over the logits (noise drawn in the kernel);
-  * ``triton_linear``: the fused layers' o and down projections at a few rows (split over K in one kernel);
+  * ``triton_linear``: the fused layers' o and down projections at a few rows (split over K in one kernel), and
+    their gate/up GEMM with SiLU x up in one kernel (``gated``);
   * ``state``: per-row decode state, the graph-safe token pick (PyTorch ops or ``triton_pick``), compaction;
   * ``sampler``: ``FastSampler``: prefill, the decode loop, CUDA graphs, torch.compile, fallbacks.
 """

@@ -12,7 +12,8 @@ GEMM reads the raw residual stream, and ``r`` is applied by the kernel that read
 * the input norm: the decode attention kernel scales the loaded q / k / v rows (and adds the qkv bias) before
   its q/k norm and RoPE (``triton_decode``, ``fold=``);
 * the post-attention norm: ``silu_mul`` computes ``silu(r * gate) * (r * up)`` (the same one kernel as the
-  unfolded layer's SiLU x up).
+  unfolded layer's SiLU x up), or ``triton_linear.gated`` in the gate/up GEMM's epilogue (``scaled_by``,
+  ``row_scales`` and ``silu_times`` are the maths both kernels share).
 
 The sums of squares come from the kernel that wrote the residual stream: ``triton_linear``'s o and down kernels
 store them per column block in their epilogue (``sums=True``), so no kernel reads a row twice; the first layer

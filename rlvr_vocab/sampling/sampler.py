@@ -9,8 +9,9 @@ Where the time of a decode step goes, and what this does about it (BENCHMARKS.md
 * launching kernels (~190 per 28-layer step at 32 rows, ~280 before the folded norms: BENCHMARKS.md's profiles):
   the decode layers use ``fused``'s concatenated projections (four GEMMs per layer instead of seven; the q/k norm
   and RoPE inside the attention kernel) where they are plain ``nn.Linear``s; at up to 64 rows the o and down
-  projections are ``triton_linear``'s (residual add inside) and the two RMSNorms are folded into the projections
-  after them (``norm_fold``): six kernels per layer; on CUDA the decode forward and the logits processing are
+  projections are ``triton_linear``'s (residual add inside), the two RMSNorms are folded into the projections
+  after them (``norm_fold``), and gate/up and SiLU x up are one kernel (``triton_linear.gated``): five kernels per
+  layer (qkv, attention, o, gated, down); on CUDA the decode forward and the logits processing are
   ``torch.compile``d (batch and cache length dynamic, so one compilation serves every batch size and length)
   and each step is one captured CUDA graph. With the Triton kernel one graph per live-batch size serves every
   length; the eager attention needs one per ``window`` (128 slots);
@@ -62,7 +63,9 @@ LINEAR_SETS = {  # FastSampler(linear=...) -> the fused layers' projections run 
     "all": ("qkv", "o", "gate_up", "down"),
 }
 LINEAR_CHOICES = ("auto", *LINEAR_SETS)
-AUTO_LINEAR = "o+down"  # what auto runs where triton_linear passes its check on CUDA
+# what auto runs where triton_linear passes its check on CUDA: o, down, and gate/up with SiLU x up (gated): 1.41 against
+# 1.43 ms (o+down) per 32 x 512 decode step on an H200 (12-06 J, BENCHMARKS.md)
+AUTO_LINEAR = "o+down+gated"
 FOLD_CHOICES = ("auto", "on", "off")
 KERNELS = {  # the Triton kernels that auto checks before use: what the log calls each, and the fallback
     "attention": ("Triton decode attention", "eager"),
@@ -446,16 +449,18 @@ class FastSampler:
         if self.linear == "torch":
             return ()
         names = LINEAR_SETS[AUTO_LINEAR if self.linear == "auto" else self.linear]
+        if self.linear == "auto" and fused is not None and fused.small_unfit(names) is not None:
+            names = tuple(n for n in names if n != "gated")  # e.g. a GELU MLP: gate/up and its activation stay torch's
         reason = "the decode layers are not fused" if fused is None else fused.small_unfit(names)
         if self.linear != "auto":
             _require_triton("linear", triton_linear, device, self.linear)
             if reason is not None:
                 raise ValueError(f"FastSampler(linear={self.linear!r}): {reason}")
-            return LINEAR_SETS[self.linear]
+            return names
         if reason is not None or device.type != "cuda" or triton_linear.triton is None:
             return ()
         usable = self._usable("linear", (dtype, str(device)), lambda: triton_linear.check(dtype, device))
-        return LINEAR_SETS[AUTO_LINEAR] if usable else ()
+        return names if usable else ()
 
     # ------------------------------------------------------------------------------------ pick choice
     def _resolve_pick(self, plan: Plan, device: th.device) -> str:

@@ -1,4 +1,5 @@
-"""The decode step's o and down projections for a few rows (M <= ``MAX_ROWS``), in Triton, split over K.
+"""The decode step's projections for a few rows (M <= ``MAX_ROWS``), in Triton: o and down split over K, and the
+MLP's gate/up GEMM with SiLU x up in one kernel.
 
 At 32 rows cuBLAS runs the down projection as a split-K GEMM and a reduce kernel after it (5.3 + 1.7 us per layer
 in 12-06 B's profile on an H100) and the o projection as a 5.4 us GEMM; their residual adds ride in the next
@@ -12,12 +13,17 @@ RMSNorm's kernel. Here one kernel computes ``out = residual + x @ W.T (+ bias)``
 The sampler runs o and down this way at up to ``MAX_ROWS`` rows (``FastSampler(linear=...)``): 1.70 against
 1.73-1.74 ms per 32 x 512 decode step on an H100, twice side by side (12-06 D); o alone gained nothing (1.75
 against 1.74). With ``sums=True`` the epilogue also stores each output row's sum of squares per column block, the
-input of the folded RMSNorm after it (``norm_fold``). The fused qkv and gate_up GEMMs can run here too
-(``linear="o+down+qkv"`` / ``"all"``: plain, no residual), but are no faster than cuBLAS: on an H100 (12-06 H) qkv
-took 6.2 us at its best configuration against cuBLAS's 6.0, gate_up 7.8 against 7.5, and the 32 x 512 step 1.66 ms
-with qkv here against 1.67. So qkv, gate_up and SiLU x up stay cuBLAS's and PyTorch's: a Triton GEMM over every map
-with the RMSNorms fused in (12-03 P/Q) and SiLU x up as the down kernel's prologue (12-06 A) were slower too
-(BENCHMARKS.md).
+input of the folded RMSNorm after it (``norm_fold``).
+
+``gated``: ``silu(x @ gate.T) * (x @ up.T)`` in one kernel (each program reads the same columns of the gate and
+the up halves of the fused weight), with the folded post-attention norm's row scale (``norm_fold``) applied to each
+half first: one kernel where cuBLAS's gate_up GEMM and ``norm_fold``'s SiLU x up kernel were two. On an H200 (12-06
+J) 7.5 us against 8.0 for the two at 32 rows, and 1.41 against 1.43 ms per 32 x 512 decode step: ``linear="auto"``
+runs o, down and gated here. The fused qkv GEMM can run here too (``linear="o+down+qkv"`` / ``"o+down+qkv+gated"``,
+and gate_up as a plain GEMM in ``"all"``), but is no faster than cuBLAS: on an H100 (12-06 H) qkv took 6.2 us at its
+best configuration against cuBLAS's 6.0, and on the H200 (12-06 J) the 32 x 512 step was 1.41 ms with and without
+it. A Triton GEMM over every map with the RMSNorms fused in (12-03 P/Q) and SiLU x up as the down kernel's prologue
+(12-06 A) were slower (BENCHMARKS.md).
 
 Launched with programmatic dependent launch (the weights prefetched before waiting for the kernel before, and
 the attention kernel in the chain) it was slower: 1.80 against 1.75 ms per 32 x 512 step with the o projection
