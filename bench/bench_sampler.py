@@ -24,8 +24,7 @@ runs (none: all cuBLAS; ``gated``: gate/up with SiLU x up in one kernel); ``-fol
 "off")``, the decoder layers' RMSNorms folded into the projections after them (``norm_fold``) or not; ``-pdl`` /
 ``-nopdl``: ``FastSampler(pdl="on" / "off")``, the step's Triton kernels with programmatic dependent launch;
 ``-peel``: ``triton_decode.PEEL`` on around that path's runs (``PATH_CONSTANTS``: kernel variants with no sampler
-option), the attention kernel's first cache block loaded before the query's work; ``-pf1`` / ``-pf2``:
-``triton_decode.PREFETCH`` 1 / 2, the first cache blocks asked of the L2 before the query's work. A
+option), the attention kernel's first cache block loaded before the query's work. A
 sampler without the ``attention=`` option has one path, today's eager one: its rows are labelled
 ``eager (only path)`` and other paths are skipped.
 
@@ -127,11 +126,7 @@ PATH_SUFFIXES = {  # suffix -> FastSampler option
 }
 # suffix -> a module constant set while that path's sampler captures its CUDA graphs and runs (a kernel variant with
 # no FastSampler option; the constant is read when the kernels are launched, so each path's graphs keep its value)
-PATH_CONSTANTS = {
-    "-peel": ("rlvr_vocab.sampling.triton_decode", "PEEL", True),
-    "-pf1": ("rlvr_vocab.sampling.triton_decode", "PREFETCH", 1),  # the first cache block asked of the L2 early
-    "-pf2": ("rlvr_vocab.sampling.triton_decode", "PREFETCH", 2),
-}
+PATH_CONSTANTS = {"-peel": ("rlvr_vocab.sampling.triton_decode", "PEEL", True)}
 
 
 def split_path(path: str | None) -> tuple[str | None, dict]:

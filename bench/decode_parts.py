@@ -10,8 +10,7 @@ zeros), rotated among enough copies that the bytes of one graph exceed the L2 ca
 
 * ``attention``: ``triton_decode.decode_attention`` on a batch x new-tokens row (``32x512``: 32 rows at the mean
   context of a 512-token completion, 68 + 256 slots, in a cache of the sampler's length) for every block size x
-  warps x pipeline stages x context splits x peel (the first cache block loaded before the query's work) x
-  prefetch (cache blocks asked of the L2 before the query's work) of
+  warps x pipeline stages x context splits x peel (the first cache block loaded before the query's work) of
   ``GRID``, in the sampler's form (raw q/k with Qwen3's q/k norm and RoPE in the kernel; at <= 64 rows the input
   norm folded in, ``norm_fold``); the sampler's default is marked. Every row has 16 slots
   of left padding (prompts of 68 tokens padded to 84), which the kernel skips (``start``). Bytes = the K and V
@@ -43,10 +42,8 @@ from bench.workload import QWEN3_06B, TINY
 
 PROMPT_MEAN = 68  # the benchmark prompts' mean length (52-84 tokens)
 PROMPT_MAX = 84
-GRID = dict(
-    block=(32, 64, 128), warps=(4, 8), stages=(2, 3, 4), splits=(1, 2, 4, 8, 16, 32), peel=(0, 1), prefetch=(0, 1)
-)
-GRID_KEYS = ("block", "warps", "stages", "splits", "peel", "prefetch")
+GRID = dict(block=(32, 64, 128), warps=(4, 8), stages=(2, 3, 4), splits=(1, 2, 4, 8, 16, 32), peel=(0, 1))
+GRID_KEYS = ("block", "warps", "stages", "splits", "peel")
 
 
 def parse_grid(entries: list[str]) -> dict:
@@ -185,7 +182,6 @@ def attention_row(name: str, args, shape: dict, cuda: bool, bandwidth: float | N
         triton_decode.NUM_STAGES,
         triton_decode.num_splits(b * hkv, cache_len, th.device(device)),
         int(triton_decode.PEEL),
-        triton_decode.PREFETCH,
     )
     angle = th.rand(b, d // 2, generator=gen, device=device) * 100
     cos, sin = (f(th.cat([angle, angle], -1)).to(dtype) for f in (th.cos, th.sin))
@@ -215,7 +211,6 @@ def attention_row(name: str, args, shape: dict, cuda: bool, bandwidth: float | N
             return triton_decode.decode_attention(
                 x["q"], x["kn"], x["vn"], x["k"], x["v"], n, bias, scale, config["splits"], config["block"],
                 config["warps"], config["stages"], start=start, rope=rope, fold=fold, peel=bool(config["peel"]),
-                prefetch=config["prefetch"],
             )  # fmt: skip
 
         try:
@@ -245,8 +240,7 @@ def _attention_result(base: dict, impl: str, config: dict | None, t: float, nbyt
 
 def attention_table(results: list[dict], top: int = 8) -> str:
     """The eager row, the default config and the ``top`` fastest Triton configs of each row."""
-    lines = ["| row | impl | block | warps | stages | splits | peel | prefetch | us | GB/s | share | note |"]
-    lines.append("|" + "---|" * 12)
+    lines = ["| row | impl | block | warps | stages | splits | peel | us | GB/s | share | note |", "|" + "---|" * 11]
     for name in dict.fromkeys(r["row"] for r in results):
         rows = [r for r in results if r["row"] == name and "us" in r]
         triton_rows = sorted((r for r in rows if r["impl"] == "triton"), key=lambda r: r["us"])

@@ -12,7 +12,7 @@ GEMM reads the raw residual stream, and ``r`` is applied by the kernel that read
 * the input norm: the decode attention kernel scales the loaded q / k / v rows (and adds the qkv bias) before
   its q/k norm and RoPE (``triton_decode``, ``fold=``);
 * the post-attention norm: ``silu_mul`` computes ``silu(r * gate) * (r * up)`` (the same one kernel as the
-  unfolded layer's SiLU x up), or ``triton_linear.gated`` in the gate/up GEMM's epilogue (``scaled_by``,
+  unfolded layer's SiLU x up), or ``triton_linear.gated`` in the gate/up GEMM's epilogue (``scaled_tile``,
   ``row_scales`` and ``silu_times`` are the maths both kernels share).
 
 The sums of squares come from the kernel that wrote the residual stream: ``triton_linear``'s o and down kernels
@@ -44,20 +44,12 @@ def interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def scaled_by(x, r, bias, HAS_BIAS: tl.constexpr):
-        """The folded GEMM's output ``x`` times the row scale ``r`` (plus ``bias``, loaded), rounded to the dtype."""
+    def scaled_tile(x, r, bias_ptrs, ok, HAS_BIAS: tl.constexpr):
+        """The folded GEMM's output ``x`` times the row scale ``r`` (plus the bias), rounded to the dtype."""
         y = x.to(tl.float32) * r
         if HAS_BIAS:
-            y += bias.to(tl.float32)
+            y += tl.load(bias_ptrs, mask=ok, other=0.0).to(tl.float32)
         return y.to(x.dtype)
-
-    @triton.jit
-    def scaled_tile(x, r, bias_ptrs, ok, HAS_BIAS: tl.constexpr):
-        """``scaled_by`` with the bias loaded from ``bias_ptrs`` (where ``ok``)."""
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(bias_ptrs, mask=ok, other=0.0)
-        return scaled_by(x, r, bias, HAS_BIAS)
 
     @triton.jit
     def silu_times(gate, up):

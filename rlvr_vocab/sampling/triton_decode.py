@@ -40,7 +40,6 @@ MIN_DOT = 16  # tl.dot needs every dimension >= 16: query heads and head_dim are
 # the first cache block loaded before the query's work: slower on an H100 (12-06 H, BENCHMARKS.md): 23.8 against 22.3 us
 # at 32 x 512, 1.70 against 1.67 ms per 32 x 512 decode step; kept off, and in the code to reproduce that (-peel)
 PEEL = False
-PREFETCH = 0  # cache blocks per program asked of the L2 (prefetch.global.L2) before the query's work: not measured yet
 
 
 def interpreted() -> bool:
@@ -51,15 +50,21 @@ def interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rms_normed(x, x_p, w, w_p, D: tl.constexpr, eps, AXIS: tl.constexpr):
+    def _rms_normed(x, x_p, W, offs_d, partner, ok, D: tl.constexpr, eps, AXIS: tl.constexpr):
         """transformers' RMSNorm of rows ``x`` (over the last axis) and of their partner columns ``x_p``:
-        ``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)``, the product rounded to the dtype (``w``, ``w_p``: the norm's
-        weight at the columns of ``x`` and of ``x_p``, loaded)."""
+        ``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)``, the product rounded to the dtype."""
         dtype = x.dtype
         xf = x.to(tl.float32)
         r = tl.rsqrt(tl.sum(xf * xf, AXIS) / D + eps)
         if AXIS == 1:
             r = r[:, None]
+        if AXIS == 1:
+            w, w_p = (
+                tl.load(W + offs_d[None, :], mask=ok, other=0.0),
+                tl.load(W + partner[None, :], mask=ok, other=0.0),
+            )
+        else:
+            w, w_p = tl.load(W + offs_d, mask=ok, other=0.0), tl.load(W + partner, mask=ok, other=0.0)
         normed = (w.to(tl.float32) * (xf * r).to(dtype).to(tl.float32)).to(dtype)
         normed_p = (w_p.to(tl.float32) * (x_p.to(tl.float32) * r).to(dtype).to(tl.float32)).to(dtype)
         return normed, normed_p
@@ -72,28 +77,6 @@ if triton is not None:
         a = (x.to(tl.float32) * cos.to(tl.float32)).to(dtype).to(tl.float32)
         c = (x_p.to(tl.float32) * sin.to(tl.float32)).to(dtype).to(tl.float32)
         return (a + c).to(dtype)
-
-    @triton.jit
-    def _prefetch_l2(addr):
-        """``prefetch.global.L2`` of the 128-byte line at each int64 address of ``addr`` (no register is loaded)."""
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1
-        )
-
-    @triton.jit
-    def _prefetch_blocks(row, start, loop_end, stride_n, BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
-                         ELEM: tl.constexpr, D: tl.constexpr, THREADS: tl.constexpr):  # fmt: skip
-        """Ask the L2 for the lines of one (row, KV head)'s first ``BLOCKS`` cache blocks from ``start`` (the slots
-        before ``loop_end``; a slot: ``D`` contiguous values of ``ELEM`` bytes), one 128-byte line per thread."""
-        per_row: tl.constexpr = (D * ELEM + 127) // 128  # lines per slot
-        lines: tl.constexpr = BLOCKS * BLOCK * per_row
-        base = row.to(tl.pointer_type(tl.int8))
-        for i in tl.static_range(0, lines, THREADS):
-            j = i + tl.arange(0, THREADS)
-            n = start + j // per_row
-            ok = (j < lines) & (n < loop_end)
-            line = base + (n.to(tl.int64) * stride_n * ELEM + (j % per_row) * 128)
-            _prefetch_l2(tl.where(ok, line, base).to(tl.int64))
 
     @triton.jit
     def _attend(q, k, v, offs_n, n_ok, m, den, acc, Bias, b, stride_bb, scale,
@@ -177,9 +160,6 @@ if triton is not None:
         PRECISION: tl.constexpr,
         PDL: tl.constexpr,
         PEEL: tl.constexpr,
-        PREFETCH: tl.constexpr,
-        ELEM: tl.constexpr,
-        NUM_THREADS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -211,55 +191,37 @@ if triton is not None:
             kv_ok = p_ok[:, None] & d_ok[None, :]
             k_p0 = tl.load(k_row + offs_p[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
             v_p0 = tl.load(v_row + offs_p[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-        if PREFETCH > 0:  # the first cache blocks asked of the L2 now: the loop's first loads then wait less
-            _prefetch_blocks(k_row, start, loop_end, stride_kn, BLOCK, PREFETCH, ELEM, D, NUM_THREADS)
-            _prefetch_blocks(v_row, start, loop_end, stride_vn, BLOCK, PREFETCH, ELEM, D, NUM_THREADS)
         if PDL:  # launched before the kernel that wrote q / k / v finished: wait for it here (what came
             tl.extra.cuda.gdc_wait()  # before: the lengths, the tables; the cache and sums are older kernels')
-        # every load of the query's work first, then the work: a reduction's barrier (the norms' sums) would hold
-        # back the loads written after it, one memory latency each
         q = tl.load(q_ptrs + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
         k_ptrs = KNew + b * stride_knb + kvh * stride_knh
         k_new = tl.load(k_ptrs + offs_d * stride_knd, mask=d_ok, other=0.0)
         v_new = tl.load(VNew + b * stride_vnb + kvh * stride_vnh + offs_d * stride_vnd, mask=d_ok, other=0.0)
-        partner = tl.where(offs_d < D // 2, offs_d + D // 2, offs_d - D // 2)  # rotate_half's source column
+        r = 1.0
         q_bias = QKVBias + heads[:, None] * D  # norm_fold's biases: [Hq + 2 Hkv, D] rows, q then k then v
         k_bias = QKVBias + (HKV * G + kvh) * D
-        v_bias = QKVBias + (HKV * (G + 1) + kvh) * D
-        if ROPE:
-            q_p = tl.load(q_ptrs + partner[None, :] * stride_qd, mask=q_ok, other=0.0)
-            k_p = tl.load(k_ptrs + partner * stride_knd, mask=d_ok, other=0.0)
-            cos = tl.load(Cos + b * stride_cb + offs_d, mask=d_ok, other=0.0)
-            sin = tl.load(Sin + b * stride_sinb + offs_d, mask=d_ok, other=0.0)
-            if NORM:
-                w_q = tl.load(NormW + heads[:, None] * D + offs_d[None, :], mask=q_ok, other=0.0)
-                w_q_p = tl.load(NormW + heads[:, None] * D + partner[None, :], mask=q_ok, other=0.0)
-                w_k = tl.load(NormW + (HKV * G + kvh) * D + offs_d, mask=d_ok, other=0.0)
-                w_k_p = tl.load(NormW + (HKV * G + kvh) * D + partner, mask=d_ok, other=0.0)
-        if FOLD:  # the folded input RMSNorm: this row's sums of squares, and the qkv bias (added after the scale)
+        if FOLD:  # the folded input RMSNorm: this row's scale from its sums of squares, on what is loaded
             offs_s = tl.arange(0, BLOCK_S)
             sums = tl.load(SS + b * stride_ssb + offs_s, mask=offs_s < ss_blocks, other=0.0)
-            if HAS_QKV_BIAS:
-                b_q = tl.load(q_bias + offs_d[None, :], mask=q_ok, other=0.0)
-                b_k = tl.load(k_bias + offs_d, mask=d_ok, other=0.0)
-                b_v = tl.load(v_bias + offs_d, mask=d_ok, other=0.0)
-                if ROPE:
-                    b_q_p = tl.load(q_bias + partner[None, :], mask=q_ok, other=0.0)
-                    b_k_p = tl.load(k_bias + partner, mask=d_ok, other=0.0)
-            else:
-                b_q, b_k, b_v, b_q_p, b_k_p = 0.0, 0.0, 0.0, 0.0, 0.0
-            r = tl.rsqrt(tl.sum(sums, 0) / hidden + eps_in)  # this row's scale, on what is loaded
-            q = norm_fold.scaled_by(q, r, b_q, HAS_QKV_BIAS)
-            k_new = norm_fold.scaled_by(k_new, r, b_k, HAS_QKV_BIAS)
-            v_new = norm_fold.scaled_by(v_new, r, b_v, HAS_QKV_BIAS)
-            if ROPE:
-                q_p = norm_fold.scaled_by(q_p, r, b_q_p, HAS_QKV_BIAS)
-                k_p = norm_fold.scaled_by(k_p, r, b_k_p, HAS_QKV_BIAS)
+            r = tl.rsqrt(tl.sum(sums, 0) / hidden + eps_in)
+            q = norm_fold.scaled_tile(q, r, q_bias + offs_d[None, :], q_ok, HAS_QKV_BIAS)
+            k_new = norm_fold.scaled_tile(k_new, r, k_bias + offs_d, d_ok, HAS_QKV_BIAS)
+            v_new = norm_fold.scaled_tile(v_new, r, QKVBias + (HKV * (G + 1) + kvh) * D + offs_d, d_ok, HAS_QKV_BIAS)
         if ROPE:  # the layer's q/k RMSNorm (NORM) and RoPE on the raw projections, in transformers' roundings
+            partner = tl.where(offs_d < D // 2, offs_d + D // 2, offs_d - D // 2)  # rotate_half's source column
+            q_p = tl.load(q_ptrs + partner[None, :] * stride_qd, mask=q_ok, other=0.0)
+            k_p = tl.load(k_ptrs + partner * stride_knd, mask=d_ok, other=0.0)
+            if FOLD:
+                q_p = norm_fold.scaled_tile(q_p, r, q_bias + partner[None, :], q_ok, HAS_QKV_BIAS)
+                k_p = norm_fold.scaled_tile(k_p, r, k_bias + partner, d_ok, HAS_QKV_BIAS)
+            cos = tl.load(Cos + b * stride_cb + offs_d, mask=d_ok, other=0.0)
+            sin = tl.load(Sin + b * stride_sinb + offs_d, mask=d_ok, other=0.0)
             sin = tl.where(offs_d < D // 2, -sin, sin)  # rotate_half's sign: (-x2, x1)
             if NORM:
-                q, q_p = _rms_normed(q, q_p, w_q, w_q_p, D, eps, 1)
-                k_new, k_p = _rms_normed(k_new, k_p, w_k, w_k_p, D, eps, 0)
+                w_q = NormW + heads[:, None] * D
+                w_k = NormW + (HKV * G + kvh) * D
+                q, q_p = _rms_normed(q, q_p, w_q, offs_d, partner, q_ok, D, eps, 1)
+                k_new, k_p = _rms_normed(k_new, k_p, w_k, offs_d, partner, d_ok, D, eps, 0)
             q = _rotated(q, q_p, cos, sin)
             k_new = _rotated(k_new, k_p, cos, sin)
         if (slot >= start) & (slot < end):  # this program owns the new slot: write it (nobody else reads it)
@@ -376,7 +338,6 @@ def decode_attention(
     fold: tuple | None = None,
     pdl: bool = False,
     peel: bool | None = None,
-    prefetch: int | None = None,
 ) -> th.Tensor:
     """Write the new K/V at slot ``length - 1`` and attend to slots ``[0, length)``: [B, 1, H, D].
 
@@ -395,8 +356,7 @@ def decode_attention(
     kernel with programmatic dependent launch (Hopper and newer; the reduce kernel, with splits, is launched
     plainly): it waits for the kernel before it just
     before loading the query, and lets the next kernel launch once its loop over the cache is done; ``peel``: load
-    the first cache block before the query's loads, norm and RoPE (None: ``PEEL``); ``prefetch``: ask the L2 for the first
-    this many cache blocks before the query's work (None: ``PREFETCH``; none under Triton's CPU interpreter).
+    the first cache block before the query's loads, norm and RoPE (None: ``PEEL``).
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -489,9 +449,6 @@ def decode_attention(
         PRECISION=precision,
         PDL=pdl,
         PEEL=PEEL if peel is None else peel,
-        PREFETCH=0 if interpreted() else (PREFETCH if prefetch is None else prefetch),
-        ELEM=key_cache.element_size(),
-        NUM_THREADS=32 * num_warps,
         num_warps=num_warps,
         num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),
