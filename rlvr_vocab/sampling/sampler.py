@@ -6,7 +6,8 @@ Where the time of a decode step goes, and what this does about it (BENCHMARKS.md
   the floor. The attention is the Triton flash-decoding kernel of ``triton_decode`` (split over the context,
   GQA fused, the K/V write fused, exit at the device-side length), or, on the CPU and as the fallback, two
   batched matmuls over the first ``window`` slots (``attention.eager_decode_attention``);
-* launching kernels (~190 per 28-layer step at 32 rows, ~280 before the folded norms: BENCHMARKS.md's profiles):
+* launching kernels (~165 per 28-layer step at 32 rows: 12-06 G's profile counted 192 before ``gated`` took one
+  per layer out, ~280 before the folded norms; BENCHMARKS.md's profiles):
   the decode layers use ``fused``'s concatenated projections (four GEMMs per layer instead of seven; the q/k norm
   and RoPE inside the attention kernel) where they are plain ``nn.Linear``s; at up to 64 rows the o and down
   projections are ``triton_linear``'s (residual add inside), the two RMSNorms are folded into the projections
