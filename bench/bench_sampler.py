@@ -19,10 +19,11 @@ only; a bare name runs once per ``--attention``. A path with ``-unfused`` (``tri
 with ``FastSampler(fuse=False)``: transformers' decoder layers, for the fused layers' side-by-side ratio;
 ``-torchpick``: ``FastSampler(pick="torch")``, the token pick in PyTorch ops instead of the Triton kernel;
 ``-torchlinear`` / ``-lino`` / ``-linod`` / ``-linqkv`` / ``-lingated`` / ``-linqkvgated`` / ``-linall``:
-``FastSampler(linear="torch" / "o" / "o+down" / "o+down+qkv" / "o+down+gated" / "o+down+qkv+gated" / "all")``, which of the fused layers' projections ``triton_linear``
-runs (none: all cuBLAS; ``gated``: gate/up with SiLU x up in one kernel); ``-fold`` / ``-nofold``: ``FastSampler(fold="on" /
-"off")``, the decoder layers' RMSNorms folded into the projections after them (``norm_fold``) or not; ``-pdl`` /
-``-nopdl``: ``FastSampler(pdl="on" / "off")``, the step's Triton kernels with programmatic dependent launch;
+``FastSampler(linear="torch" / "o" / "o+down" / "o+down+qkv" / "o+down+gated" / "o+down+qkv+gated" / "all")``,
+which of the fused layers' projections ``triton_linear`` runs (none: all cuBLAS; ``gated``: gate/up with SiLU x up
+in one kernel); ``-fold`` / ``-nofold``: ``FastSampler(fold="on" / "off")``, the decoder layers' RMSNorms folded
+into the projections after them (``norm_fold``) or not; ``-pdl`` / ``-nopdl``: ``FastSampler(pdl="on" / "off")``,
+the step's Triton kernels with programmatic dependent launch;
 ``-peel``: ``triton_decode.PEEL`` on around that path's runs (``PATH_CONSTANTS``: kernel variants with no sampler
 option), the attention kernel's first cache block loaded before the query's work. A
 sampler without the ``attention=`` option has one path, today's eager one: its rows are labelled

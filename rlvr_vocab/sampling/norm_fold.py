@@ -53,7 +53,7 @@ if triton is not None:
 
     @triton.jit
     def silu_times(gate, up):
-        """``silu(gate) * up`` in torch's roundings: the SiLU in fp32, rounded to the dtype, then the product, rounded."""
+        """``silu(gate) * up`` in torch's roundings: the SiLU in fp32 rounded to the dtype, then the product rounded."""
         g = gate.to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
         return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
