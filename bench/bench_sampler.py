@@ -25,7 +25,8 @@ in one kernel); ``-fold`` / ``-nofold``: ``FastSampler(fold="on" / "off")``, the
 into the projections after them (``norm_fold``) or not; ``-pdl`` / ``-nopdl``: ``FastSampler(pdl="on" / "off")``,
 the step's Triton kernels with programmatic dependent launch;
 ``-peel``: ``triton_decode.PEEL`` on around that path's runs (``PATH_CONSTANTS``: kernel variants with no sampler
-option), the attention kernel's first cache block loaded before the query's work. A
+option), the attention kernel's first cache block loaded before the query's work; ``-cpre`` / ``-epre``:
+``FastSampler(prefill="compiled" / "eager")``, the prefill ``torch.compile``d (dynamic shapes) or not. A
 sampler without the ``attention=`` option has one path, today's eager one: its rows are labelled
 ``eager (only path)`` and other paths are skipped.
 
@@ -124,6 +125,8 @@ PATH_SUFFIXES = {  # suffix -> FastSampler option
     "-nofold": ("fold", "off"),
     "-pdl": ("pdl", "on"),
     "-nopdl": ("pdl", "off"),
+    "-cpre": ("prefill", "compiled"),
+    "-epre": ("prefill", "eager"),
 }
 # suffix -> a module constant set while that path's sampler captures its CUDA graphs and runs (a kernel variant with
 # no FastSampler option; the constant is read when the kernels are launched, so each path's graphs keep its value)

@@ -132,6 +132,7 @@ def sampler_options(sampler=None) -> dict[str, bool]:
         "linear": "linear" in params or hasattr(instance, "linear"),
         "fold": "fold" in params or hasattr(instance, "fold"),
         "pdl": "pdl" in params or hasattr(instance, "pdl"),
+        "prefill": "prefill" in params or hasattr(instance, "prefill"),
         "force_eos_at": "force_eos_at" in params or hasattr(instance, "force_eos_at"),
         "logits_hook": "logits_hook" in params or hasattr(instance, "logits_hook"),
         "stats": isinstance(getattr(instance, "stats", None), dict),

@@ -153,6 +153,29 @@ def test_bad_sampler_settings_are_refused():
         FastSampler(attention="flash")
     with pytest.raises(ValueError, match="min_rows"):
         FastSampler(min_rows=0)
+    with pytest.raises(ValueError, match="prefill='graphed'.*compiled"):
+        FastSampler(prefill="graphed")
+
+
+def test_the_compiled_prefill_samples_the_same_and_compiles_once(tok):
+    """``prefill="compiled"`` (CPU inductor here): the eager prefill's greedy tokens, and one compilation for every
+    batch size and prompt length (both dynamic); ``auto`` compiles the prefill only where the decode step is."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_qwen3(tok, seed=1)
+    kwargs = dict(do_sample=False, max_new_tokens=4, pad_token_id=tok.pad_token_id, repetition_penalty=1.3)
+    calls = [PROMPTS, [p + " x y z" for p in PROMPTS[:3]], PROMPTS[1:3]]  # 4, 3, 2 rows; three prompt lengths
+    eager, compiled = FastSampler(prefill="auto"), FastSampler(prefill="compiled")  # auto: the decode is eager here
+    frames = None
+    for prompts in calls:
+        inputs = batch(tok, prompts, "cpu")
+        ref = model.generate(**inputs, **kwargs, custom_generate=eager)
+        out = model.generate(**inputs, **kwargs, custom_generate=compiled)
+        assert (eager.last_paths["prefill"], compiled.last_paths["prefill"]) == ("eager", "compiled")
+        assert th.equal(out, ref) and compiled.stats["failures"] == 0
+        frames = counters["frames"]["ok"] if frames is None else frames
+        assert counters["frames"]["ok"] == frames, "the prefill compiled again for a new batch size or length"
+    assert compiled.stats["compiles"] == 1
 
 
 # ------------------------------------------------------------------------------------ same distribution
@@ -411,9 +434,10 @@ def test_compiled_decode_serves_every_batch_size_and_window(tok):
     compacted, on = sample_with(model, inputs, tok, **settings)
     assert on.stats["compactions"] >= 2 and on.stats["failures"] == 0 and not on._compile_failed
     assert th.equal(compacted, plain)
-    assert counters["frames"]["ok"] - frames == 2, "one compilation of the forward and one of the pick"
+    compiled = counters["frames"]["ok"] - frames  # the decode forward, the pick and the prefill (prefill="auto")
+    assert on.stats["compiles"] == 3 and on.last_paths["prefill"] == "compiled"
     again, _ = sample_with(model, batch(tok, PROMPTS * 4, "cpu"), tok, **settings)  # other batch and length
-    assert counters["frames"]["ok"] - frames == 2
+    assert counters["frames"]["ok"] - frames == compiled, "nothing compiled again"
 
 
 # ------------------------------------------------------------------------------------------ the plan

@@ -75,6 +75,7 @@ KERNELS = {  # the Triton kernels that auto checks before use: what the log call
     "fold": ("folded SiLU x up kernel", "torch"),
 }
 PDL_CHOICES = ("auto", "on", "off")
+PREFILL_CHOICES = ("auto", "compiled", "eager")
 # auto launches the step's Triton kernels with programmatic dependent launch (Hopper+)? Mixed on an H200 (12-06 F):
 # 1.47 against 1.45 ms per 32 x 512 step, 2.89 against 2.91 at 32 x 4,096; so not
 AUTO_PDL = False
@@ -154,6 +155,7 @@ class Session:
         self.linear = linear  # the fused layers' projections run by triton_linear at <= MAX_ROWS rows (LINEAR_SETS)
         self.fold_impl = fold_impl  # with fused.fold: norm_fold.silu_mul's implementation ("triton" or "torch")
         self.pdl = pdl  # the step's Triton kernels launched with programmatic dependent launch
+        self.prefill = "eager"  # the last prefill's forward: "compiled" or "eager"
         self.linear_work = None  # triton_linear's split-K workspace (counters, partials), with linear
         if linear and fused is not None:
             self.linear_work = triton_linear.workspace(device, fused.max_columns())
@@ -210,6 +212,11 @@ class FastSampler:
         pdl: launch the decode step's Triton kernels (attention, projections, SiLU x up) with programmatic
             dependent launch, each waiting for the kernel before it and letting the next launch once its loop is
             done: ``on`` (CUDA, compute capability 9+), ``off``, or ``auto`` (``AUTO_PDL`` where it can run).
+        prefill: the prompt's forward: ``compiled`` (``torch.compile``d with the batch and the prompt length
+            dynamic, so one compilation serves every call: transformers' eager layers launch ~54 kernels per
+            layer from Python, which a 32-row prefill waits on), ``eager``, or ``auto`` (compiled where the
+            decode step is, for batches of at least 2 rows: a batch of one would compile again). A failed
+            compilation falls back to eager, with one log line.
     """
 
     def __init__(
@@ -228,6 +235,7 @@ class FastSampler:
         linear: str = "auto",
         fold: str = "auto",
         pdl: str = "auto",
+        prefill: str = "auto",
     ):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"FastSampler(attention={attention!r}): choose one of {ATTENTION_CHOICES}")
@@ -239,6 +247,8 @@ class FastSampler:
             raise ValueError(f"FastSampler(fold={fold!r}): choose one of {FOLD_CHOICES}")
         if pdl not in PDL_CHOICES:
             raise ValueError(f"FastSampler(pdl={pdl!r}): choose one of {PDL_CHOICES}")
+        if prefill not in PREFILL_CHOICES:
+            raise ValueError(f"FastSampler(prefill={prefill!r}): choose one of {PREFILL_CHOICES}")
         if min_rows < 1 or window < 1 or stop_check_every < 1:
             raise ValueError("FastSampler: min_rows, window and stop_check_every must be >= 1")
         self.reasoning_vocab = reasoning_vocab
@@ -255,6 +265,7 @@ class FastSampler:
         self.linear = linear
         self.fold = fold
         self.pdl = pdl
+        self.prefill = prefill
         self.session: Session | None = None
         self.last_logprobs: th.Tensor | None = None  # [B, n] processed log-probs of the last call's tokens
         self.last_used_fast_path = False
@@ -263,6 +274,8 @@ class FastSampler:
             captures=0, compiles=0, compactions=0, fallbacks=0, failures=0, replays=0, steps=0, row_steps=0
         )
         self._compiled: dict[int, object] = {}  # id(model) -> compiled forward
+        self._compiled_prefill: dict[int, object] = {}  # id(model) -> compiled prefill forward (prefill=)
+        self._prefill_compile_failed = False
         self._pickers: dict[tuple, object] = {}  # plan signature -> compiled pick
         self._compile_failed = False
         # per Triton kernel ("attention", "pick", "linear", "fold"): the keys (dtype, shapes, device) its check ran
@@ -332,7 +345,8 @@ class FastSampler:
             return th.cat([input_ids, st.out[:, :n]], dim=1)
         finally:
             self.last_paths = {
-                "attention": s.attention, "pick": s.pick, "linear": s.linear, "fold": s.fold_impl, "pdl": s.pdl
+                "attention": s.attention, "pick": s.pick, "linear": s.linear, "fold": s.fold_impl, "pdl": s.pdl,
+                "prefill": s.prefill,
             }  # fmt: skip
             if s.nbytes() > self.keep_bytes:
                 self.session = None  # leave the memory to the training step
@@ -414,7 +428,7 @@ class FastSampler:
         if model.config._attn_implementation == "eager":
             bias = th.zeros(mask.shape, dtype=model.dtype, device=mask.device)
             mask = bias.masked_fill_(~mask, th.finfo(model.dtype).min)
-        out = model(
+        inputs = dict(
             input_ids=input_ids,
             attention_mask=mask,  # 4-D: transformers uses it as it is
             position_ids=position_ids,
@@ -422,7 +436,31 @@ class FastSampler:
             use_cache=True,
             logits_to_keep=1,
         )
-        return out.logits[:, -1].to(dtype=th.float32, copy=True)
+        forward = self._prefill_forward(model, input_ids.shape[0])
+        s.prefill = "eager" if forward is model else "compiled"
+        if forward is not model:
+            s.cache.allocate(model.config, input_ids.shape[0], model.dtype, input_ids.device)  # no branch traced
+            try:
+                return forward(**inputs).logits[:, -1].to(dtype=th.float32, copy=True)
+            except Exception as err:  # noqa: BLE001 - the eager prefill (it rewrites every slot it wrote), said once
+                self._prefill_compile_failed = True
+                self.stats["failures"] += 1
+                s.prefill = "eager"
+                self._log_once(
+                    f"generation_backend=fast: the compiled prefill failed ({triton_env.error_line(err)}); eager"
+                )
+        return model(**inputs).logits[:, -1].to(dtype=th.float32, copy=True)
+
+    def _prefill_forward(self, model, batch: int):
+        """The prefill forward (``prefill=``): compiled with dynamic shapes (once per model) or the model itself."""
+        wanted = self.prefill == "compiled" or (self.prefill == "auto" and self._use_compile(model) and batch >= 2)
+        if not wanted or self._prefill_compile_failed:
+            return model
+        compiled = self._compiled_prefill.get(id(model))
+        if compiled is None:
+            compiled = self._compiled_prefill[id(model)] = th.compile(model, dynamic=True)
+            self.stats["compiles"] += 1
+        return compiled
 
     # ------------------------------------------------------------------------------------ attention choice
     def _resolve_attention(self, model, device: th.device) -> str:
