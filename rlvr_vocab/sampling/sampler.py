@@ -20,6 +20,9 @@ Where the time of a decode step goes, and what this does about it (BENCHMARKS.md
   the plan is temperature, repetition penalty and masks (TRL's defaults), else the plan's PyTorch ops over an
   Exp(1) draw (``state.pick``);
 * host syncs: none inside the loop except a stop check every ``stop_check_every`` steps;
+* the prefill: transformers' eager layers (their kernel launches bound it: ~30 ms of a 32-row call), or, with
+  ``prefill="compiled"``, one ``torch.compile`` with dynamic shapes (faster per call, slow to compile: off by
+  default);
 * finished rows: at each stop check, when the live rows fit in half the current batch (power-of-two
   buckets, at least ``min_rows``), they are compacted to the front of every buffer and the loop continues
   on the smaller batch, so the cost follows the live sequences. The noise is drawn per original row, so
@@ -75,7 +78,7 @@ KERNELS = {  # the Triton kernels that auto checks before use: what the log call
     "fold": ("folded SiLU x up kernel", "torch"),
 }
 PDL_CHOICES = ("auto", "on", "off")
-PREFILL_CHOICES = ("auto", "compiled", "eager")
+PREFILL_CHOICES = ("eager", "compiled")
 # auto launches the step's Triton kernels with programmatic dependent launch (Hopper+)? Mixed on an H200 (12-06 F):
 # 1.47 against 1.45 ms per 32 x 512 step, 2.89 against 2.91 at 32 x 4,096; so not
 AUTO_PDL = False
@@ -212,10 +215,11 @@ class FastSampler:
         pdl: launch the decode step's Triton kernels (attention, projections, SiLU x up) with programmatic
             dependent launch, each waiting for the kernel before it and letting the next launch once its loop is
             done: ``on`` (CUDA, compute capability 9+), ``off``, or ``auto`` (``AUTO_PDL`` where it can run).
-        prefill: the prompt's forward: ``compiled`` (``torch.compile``d with the batch and the prompt length
-            dynamic, so one compilation serves every call: transformers' eager layers launch ~54 kernels per
-            layer from Python, which a 32-row prefill waits on), ``eager``, or ``auto`` (compiled where the
-            decode step is, for batches of at least 2 rows: a batch of one would compile again). A failed
+        prefill: the prompt's forward: ``eager`` (transformers' layers: ~54 kernels per layer launched from
+            Python, which a 32-row prefill waits on: ~30 ms of a 32 x 512 call on an H100) or ``compiled``
+            (``torch.compile``d with the batch and the prompt length dynamic, so one compilation serves every
+            call of 2 rows or more: ~20 ms less per 32-row call on an H100, but ~110 s to compile on a cold
+            Inductor cache, so it pays off only over thousands of calls; BENCHMARKS.md, 12-07 B). A failed
             compilation falls back to eager, with one log line.
     """
 
@@ -235,7 +239,7 @@ class FastSampler:
         linear: str = "auto",
         fold: str = "auto",
         pdl: str = "auto",
-        prefill: str = "auto",
+        prefill: str = "eager",
     ):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"FastSampler(attention={attention!r}): choose one of {ATTENTION_CHOICES}")
@@ -453,8 +457,7 @@ class FastSampler:
 
     def _prefill_forward(self, model, batch: int):
         """The prefill forward (``prefill=``): compiled with dynamic shapes (once per model) or the model itself."""
-        wanted = self.prefill == "compiled" or (self.prefill == "auto" and self._use_compile(model) and batch >= 2)
-        if not wanted or self._prefill_compile_failed:
+        if self.prefill != "compiled" or batch < 2 or self._prefill_compile_failed:  # one row: dims of 1 specialise
             return model
         compiled = self._compiled_prefill.get(id(model))
         if compiled is None:
