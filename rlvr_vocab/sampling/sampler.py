@@ -459,11 +459,7 @@ class FastSampler:
         """The prefill forward (``prefill=``): compiled with dynamic shapes (once per model) or the model itself."""
         if self.prefill != "compiled" or batch < 2 or self._prefill_compile_failed:  # one row: dims of 1 specialise
             return model
-        compiled = self._compiled_prefill.get(id(model))
-        if compiled is None:
-            compiled = self._compiled_prefill[id(model)] = th.compile(model, dynamic=True)
-            self.stats["compiles"] += 1
-        return compiled
+        return self._compiled_once(self._compiled_prefill, model, dynamic=True)
 
     # ------------------------------------------------------------------------------------ attention choice
     def _resolve_attention(self, model, device: th.device) -> str:
@@ -553,9 +549,13 @@ class FastSampler:
         """The decode forward: compiled (once per model; batch and cache length dynamic) or the model itself."""
         if not self._use_compile(model):
             return model
-        compiled = self._compiled.get(id(model))
+        return self._compiled_once(self._compiled, model, dynamic=False)
+
+    def _compiled_once(self, store: dict, model, dynamic: bool):
+        """``torch.compile(model, dynamic=dynamic)``, made once per model and kept in ``store``."""
+        compiled = store.get(id(model))
         if compiled is None:
-            compiled = self._compiled[id(model)] = th.compile(model, dynamic=False)
+            compiled = store[id(model)] = th.compile(model, dynamic=dynamic)
             self.stats["compiles"] += 1
         return compiled
 
