@@ -36,16 +36,6 @@ class StaticKVCache:
         values[:, :, :p].copy_(value_states)
         return keys[:, :, :p], values[:, :, :p]
 
-    def allocate(self, config, batch: int, dtype: th.dtype, device) -> None:
-        """The buffers, before the prefill (as its first ``update`` would allocate them): a compiled prefill then
-        traces no allocation branch."""
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        for i, keys in enumerate(self.keys):
-            if keys is None:
-                self.keys[i] = th.zeros(batch, kv_heads, self.max_len, head_dim, dtype=dtype, device=device)
-                self.values[i] = th.zeros(batch, kv_heads, self.max_len, head_dim, dtype=dtype, device=device)
-
     def views(self, n: int) -> tuple[list[th.Tensor], list[th.Tensor]]:
         """The buffers of the first ``n`` rows (contiguous views: same memory at every call)."""
         return [k[:n] for k in self.keys], [v[:n] for v in self.values]

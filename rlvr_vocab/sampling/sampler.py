@@ -218,7 +218,7 @@ class FastSampler:
         prefill: the prompt's forward: ``eager`` (transformers' layers: ~54 kernels per layer launched from
             Python, which a 32-row prefill waits on: ~30 ms of a 32 x 512 call on an H100) or ``compiled``
             (``torch.compile``d with the batch and the prompt length dynamic, so one compilation serves every
-            call of 2 rows or more: ~20 ms less per 32-row call on an H100, but ~110 s to compile on a cold
+            call of 2 rows or more after a session's first, which allocates the cache: ~20 ms less per 32-row call on an H100, but ~110 s to compile on a cold
             Inductor cache, so it pays off only over thousands of calls; BENCHMARKS.md, 12-07 B). A failed
             compilation falls back to eager, with one log line.
     """
@@ -440,10 +440,9 @@ class FastSampler:
             use_cache=True,
             logits_to_keep=1,
         )
-        forward = self._prefill_forward(model, input_ids.shape[0])
+        forward = self._prefill_forward(model, s)
         s.prefill = "eager" if forward is model else "compiled"
         if forward is not model:
-            s.cache.allocate(model.config, input_ids.shape[0], model.dtype, input_ids.device)  # no branch traced
             try:
                 return forward(**inputs).logits[:, -1].to(dtype=th.float32, copy=True)
             except Exception as err:  # noqa: BLE001 - the eager prefill (it rewrites every slot it wrote), said once
@@ -455,9 +454,13 @@ class FastSampler:
                 )
         return model(**inputs).logits[:, -1].to(dtype=th.float32, copy=True)
 
-    def _prefill_forward(self, model, batch: int):
-        """The prefill forward (``prefill=``): compiled with dynamic shapes (once per model) or the model itself."""
-        if self.prefill != "compiled" or batch < 2 or self._prefill_compile_failed:  # one row: dims of 1 specialise
+    def _prefill_forward(self, model, s: Session):
+        """The prefill forward (``prefill=``): compiled with dynamic shapes (once per model) or the model itself.
+
+        A session's first prefill is eager: it allocates the cache (in the dtype the layers' K/V have), so the
+        compiled one traces no allocation branch. A one-row batch stays eager: its dims of 1 would specialise."""
+        first = s.cache.keys[0] is None
+        if self.prefill != "compiled" or first or s.state.batch < 2 or self._prefill_compile_failed:
             return model
         return self._compiled_once(self._compiled_prefill, model, dynamic=True)
 
