@@ -36,6 +36,19 @@ class StaticKVCache:
         values[:, :, :p].copy_(value_states)
         return keys[:, :, :p], values[:, :, :p]
 
+    def layout(self) -> tuple | None:
+        """(K heads, K head dim, V heads, V head dim, dtype) of the buffers; None before the first prefill."""
+        k, v = self.keys[0], self.values[0]
+        return None if k is None else (k.shape[1], k.shape[3], v.shape[1], v.shape[3], k.dtype)
+
+    def allocate(self, batch: int, layout: tuple, device) -> None:
+        """The buffers of an earlier cache's ``layout`` (what its prefill's ``update`` allocated), made now."""
+        kh, kd, vh, vd, dtype = layout
+        for i, keys in enumerate(self.keys):
+            if keys is None:
+                self.keys[i] = th.zeros(batch, kh, self.max_len, kd, dtype=dtype, device=device)
+                self.values[i] = th.zeros(batch, vh, self.max_len, vd, dtype=dtype, device=device)
+
     def views(self, n: int) -> tuple[list[th.Tensor], list[th.Tensor]]:
         """The buffers of the first ``n`` rows (contiguous views: same memory at every call)."""
         return [k[:n] for k in self.keys], [v[:n] for v in self.values]

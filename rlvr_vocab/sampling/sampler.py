@@ -218,7 +218,7 @@ class FastSampler:
         prefill: the prompt's forward: ``eager`` (transformers' layers: ~54 kernels per layer launched from
             Python, which a 32-row prefill waits on: ~30 ms of a 32 x 512 call on an H100) or ``compiled``
             (``torch.compile``d with the batch and the prompt length dynamic, so one compilation serves every
-            call of 2 rows or more after a session's first, which allocates the cache: ~20 ms less per 32-row call on an H100, but ~110 s to compile on a cold
+            call of 2 rows or more after the model's first, which is eager: ~20 ms less per 32-row call on an H100, but ~110 s to compile on a cold
             Inductor cache, so it pays off only over thousands of calls; BENCHMARKS.md, 12-07 B). A failed
             compilation falls back to eager, with one log line.
     """
@@ -280,6 +280,7 @@ class FastSampler:
         self._compiled: dict[int, object] = {}  # id(model) -> compiled forward
         self._compiled_prefill: dict[int, object] = {}  # id(model) -> compiled prefill forward (prefill=)
         self._prefill_compile_failed = False
+        self._kv_layouts: dict[int, tuple] = {}  # id(model) -> its KV cache's layout, from an eager prefill
         self._pickers: dict[tuple, object] = {}  # plan signature -> compiled pick
         self._compile_failed = False
         # per Triton kernel ("attention", "pick", "linear", "fold"): the keys (dtype, shapes, device) its check ran
@@ -440,6 +441,9 @@ class FastSampler:
             use_cache=True,
             logits_to_keep=1,
         )
+        layout = self._kv_layouts.get(id(model))
+        if self.prefill == "compiled" and s.cache.keys[0] is None and layout is not None:
+            s.cache.allocate(input_ids.shape[0], layout, input_ids.device)  # as an eager prefill of this model did
         forward = self._prefill_forward(model, s)
         s.prefill = "eager" if forward is model else "compiled"
         if forward is not model:
@@ -452,13 +456,16 @@ class FastSampler:
                 self._log_once(
                     f"generation_backend=fast: the compiled prefill failed ({triton_env.error_line(err)}); eager"
                 )
-        return model(**inputs).logits[:, -1].to(dtype=th.float32, copy=True)
+        logits = model(**inputs).logits[:, -1].to(dtype=th.float32, copy=True)
+        self._kv_layouts[id(model)] = s.cache.layout()
+        return logits
 
     def _prefill_forward(self, model, s: Session):
         """The prefill forward (``prefill=``): compiled with dynamic shapes (once per model) or the model itself.
 
-        A session's first prefill is eager: it allocates the cache (in the dtype the layers' K/V have), so the
-        compiled one traces no allocation branch. A one-row batch stays eager: its dims of 1 would specialise."""
+        The compiled forward gets an allocated cache, so it traces no allocation branch: the model's first prefill
+        is eager, and allocates it (in the dtype the layers' K/V have); a later session's cache is allocated in
+        that layout before its prefill. A one-row batch stays eager: its dims of 1 would specialise."""
         first = s.cache.keys[0] is None
         if self.prefill != "compiled" or first or s.state.batch < 2 or self._prefill_compile_failed:
             return model
