@@ -218,9 +218,9 @@ class FastSampler:
         prefill: the prompt's forward: ``eager`` (transformers' layers: ~54 kernels per layer launched from
             Python, which a 32-row prefill waits on: ~30 ms of a 32 x 512 call on an H100) or ``compiled``
             (``torch.compile``d with the batch and the prompt length dynamic, so one compilation serves every
-            call of 2 rows or more after the model's first, which is eager: ~20 ms less per 32-row call on an H100, but ~110 s to compile on a cold
-            Inductor cache, so it pays off only over thousands of calls; BENCHMARKS.md, 12-07 B). A failed
-            compilation falls back to eager, with one log line.
+            call of 2 rows or more after the model's first, which is eager: ~20 ms less per 32-row call on an
+            H100, but ~110 s to compile on a cold Inductor cache, so it pays off only over thousands of calls;
+            BENCHMARKS.md, 12-07 B). A failed compilation falls back to eager, with one log line.
     """
 
     def __init__(
@@ -441,10 +441,7 @@ class FastSampler:
             use_cache=True,
             logits_to_keep=1,
         )
-        layout = self._kv_layouts.get(id(model))
-        if self.prefill == "compiled" and s.cache.keys[0] is None and layout is not None:
-            s.cache.allocate(input_ids.shape[0], layout, input_ids.device)  # as an eager prefill of this model did
-        forward = self._prefill_forward(model, s)
+        forward = self._prefill_forward(model, s, input_ids)
         s.prefill = "eager" if forward is model else "compiled"
         if forward is not model:
             try:
@@ -460,15 +457,16 @@ class FastSampler:
         self._kv_layouts[id(model)] = s.cache.layout()
         return logits
 
-    def _prefill_forward(self, model, s: Session):
+    def _prefill_forward(self, model, s: Session, input_ids: th.Tensor):
         """The prefill forward (``prefill=``): compiled with dynamic shapes (once per model) or the model itself.
 
         The compiled forward gets an allocated cache, so it traces no allocation branch: the model's first prefill
-        is eager, and allocates it (in the dtype the layers' K/V have); a later session's cache is allocated in
-        that layout before its prefill. A one-row batch stays eager: its dims of 1 would specialise."""
-        first = s.cache.keys[0] is None
-        if self.prefill != "compiled" or first or s.state.batch < 2 or self._prefill_compile_failed:
+        is eager and allocates its cache (in the dtype the layers' K/V have); later caches are allocated in that
+        layout here. A one-row batch stays eager: its dims of 1 would specialise."""
+        layout = self._kv_layouts.get(id(model))
+        if self.prefill != "compiled" or layout is None or input_ids.shape[0] < 2 or self._prefill_compile_failed:
             return model
+        s.cache.allocate(input_ids.shape[0], layout, input_ids.device)  # a kept session's: already there
         return self._compiled_once(self._compiled_prefill, model, dynamic=True)
 
     # ------------------------------------------------------------------------------------ attention choice
