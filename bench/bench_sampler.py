@@ -25,8 +25,9 @@ in one kernel); ``-fold`` / ``-nofold``: ``FastSampler(fold="on" / "off")``, the
 into the projections after them (``norm_fold``) or not; ``-pdl`` / ``-nopdl``: ``FastSampler(pdl="on" / "off")``,
 the step's Triton kernels with programmatic dependent launch;
 ``-peel``: ``triton_decode.PEEL`` on around that path's runs (``PATH_CONSTANTS``: kernel variants with no sampler
-option), the attention kernel's first cache block loaded before the query's work; ``-cpre`` / ``-epre``:
-``FastSampler(prefill="compiled" / "eager")``, the prefill ``torch.compile``d (dynamic shapes) or not. A
+option), the attention kernel's first cache block loaded before the query's work; ``-cpre`` / ``-epre`` /
+``-fpre``: ``FastSampler(prefill="compiled" / "eager" / "fused")``, the prefill through transformers' layers
+``torch.compile``d (dynamic shapes) or not, or through the fused layers (the default's choice on CUDA). A
 sampler without the ``attention=`` option has one path, today's eager one: its rows are labelled
 ``eager (only path)`` and other paths are skipped.
 
@@ -127,6 +128,7 @@ PATH_SUFFIXES = {  # suffix -> FastSampler option
     "-nopdl": ("pdl", "off"),
     "-cpre": ("prefill", "compiled"),
     "-epre": ("prefill", "eager"),
+    "-fpre": ("prefill", "fused"),
 }
 # suffix -> a module constant set while that path's sampler captures its CUDA graphs and runs (a kernel variant with
 # no FastSampler option; the constant is read when the kernels are launched, so each path's graphs keep its value)

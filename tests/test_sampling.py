@@ -1346,6 +1346,74 @@ def test_layers_that_cannot_be_fused_run_as_transformers_layers(tok):
 
 
 # ------------------------------------------------------------------------------------------------ CUDA
+# ------------------------------------------------------------------------------------------ fused prefill
+@pytest.fixture
+def fused_prefill(monkeypatch):
+    """The prefill through the fused layers (``prefill``), its kernels on CUDA or interpreted."""
+    return interpreted_triton("prefill", monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+@pytest.mark.parametrize("fold", ["off", "on"])
+def test_the_fused_prefill_computes_what_transformers_layers_do(
+    tok, fused_prefill, norm_fold, arch, fold, monkeypatch
+):
+    """``prefill="fused"``: every layer through ``prefill.layer_forward`` (its Triton kernels), fp32, biases and
+    norms away from their defaults: the prompt's K/V in the cache and the first token's log-probs are the eager
+    prefill's, the greedy tokens ``generate``'s; a kept session's second call prefills with the weights moved since
+    (the fused buffers are refreshed before the prefill), and transformers' layers are back afterwards."""
+    calls = []
+    real = fused_prefill.layer_forward
+    monkeypatch.setattr(fused_prefill, "layer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_arch(tok, arch).to(TRITON_DEVICE)
+    inputs = batch(tok, PROMPTS, TRITON_DEVICE)
+    p = inputs["input_ids"].shape[1]
+    kwargs = dict(do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id, repetition_penalty=1.3)
+    fused = FastSampler(prefill="fused", fold=fold)  # its second call: a kept session
+    for _ in range(2):
+        ref = model.generate(**inputs, **kwargs)
+        eager = FastSampler(prefill="eager", fold=fold)
+        want = model.generate(**inputs, **kwargs, custom_generate=eager)
+        out = model.generate(**inputs, **kwargs, custom_generate=fused)
+        assert fused.last_paths["prefill"] == "fused" and eager.last_paths["prefill"] == "eager"
+        assert fused.session.prefill_impl == "triton" and fused.session.fused.fold == (fold == "on")
+        assert th.equal(out, ref) and th.equal(want, ref)
+        for got, expected in zip(fused.session.cache.keys + fused.session.cache.values,
+                                 eager.session.cache.keys + eager.session.cache.values, strict=True):  # fmt: skip
+            th.testing.assert_close(got[:, :, :p], expected[:, :, :p], rtol=1e-5, atol=1e-5)
+        th.testing.assert_close(fused.last_logprobs[:, 0], eager.last_logprobs[:, 0], rtol=0, atol=1e-5)
+        with th.no_grad():  # as training does between calls
+            for param in model.model.layers.parameters():
+                param.mul_(1.1)
+    assert len(calls) == 2 * 2 and fused.stats["failures"] == 0  # both layers, both calls
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+
+
+def test_the_fused_prefill_is_refused_without_the_fused_layers_and_auto_keeps_it_to_cuda(tok, fused_prefill):
+    model = tiny_arch(tok, "qwen3")
+    kwargs = dict(do_sample=False, max_new_tokens=3, pad_token_id=tok.pad_token_id)
+    with pytest.raises(ValueError, match="prefill='fused'.*fuse=False"):
+        model.generate(
+            **batch(tok, PROMPTS, "cpu"), **kwargs, custom_generate=FastSampler(prefill="fused", fuse=False)
+        )
+    sampler = FastSampler()  # auto: the fused prefill on CUDA only, transformers' layers on the CPU
+    model.generate(**batch(tok, PROMPTS, "cpu"), **kwargs, custom_generate=sampler)
+    assert sampler.last_paths["prefill"] == "eager" and sampler.session.prefill_impl is None
+
+
+@pytest.mark.parametrize("dtype", [th.float32, th.bfloat16])
+def test_the_prefill_kernels_pass_their_check_and_the_check_sees_a_wrong_one(fused_prefill, dtype, monkeypatch):
+    device = th.device(TRITON_DEVICE)
+    assert fused_prefill.check(dtype, device) is None
+    real = fused_prefill.qkv_rope_reference
+
+    def swapped_heads(qkv, *args, **kwargs):  # the reference with the query's heads in the wrong order
+        return real(qkv, *args, **kwargs).flip(1)
+
+    monkeypatch.setattr(fused_prefill, "qkv_rope_reference", swapped_heads)
+    assert fused_prefill.check(dtype, device).startswith("qkv_rope: relative error")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not th.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("attention", ["eager", "auto"])

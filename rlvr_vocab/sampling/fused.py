@@ -32,7 +32,7 @@ import torch as th
 import torch.nn.functional as F
 
 from rlvr_vocab.sampling import attention as attn
-from rlvr_vocab.sampling import norm_fold
+from rlvr_vocab.sampling import norm_fold, prefill
 from rlvr_vocab.sampling import triton_linear as tlin
 
 LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
@@ -115,6 +115,8 @@ class FusedWeights:
         self.fold = bool(layers) and layers[0].fold
         # one bound forward per layer, made once: the same object at every install keeps dynamo's guards
         self.forwards = [types.MethodType(layer_forward, lw.layer) for lw in layers]
+        self.prefill_forwards = [types.MethodType(prefill.layer_forward, lw.layer) for lw in layers]
+        self.silu = all(silu_mlp(lw.layer) for lw in layers)
 
     @classmethod
     def build(cls, model, fold: bool = False) -> tuple[FusedWeights | None, str | None]:
@@ -301,12 +303,14 @@ def _folded_forward(layer, hidden_states, attention_mask, position_embeddings, r
 
 
 @contextlib.contextmanager
-def installed(fused: FusedWeights | None):
-    """Each decoder layer's ``forward`` is ``layer_forward`` inside the block (nothing changes for None)."""
+def installed(fused: FusedWeights | None, for_prefill: bool = False):
+    """Each decoder layer's ``forward`` is ``layer_forward`` inside the block, or with ``for_prefill``
+    ``prefill.layer_forward`` (nothing changes for None)."""
     if fused is None:
         yield
         return
-    for lw, forward in zip(fused.layers, fused.forwards, strict=True):
+    forwards = fused.prefill_forwards if for_prefill else fused.forwards
+    for lw, forward in zip(fused.layers, forwards, strict=True):
         lw.layer.forward = forward
     try:
         yield

@@ -20,9 +20,10 @@ Where the time of a decode step goes, and what this does about it (BENCHMARKS.md
   the plan is temperature, repetition penalty and masks (TRL's defaults), else the plan's PyTorch ops over an
   Exp(1) draw (``state.pick``);
 * host syncs: none inside the loop except a stop check every ``stop_check_every`` steps;
-* the prefill: transformers' eager layers (their kernel launches bound it: ~30 ms of a 32-row call), or, with
-  ``prefill="compiled"``, one ``torch.compile`` with dynamic shapes (faster per call, slow to compile: off by
-  default);
+* the prefill: on CUDA the fused layers' prefill (``prefill``: ~12 kernels per layer, the norms, RoPE, the cache
+  write and SiLU x up each one Triton kernel) where they are fused, else transformers' eager layers (~54 kernels per
+  layer, whose launches bound a 32-row prefill: ~30 ms of a 32 x 512 call on an H100); or, with
+  ``prefill="compiled"``, transformers' layers under one ``torch.compile`` with dynamic shapes (slow to compile);
 * finished rows: at each stop check, when the live rows fit in half the current batch (power-of-two
   buckets, at least ``min_rows``), they are compacted to the front of every buffer and the loop continues
   on the smaller batch, so the cost follows the live sequences. The noise is drawn per original row, so
@@ -43,6 +44,7 @@ from loguru import logger
 from rlvr_vocab.sampling import attention as attn
 from rlvr_vocab.sampling import fused as fusion
 from rlvr_vocab.sampling import norm_fold, triton_env, triton_linear, triton_pick
+from rlvr_vocab.sampling import prefill as fused_prefill
 from rlvr_vocab.sampling.cache import StaticKVCache
 from rlvr_vocab.sampling.plan import Plan, build_plan
 from rlvr_vocab.sampling.state import DecodeState, pick
@@ -76,9 +78,10 @@ KERNELS = {  # the Triton kernels that auto checks before use: what the log call
     "pick": ("Triton token pick", "PyTorch"),
     "linear": ("Triton projections", "torch"),
     "fold": ("folded SiLU x up kernel", "torch"),
+    "prefill": ("Triton prefill kernels", "transformers' layers for the prefill"),
 }
 PDL_CHOICES = ("auto", "on", "off")
-PREFILL_CHOICES = ("eager", "compiled")
+PREFILL_CHOICES = ("auto", "fused", "eager", "compiled")
 # auto launches the step's Triton kernels with programmatic dependent launch (Hopper+)? Mixed on an H200 (12-06 F):
 # 1.47 against 1.45 ms per 32 x 512 step, 2.89 against 2.91 at 32 x 4,096; so not
 AUTO_PDL = False
@@ -158,7 +161,8 @@ class Session:
         self.linear = linear  # the fused layers' projections run by triton_linear at <= MAX_ROWS rows (LINEAR_SETS)
         self.fold_impl = fold_impl  # with fused.fold: norm_fold.silu_mul's implementation ("triton" or "torch")
         self.pdl = pdl  # the step's Triton kernels launched with programmatic dependent launch
-        self.prefill = "eager"  # the last prefill's forward: "compiled" or "eager"
+        self.prefill = "eager"  # the last prefill's forward: "fused", "compiled" or "eager"
+        self.prefill_impl: str | None = None  # the fused prefill's kernels ("triton" or "torch"); None: not fused
         self.linear_work = None  # triton_linear's split-K workspace (counters, partials), with linear
         if linear and fused is not None:
             self.linear_work = triton_linear.workspace(device, fused.max_columns())
@@ -215,12 +219,15 @@ class FastSampler:
         pdl: launch the decode step's Triton kernels (attention, projections, SiLU x up) with programmatic
             dependent launch, each waiting for the kernel before it and letting the next launch once its loop is
             done: ``on`` (CUDA, compute capability 9+), ``off``, or ``auto`` (``AUTO_PDL`` where it can run).
-        prefill: the prompt's forward: ``eager`` (transformers' layers: ~54 kernels per layer launched from
-            Python, which a 32-row prefill waits on: ~30 ms of a 32 x 512 call on an H100) or ``compiled``
-            (``torch.compile``d with the batch and the prompt length dynamic, so one compilation serves every
-            call of 2 rows or more after the model's first, which is eager: ~20 ms less per 32-row call on an
-            H100, but ~110 s to compile on a cold Inductor cache, so it pays off only over thousands of calls;
-            BENCHMARKS.md, 12-07 B). A failed compilation falls back to eager, with one log line.
+        prefill: the prompt's forward: ``fused`` (``prefill.layer_forward`` over the fused layers' buffers: ~12
+            kernels per layer, its norms, RoPE, cache write and SiLU x up in Triton kernels; on CPU tensors without
+            Triton's interpreter the same maths in PyTorch ops; needs the fused layers), ``eager`` (transformers'
+            layers: ~54 kernels per layer launched from Python, which a 32-row prefill waits on: ~30 ms of a 32 x
+            512 call on an H100), ``compiled`` (transformers' layers ``torch.compile``d with the batch and the
+            prompt length dynamic, so one compilation serves every call of 2 rows or more after the model's first,
+            which is eager: ~20 ms less per 32-row call on an H100, but ~110 s to compile on a cold Inductor cache;
+            BENCHMARKS.md, 12-07 B; a failed compilation falls back to eager, with one log line), or ``auto``
+            (``fused`` on CUDA where the layers are fused and its kernels pass a check, else ``eager``).
     """
 
     def __init__(
@@ -239,7 +246,7 @@ class FastSampler:
         linear: str = "auto",
         fold: str = "auto",
         pdl: str = "auto",
-        prefill: str = "eager",
+        prefill: str = "auto",
     ):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"FastSampler(attention={attention!r}): choose one of {ATTENTION_CHOICES}")
@@ -339,10 +346,10 @@ class FastSampler:
             raise ValueError(f"FastSampler(force_eos_at=...) has {self.force_eos_at.numel()} rows, the batch {batch}")
         s = self._session(model, batch, prompt_len + new_tokens, input_ids.device, plan)
         try:
+            if s.fused is not None:
+                s.fused.refresh()  # this call's weights (training changed them since the last call); the prefill's too
             logits = self._prefill(model, s, input_ids, attention_mask, position_ids)
             st = s.state
-            if s.fused is not None:
-                s.fused.refresh()  # this call's weights (training changed them since the last call)
             st.start(plan, input_ids, attention_mask, position_ids, logits.shape[-1], self.force_eos_at, s.pick)
             self._pick_first(plan, logits, s)
             n = self._decode(model, s, plan, prompt_len, new_tokens)
@@ -388,6 +395,7 @@ class FastSampler:
         pick = self._resolve_pick(plan, device)
         pdl = self._resolve_pdl(device)
         self.session = Session(key, model, batch, cache_len, device, attention, fused, pick, linear, fold_impl, pdl)
+        self.session.prefill_impl = self._resolve_prefill(fused, model.dtype, device)
         return self.session
 
     def _usable(self, kind: str, key, check) -> bool:
@@ -441,6 +449,15 @@ class FastSampler:
             use_cache=True,
             logits_to_keep=1,
         )
+        if s.prefill_impl is not None:
+            try:
+                return self._fused_prefill(model, s, inputs)
+            except Exception as err:  # noqa: BLE001 - auto: transformers' layers (they rewrite every slot written)
+                if self.prefill != "auto":
+                    raise
+                self._failed("prefill", triton_env.error_line(err))
+                self.stats["failures"] += 1
+                s.prefill_impl = None
         forward = self._prefill_forward(model, s, input_ids)
         s.prefill = "eager" if forward is model else "compiled"
         if forward is not model:
@@ -456,6 +473,41 @@ class FastSampler:
         logits = model(**inputs).logits[:, -1].to(dtype=th.float32, copy=True)
         self._kv_layouts[id(model)] = s.cache.layout()
         return logits
+
+    def _fused_prefill(self, model, s: Session, inputs: dict) -> th.Tensor:
+        """The prefill through ``prefill.layer_forward`` (``s.prefill_impl``'s kernels): the last token's logits."""
+        first = s.fused.layers[0]
+        a = first.layer.self_attn
+        kv_heads = a.k_proj.out_features // a.head_dim
+        layout = (kv_heads, a.head_dim, kv_heads, a.head_dim, first.qkv.dtype)  # the K/V the qkv GEMM gives
+        s.cache.allocate(inputs["input_ids"].shape[0], layout, inputs["input_ids"].device)  # kept: already there
+        state = {"fused": s.fused.inputs(), "fold": s.fused.fold, "fold_impl": s.fold_impl or "torch"}
+        state |= {"impl": s.prefill_impl, "keys": s.cache.keys, "values": s.cache.values, "silu": s.fused.silu}
+        s.prefill = "fused"
+        with fusion.installed(s.fused, for_prefill=True):
+            logits = model(**inputs, rlvr_prefill=state).logits[:, -1].to(dtype=th.float32, copy=True)
+        self._kv_layouts[id(model)] = s.cache.layout()
+        return logits
+
+    def _resolve_prefill(self, fused, dtype: th.dtype, device: th.device) -> str | None:
+        """The fused prefill's kernels in a new session: "triton", "torch" (forced on CPU tensors without Triton's
+        interpreter), or None (not fused: ``eager`` / ``compiled``, or auto where it cannot run)."""
+        if self.prefill in ("eager", "compiled"):
+            return None
+        if fused is None:
+            if self.prefill == "fused":
+                raise ValueError(
+                    "FastSampler(prefill='fused') runs the fused decoder layers: "
+                    + ("fuse=False" if not self.fuse else "the layers cannot be fused (see the log)")
+                )
+            return None
+        runs = fused_prefill.triton is not None and (device.type == "cuda" or fused_prefill.interpreted())
+        if self.prefill == "fused":
+            return "triton" if runs else "torch"
+        if device.type != "cuda" or not runs:
+            return None
+        usable = self._usable("prefill", (dtype, str(device)), lambda: fused_prefill.check(dtype, device))
+        return "triton" if usable else None
 
     def _prefill_forward(self, model, s: Session, input_ids: th.Tensor):
         """The prefill forward (``prefill=``): compiled with dynamic shapes (once per model) or the model itself.
