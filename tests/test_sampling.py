@@ -1353,8 +1353,7 @@ def fused_prefill(monkeypatch):
     return interpreted_triton("prefill", monkeypatch)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
-@pytest.mark.parametrize("fold", ["off", "on"])
+@pytest.mark.parametrize("arch, fold", [("qwen3", "off"), ("qwen3", "on"), ("qwen2", "on"), ("llama", "off")])
 def test_the_fused_prefill_computes_what_transformers_layers_do(
     tok, fused_prefill, norm_fold, arch, fold, monkeypatch
 ):
@@ -1368,7 +1367,7 @@ def test_the_fused_prefill_computes_what_transformers_layers_do(
     model = tiny_arch(tok, arch).to(TRITON_DEVICE)
     inputs = batch(tok, PROMPTS, TRITON_DEVICE)
     p = inputs["input_ids"].shape[1]
-    kwargs = dict(do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id, repetition_penalty=1.3)
+    kwargs = dict(do_sample=False, max_new_tokens=4, pad_token_id=tok.pad_token_id, repetition_penalty=1.3)
     fused = FastSampler(prefill="fused", fold=fold)  # its second call: a kept session
     for _ in range(2):
         ref = model.generate(**inputs, **kwargs)
