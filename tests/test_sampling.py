@@ -1400,6 +1400,32 @@ def test_the_fused_prefill_is_refused_without_the_fused_layers_and_auto_keeps_it
     assert sampler.last_paths["prefill"] == "eager" and sampler.session.prefill_impl is None
 
 
+def test_a_failing_fused_prefill_under_auto_falls_back_to_transformers_layers_once(tok, fused_prefill, monkeypatch):
+    """``prefill="auto"`` (made to pick the fused prefill here, as it does on CUDA): a failure of it is logged once,
+    counted, and the same call prefills through transformers' layers (same tokens); later sessions do not try it."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(fused_prefill, "layer_forward", broken)
+    model = tiny_arch(tok, "qwen3")
+    inputs = batch(tok, PROMPTS, "cpu")
+    kwargs = dict(do_sample=False, max_new_tokens=3, pad_token_id=tok.pad_token_id)
+    ref = model.generate(**inputs, **kwargs)
+    sampler = FastSampler()
+    sampler._resolve_prefill = lambda fused, dtype, device: (
+        "triton" if fused is not None and sampler._failure["prefill"] is None else None
+    )
+    assert th.equal(model.generate(**inputs, **kwargs, custom_generate=sampler), ref)
+    assert sampler.last_paths["prefill"] == "eager" and sampler.stats["failures"] == 1
+    assert "out of resources" in sampler._failure["prefill"]
+    sampler.session = None  # a new session: the failed kernels are not tried again
+    assert th.equal(model.generate(**inputs, **kwargs, custom_generate=sampler), ref)
+    assert sampler.session.prefill_impl is None and sampler.stats["failures"] == 1
+    with pytest.raises(RuntimeError, match="out of resources"):  # forced: the failure is raised
+        model.generate(**inputs, **kwargs, custom_generate=FastSampler(prefill="fused"))
+
+
 @pytest.mark.parametrize("dtype", [th.float32, th.bfloat16])
 def test_the_prefill_kernels_pass_their_check_and_the_check_sees_a_wrong_one(fused_prefill, dtype, monkeypatch):
     device = th.device(TRITON_DEVICE)
