@@ -15,7 +15,7 @@ One job per module:
   * ``attention``: the decode attention op (eager maths or the Triton kernel) and transformers' hook;
   * ``fused``: the decode step's decoder layer with concatenated Q/K/V and gate/up projections;
   * ``prefill``: the prompt's forward through those fused layers (its norms, RoPE, cache write and SiLU x up as
-    Triton kernels: ~12 kernels per layer instead of transformers' ~54);
+    Triton kernels: 15 kernel launches per layer instead of transformers' ~54);
   * ``triton_decode``: the flash-decoding Triton kernels (optional: Triton need not be installed);
   * ``triton_pick``: the token pick in one Triton pass over the logits (noise drawn in the kernel);
   * ``triton_linear``: the fused layers' o and down projections at a few rows (split over K in one kernel), and

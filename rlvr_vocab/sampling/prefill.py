@@ -1,8 +1,9 @@
-"""The prompt's forward through the fused layers: ~12 kernels per decoder layer instead of transformers' ~54.
+"""The prompt's forward through the fused layers: 15 kernel launches per decoder layer instead of transformers' ~54.
 
 A 32-row prefill through transformers' eager layers launches ~1,500 kernels for a 28-layer model (each RMSNorm
 seven, RoPE ten, ...), and waits on the host launching them: ~30 ms of a 32 x 512 call on an H100, 17 ms of it
-kernel time (BENCHMARKS.md, 12-07 C). With ``FastSampler(prefill="fused")`` each decoder layer's forward is
+kernel time (BENCHMARKS.md, 12-07 C); this one took 17.9 ms (420 launches) there (12-07 E), 8-14 ms less per
+32-row call. With ``FastSampler(prefill="fused")`` (and ``"auto"`` on CUDA) each decoder layer's forward is
 ``layer_forward``, over the session's fused buffers (``fused.FusedWeights``, refreshed before the prefill):
 
 * ``add_norm``: the residual add that the layer before left pending (its down projection's output) and the input

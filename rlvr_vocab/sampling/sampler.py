@@ -20,9 +20,9 @@ Where the time of a decode step goes, and what this does about it (BENCHMARKS.md
   the plan is temperature, repetition penalty and masks (TRL's defaults), else the plan's PyTorch ops over an
   Exp(1) draw (``state.pick``);
 * host syncs: none inside the loop except a stop check every ``stop_check_every`` steps;
-* the prefill: on CUDA the fused layers' prefill (``prefill``: ~12 kernels per layer, the norms, RoPE, the cache
-  write and SiLU x up each one Triton kernel) where they are fused, else transformers' eager layers (~54 kernels per
-  layer, whose launches bound a 32-row prefill: ~30 ms of a 32 x 512 call on an H100); or, with
+* the prefill: on CUDA the fused layers' prefill (``prefill``: 15 kernel launches per layer, the norms, RoPE, the
+  cache write and SiLU x up each one Triton kernel: 17.9 ms for 32 x 83 tokens on an H100) where they are fused, else
+  transformers' eager layers (~54 kernels per layer, whose launches bound a 32-row prefill: ~30 ms); or, with
   ``prefill="compiled"``, transformers' layers under one ``torch.compile`` with dynamic shapes (slow to compile);
 * finished rows: at each stop check, when the live rows fit in half the current batch (power-of-two
   buckets, at least ``min_rows``), they are compacted to the front of every buffer and the loop continues
@@ -219,11 +219,12 @@ class FastSampler:
         pdl: launch the decode step's Triton kernels (attention, projections, SiLU x up) with programmatic
             dependent launch, each waiting for the kernel before it and letting the next launch once its loop is
             done: ``on`` (CUDA, compute capability 9+), ``off``, or ``auto`` (``AUTO_PDL`` where it can run).
-        prefill: the prompt's forward: ``fused`` (``prefill.layer_forward`` over the fused layers' buffers: ~12
-            kernels per layer, its norms, RoPE, cache write and SiLU x up in Triton kernels; on CPU tensors without
-            Triton's interpreter the same maths in PyTorch ops; needs the fused layers), ``eager`` (transformers'
-            layers: ~54 kernels per layer launched from Python, which a 32-row prefill waits on: ~30 ms of a 32 x
-            512 call on an H100), ``compiled`` (transformers' layers ``torch.compile``d with the batch and the
+        prefill: the prompt's forward: ``fused`` (``prefill.layer_forward`` over the fused layers' buffers: 15
+            kernel launches per layer, its norms, RoPE, cache write and SiLU x up in Triton kernels: 8-14 ms less per
+            32-row call on an H100, BENCHMARKS.md 12-07 E; in a folded session with the decode step's roundings;
+            on CPU tensors without Triton's interpreter the same maths in PyTorch ops; needs the fused layers),
+            ``eager`` (transformers' layers: ~54 kernels per layer launched from Python, which a 32-row prefill
+            waits on: ~30 ms of a 32 x 512 call on an H100), ``compiled`` (transformers' layers ``torch.compile``d with the batch and the
             prompt length dynamic, so one compilation serves every call of 2 rows or more after the model's first,
             which is eager: ~20 ms less per 32-row call on an H100, but ~110 s to compile on a cold Inductor cache;
             BENCHMARKS.md, 12-07 B; a failed compilation falls back to eager, with one log line), or ``auto``
