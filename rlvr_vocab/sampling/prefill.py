@@ -270,7 +270,8 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     """The prefill of one llama / qwen2 / qwen3 decoder layer over ``rlvr_prefill["fused"]``'s buffers.
 
     ``rlvr_prefill``: ``fused`` (``FusedWeights.inputs()``), ``fold`` (the buffers hold the norms folded in),
-    ``fold_impl`` (``norm_fold.silu_mul``'s), ``impl`` (``triton`` or ``torch``), ``keys``/``values`` (the cache
+    ``fold_impl`` (``norm_fold.silu_mul``'s), ``impl`` (``triton`` or ``torch``), ``silu`` (every layer's MLP
+    activation is SiLU: ``silu_mul``; else the activation module and a product), ``keys``/``values`` (the cache
     buffers per layer) and ``pending`` (the down projection's output of the layer before, which this layer adds:
     every layer but the last returns its residual stream without it).
     """
