@@ -272,7 +272,7 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     ``rlvr_prefill``: ``fused`` (``FusedWeights.inputs()``), ``fold`` (the buffers hold the norms folded in),
     ``fold_impl`` (``norm_fold.silu_mul``'s), ``impl`` (``triton`` or ``torch``), ``silu`` (every layer's MLP
     activation is SiLU: ``silu_mul``; else the activation module and a product), ``keys``/``values`` (the cache
-    buffers per layer) and ``pending`` (the down projection's output of the layer before, which this layer adds:
+    buffers per layer), ``rope`` (the cos / sin tables as [M, D], set by the first layer) and ``pending`` (the down projection's output of the layer before, which this layer adds:
     every layer but the last returns its residual stream without it).
     """
     p = rlvr_prefill
@@ -289,7 +289,8 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
         hidden_states.reshape(b * s, hidden), pending, norm.weight, norm.variance_epsilon, not fold, impl
     )
     qkv = F.linear(x if fold else h, qkv_w, None if fold else qkv_b)
-    cos, sin = (t.expand(b, s, d).reshape(b * s, d) for t in position_embeddings)
+    # [M, D], made once per prefill and shared by the layers (a copy only where transformers' tables are [1, S, D])
+    cos, sin = p.setdefault("rope", tuple(t.expand(b, s, d).reshape(b * s, d) for t in position_embeddings))
     keys, values = p["keys"][a.layer_idx], p["values"][a.layer_idx]
     eps = a.q_norm.variance_epsilon if qk_norm is not None else 0.0
     folded = (ss, hidden, norm.variance_epsilon, qkv_b) if fold else None

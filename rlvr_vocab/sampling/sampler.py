@@ -224,11 +224,12 @@ class FastSampler:
             32-row call on an H100, BENCHMARKS.md 12-07 E; in a folded session with the decode step's roundings;
             on CPU tensors without Triton's interpreter the same maths in PyTorch ops; needs the fused layers),
             ``eager`` (transformers' layers: ~54 kernels per layer launched from Python, which a 32-row prefill
-            waits on: ~30 ms of a 32 x 512 call on an H100), ``compiled`` (transformers' layers ``torch.compile``d with the batch and the
-            prompt length dynamic, so one compilation serves every call of 2 rows or more after the model's first,
-            which is eager: ~20 ms less per 32-row call on an H100, but ~110 s to compile on a cold Inductor cache;
-            BENCHMARKS.md, 12-07 B; a failed compilation falls back to eager, with one log line), or ``auto``
-            (``fused`` on CUDA where the layers are fused and its kernels pass a check, else ``eager``).
+            waits on: ~30 ms of a 32 x 512 call on an H100), ``compiled`` (transformers' layers
+            ``torch.compile``d with the batch and the prompt length dynamic, so one compilation serves every call
+            of 2 rows or more after the model's first, which is eager: ~20 ms less per 32-row call on an H100, but
+            ~110 s to compile on a cold Inductor cache; BENCHMARKS.md, 12-07 B; a failed compilation falls back to
+            eager, with one log line), or ``auto`` (``fused`` on CUDA where the layers are fused and its kernels pass
+            a check, else ``eager``).
     """
 
     def __init__(
