@@ -272,8 +272,9 @@ def layer_forward(layer, hidden_states, attention_mask=None, position_embeddings
     ``rlvr_prefill``: ``fused`` (``FusedWeights.inputs()``), ``fold`` (the buffers hold the norms folded in),
     ``fold_impl`` (``norm_fold.silu_mul``'s), ``impl`` (``triton`` or ``torch``), ``silu`` (every layer's MLP
     activation is SiLU: ``silu_mul``; else the activation module and a product), ``keys``/``values`` (the cache
-    buffers per layer), ``rope`` (the cos / sin tables as [M, D], set by the first layer) and ``pending`` (the down projection's output of the layer before, which this layer adds:
-    every layer but the last returns its residual stream without it).
+    buffers per layer), ``rope`` (the cos / sin tables as [M, D], set by the first layer) and ``pending`` (the
+    down projection's output of the layer before, which this layer adds: every layer but the last returns its
+    residual stream without it).
     """
     p = rlvr_prefill
     a, mlp = layer.self_attn, layer.mlp
