@@ -1426,6 +1426,76 @@ def test_a_failing_fused_prefill_under_auto_falls_back_to_transformers_layers_on
         model.generate(**inputs, **kwargs, custom_generate=FastSampler(prefill="fused"))
 
 
+def launch_signatures(monkeypatch):
+    """Record, per launched sampler kernel, the signature Triton compiles it for (``native_specialize_impl``, the
+    rule Triton's launcher applies: an int's class is 1, a multiple of 16 or neither, unless the kernel names it in
+    ``do_not_specialize``; a tensor's dtype and 16-byte alignment). A new signature is a new compilation on a GPU:
+    ~0.5 s of JIT in the middle of a run (12-07 H's step 10). Returns ``{kernel name: [signature per launch]}``."""
+    import inspect
+
+    jit = pytest.importorskip("triton.runtime.jit")
+    from triton.backends.compiler import BaseBackend
+
+    from rlvr_vocab.sampling import prefill, triton_env
+
+    kernel_class = type(prefill._qkv_kernel)
+    seen: dict[str, list] = {}
+    original = kernel_class.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        fn = getattr(self, "fn", self)
+        params = inspect.signature(fn).parameters
+        dns = (self.kwargs if triton_env.interpreted(self) else vars(self)).get("do_not_specialize") or []
+        bound = dict(zip(self.arg_names, args, strict=False)) | kwargs  # constexprs come as kwargs
+        signature = tuple(
+            (name, jit.native_specialize_impl(BaseBackend, value, False, name not in dns, True))
+            for name, value in bound.items()
+            if name in params and "constexpr" not in str(params[name].annotation)
+            and not isinstance(value, (bool, float))
+        )  # fmt: skip
+        seen.setdefault(fn.__name__, []).append(signature)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(kernel_class, "run", run)
+    return seen
+
+
+def test_the_samplers_kernels_compile_once_for_every_prompt_length_and_row_count(
+    tok, triton_decode, triton_linear, norm_fold, fused_prefill, triton_pick, monkeypatch
+):
+    """Every Triton path on (the fused prefill, the attention, o / down / gated, the folded norms, the pick): a
+    kept session's later call, whose prompt is padded to a multiple of 16 and whose rows end early and are compacted
+    to one, launches no kernel with a signature the first call did not compile. Before 12-07: the prefill's
+    ``qkv_rope`` kernel was compiled again for prompt lengths that are multiples of 16, the projections for one
+    live row."""
+    if not hasattr(pytest.importorskip("triton.runtime.jit"), "native_specialize_impl"):
+        pytest.skip("this Triton has no native_specialize_impl")
+    seen = launch_signatures(monkeypatch)
+    model = tiny_arch(tok, "qwen3").to(TRITON_DEVICE)
+    first = batch(tok, PROMPTS, TRITON_DEVICE)
+    later = tok(PROMPTS, return_tensors="pt", padding=True, pad_to_multiple_of=16).to(TRITON_DEVICE)
+    assert first.input_ids.shape[1] % 16 and later.input_ids.shape[1] % 16 == 0
+    ends = th.tensor([-1, -1, -1, -1])
+    sampler = FastSampler(attention="triton", linear="o+down+gated", fold="on", prefill="fused", pick="triton",
+                          force_eos_at=ends, min_rows=1, stop_check_every=2)  # fmt: skip
+    kwargs = dict(do_sample=True, top_k=0, max_new_tokens=6, pad_token_id=tok.pad_token_id)
+    model.generate(**first, **kwargs, custom_generate=sampler)
+    assert sampler.stats["compactions"] == 0 and sampler.last_paths["prefill"] == "fused"
+    compiled = {name: set(sigs) for name, sigs in seen.items()}
+    assert {"_qkv_kernel", "_split_kernel", "_linear_kernel", "_gated_kernel", "_partial_kernel"} <= set(compiled)
+    seen.clear()
+    ends[:3] = th.tensor([1, 2, 3])  # rows end after 1, 2 and 3 tokens: compacted from 4 rows to 1
+    session = sampler.session
+    model.generate(**later, **kwargs, custom_generate=sampler)
+    assert sampler.session is session and sampler.stats["compactions"] == 1 and session.state.n == 1
+    again = {}  # kernel: the arguments whose class no signature of the first call had
+    for name, sigs in seen.items():
+        for sig in set(sigs) - compiled.get(name, set()):
+            args = {arg for arg, spec in sig if all(dict(old).get(arg) != spec for old in compiled.get(name, ()))}
+            again.setdefault(name, set()).update(args or {"(new kernel)"})
+    assert not again, f"kernels compiled again mid-run, for these arguments: {again}"
+
+
 @pytest.mark.parametrize("dtype", [th.float32, th.bfloat16])
 def test_the_prefill_kernels_pass_their_check_and_the_check_sees_a_wrong_one(fused_prefill, dtype, monkeypatch):
     device = th.device(TRITON_DEVICE)

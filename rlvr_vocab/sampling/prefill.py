@@ -83,7 +83,8 @@ if triton is not None:
             x = _rotated(x, x_p, cos[None, :], sin[None, :])
         return x
 
-    @triton.jit
+    # ``seq`` (the call's padded prompt length) is not specialised on: a multiple of 16 would compile it again
+    @triton.jit(do_not_specialize=["seq"])
     def _qkv_kernel(QKV, SS, QKVBias, NormW, Cos, Sin, Q, K, V, seq, hidden, eps_in, eps,
                     stride_m, stride_cm, stride_sm, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn,

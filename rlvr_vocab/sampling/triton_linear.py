@@ -74,7 +74,8 @@ if triton is not None:
             yf = tl.where(out_ok, y.to(tl.float32), 0.0)
             tl.store(SS + offs_m * stride_ss + pid, tl.sum(yf * yf, 1), mask=m_ok)
 
-    @triton.jit
+    # ``M`` (the live rows) is not specialised on: compaction to one row would compile the kernel again mid-run
+    @triton.jit(do_not_specialize=["M"])
     def _linear_kernel(
         X,
         W,
@@ -141,7 +142,7 @@ if triton is not None:
                 _finish(acc, Bias, Res, Out, SS, pid, offs_m, offs_n, m_ok, n_ok, stride_rm, stride_om, stride_ss,
                     HAS_BIAS, RESIDUAL, SS_OUT)  # fmt: skip
 
-    @triton.jit(do_not_specialize=["ss_blocks"])
+    @triton.jit(do_not_specialize=["M", "ss_blocks"])
     def _gated_kernel(
         X,
         W,
